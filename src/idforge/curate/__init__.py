@@ -1,0 +1,1 @@
+"""Curation: raw photos -> audited, aligned, identity-grouped dataset. Never imports diffusion or methods."""
