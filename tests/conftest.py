@@ -16,4 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = [
     "tests.fixtures.paths",
+    "tests.fixtures.s3",
+    "tests.fixtures.models",
+    "tests.fixtures.tracking",
+    "tests.fixtures.faces",
 ]
