@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "IdforgeConfig",
     "load_config",
+    "load_config_text",
     "apply_overrides",
     "dump_config",
     "write_resolved_config",
@@ -205,6 +206,17 @@ def load_config(
     if overrides:
         sources.append("--set " + " ".join(overrides))
     return validate_config(data, model, " + ".join(sources) or "defaults")
+
+
+def load_config_text(text: str, overrides: Iterable[str] = (), source: str = "<yaml text>") -> IdforgeConfig:
+    """Validate a config given as YAML text (how pipeline components receive it), then apply overrides."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config from {source} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config from {source} must hold a mapping at the top, got {type(data).__name__}")
+    return validate_config(apply_overrides(data, overrides), IdforgeConfig, source)
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -1,0 +1,1 @@
+"""KFP v2 pipelines chaining the components; `idforge pipeline compile` writes them to pipelines/compiled/."""
