@@ -1,0 +1,100 @@
+"""The sampler every method shares: a plain, deterministic denoising loop over the pipeline's components.
+
+Methods customise two hooks (``encode_prompts`` and ``denoise``); the loop does seeds, batching, classifier-free
+guidance and decoding. We do not call ``pipe(...)`` because several methods change the UNet batch itself
+(Infinite-ID runs an extra text-only stream per step), which the stock pipelines cannot express.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from idforge.methods.base import BaseMethod, Condition, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def image_size(pipe: Any, cfg: SamplingConfig) -> tuple[int, int]:
+    """(height, width) in pixels: the config's, else the UNet's native size."""
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    native = pipe.unet.config.sample_size
+    native = native if isinstance(native, int) else native[0]
+    h = cfg.height or native * scale
+    w = cfg.width or native * scale
+    if h % scale or w % scale:
+        raise ValueError(f"height/width ({h}x{w}) must be multiples of the VAE factor {scale}")
+    return h, w
+
+
+def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image]:
+    """(B, 4, h, w) scaled latents -> B PIL images."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    x = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    images = vae.decode(x).sample
+    return pipe.image_processor.postprocess(images.float(), output_type="pil")
+
+
+@torch.no_grad()
+def sample(method: BaseMethod, pipe: Any, prompts: list[str], cond: Condition, cfg: SamplingConfig) -> list[Image]:
+    """``len(prompts) * len(cfg.seeds)`` images, prompt-major (all seeds of prompt 0 first).
+
+    Each seed draws the initial latents from ``torch.Generator("cpu").manual_seed(seed)`` (shared by every prompt
+    of the seed) and feeds the scheduler's own noise from the same generator, so a (prompts, seed) pair always
+    gives the same pixels. ``cond`` is one identity (batch 1) and is repeated across the prompts.
+    """
+    if not prompts:
+        return []
+    if not method.is_attached:
+        raise ValueError(f"method {method.name!r} is not attached to a pipeline: call method.attach(pipe) first")
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    height, width = image_size(pipe, cfg)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    shape = (1, unet.config.in_channels, height // scale, width // scale)
+    guided = cfg.guidance_scale > 1.0
+    cond = cond.to(device)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    was_training = method.state.mode == "train"
+    method.eval()
+    results: dict[tuple[int, int], Image] = {}
+    try:
+        for start, chunk in zip(range(0, len(prompts), cfg.batch_size), _chunks(prompts, cfg.batch_size)):
+            b = len(chunk)
+            text = method.encode_prompts(pipe, chunk, cond.expand(b))
+            if guided:
+                from idforge.diffusion.text import TextCondition
+
+                neg = method.encode_prompts(pipe, [cfg.negative_prompt] * b, None)
+                text = TextCondition.cat([neg, text])
+                step_cond = type(cond).cat([cond.zeros_like().expand(b), cond.expand(b)])
+            else:
+                step_cond = cond.expand(b)
+            for seed in cfg.seeds:
+                gen = torch.Generator("cpu").manual_seed(int(seed))
+                latents = torch.randn(shape, generator=gen, dtype=torch.float32).expand(b, *shape[1:])
+                scheduler.set_timesteps(cfg.num_inference_steps, device=device)
+                latents = (latents * scheduler.init_noise_sigma).to(device)
+                for t in scheduler.timesteps:
+                    model_in = torch.cat([latents, latents]) if guided else latents
+                    model_in = scheduler.scale_model_input(model_in, t).to(dtype)
+                    pred = method.denoise(pipe, model_in, t, text, step_cond).float()
+                    if guided:
+                        pred_uncond, pred_cond = pred.chunk(2)
+                        pred = pred_uncond + cfg.guidance_scale * (pred_cond - pred_uncond)
+                    latents = scheduler.step(pred, t, latents, generator=gen).prev_sample
+                for i, img in enumerate(decode_latents(pipe, latents)):
+                    results[(start + i, int(seed))] = img
+    finally:
+        method.train(was_training)
+    return [results[(p, int(s))] for p in range(len(prompts)) for s in cfg.seeds]
