@@ -1,0 +1,37 @@
+"""The ``generate:`` and ``evaluate:`` sections of the root config (run-time settings, not the protocol).
+
+What makes two runs comparable (prompts, seeds, metrics, face backends, sampling) lives in the protocol file
+(:mod:`idforge.evaluate.protocol`); these sections only say where it is and how to run it on this machine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from idforge.config_section import Section
+
+
+class GenerateConfig(Section):
+    protocol: str = Field(default="configs/protocols/default.yaml", description="protocol file (prompts, seeds, sampling)")
+    batch_size: int = Field(default=4, ge=1, description="images per method.generate call")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Optional overrides of the protocol's sampling (they are recorded per image, so runs stay auditable).
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = None
+
+
+class EvaluateConfig(Section):
+    protocol: str = Field(default="configs/protocols/default.yaml", description="protocol file (metrics, backends)")
+    batch_size: int = Field(default=8, ge=1, description="images per metric forward pass")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Face model the evaluated method was conditioned on; the evaluation's primary backend is a different one.
+    conditioning_backend: Literal["insightface", "opencv"] = "insightface"
+    # Model directories for the face backends (None = the embedded defaults that registry packages ship).
+    insightface_model_dir: str | None = None
+    clip_model: str | None = Field(default=None, description="override the protocol's CLIP id or directory")
+    lpips_backend: Literal["auto", "lpips", "stlpips"] | None = None
+    log_to_mlflow: bool = True
+    # Long side of the report's embedded thumbnails (every generated image is in the report).
+    report_thumb_px: int = Field(default=256, ge=16)
