@@ -23,6 +23,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.s3
 def test_dvc_push_pull_through_s3_remote(s3_env: S3Server, s3_prefix: str, tmp_path: Path) -> None:
     dvc = str(Path(sys.executable).parent / "dvc")
     git = shutil.which("git")

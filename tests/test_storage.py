@@ -38,7 +38,7 @@ class Backend:
         return join_uri(self.root, rel)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "local":
         root = str(tmp_path / "store")
@@ -296,6 +296,7 @@ def test_endpoint_resolution() -> None:
         resolve_endpoint(StorageConfig(endpoint="http://minio:9000/some/path"), {})
 
 
+@pytest.mark.s3
 def test_unreachable_endpoint_fails_fast_with_fix(s3_env: S3Server, s3_prefix: str) -> None:
     port = closed_loopback_port()
     storage = open_storage(s3_prefix, StorageConfig(endpoint=f"http://127.0.0.1:{port}"))
@@ -308,6 +309,7 @@ def test_unreachable_endpoint_fails_fast_with_fix(s3_env: S3Server, s3_prefix: s
     assert join_uri(s3_prefix, "x") in msg
 
 
+@pytest.mark.s3
 def test_missing_credentials(s3_env: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(StorageError, match=r"set \$AWS_SECRET_ACCESS_KEY"):
@@ -320,6 +322,7 @@ def test_missing_credentials(s3_env: S3Server, s3_prefix: str, monkeypatch: pyte
     assert storage.read_text(join_uri(s3_prefix, "k")) == "ok"
 
 
+@pytest.mark.s3
 def test_wrong_credentials_are_denied(s3_env: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-0000000")
     storage = open_storage(s3_prefix)
@@ -329,6 +332,7 @@ def test_wrong_credentials_are_denied(s3_env: S3Server, s3_prefix: str, monkeypa
         storage.read_text(join_uri(s3_prefix, "k"))
 
 
+@pytest.mark.s3
 def test_missing_bucket(s3_env: S3Server) -> None:
     storage = open_storage("s3://no-such-bucket-idf/x")
     for call in (storage.read_bytes, storage.stat, storage.list, storage.exists):
@@ -336,6 +340,7 @@ def test_missing_bucket(s3_env: S3Server) -> None:
             call("s3://no-such-bucket-idf/x")
 
 
+@pytest.mark.s3
 def test_presigned_get_url_serves_the_object(s3_env: S3Server, s3_prefix: str) -> None:
     storage = open_storage(s3_prefix)
     assert isinstance(storage, S3Storage)
@@ -348,6 +353,7 @@ def test_presigned_get_url_serves_the_object(s3_env: S3Server, s3_prefix: str) -
         assert resp.read() == b"presigned"
 
 
+@pytest.mark.s3
 def test_part_size_below_protocol_minimum_is_refused(s3_env: S3Server) -> None:
     with pytest.raises(StorageError, match="5 MiB"):
         S3Storage(part_size=1024)

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar
@@ -33,7 +33,16 @@ from xml.etree import ElementTree
 
 from idforge.errors import StorageError
 from idforge.io.atomic import atomic_path
-from idforge.io.uri import S3Location, is_local, is_s3_uri, join_uri, local_path, parse_s3_uri, uri_name
+from idforge.io.uri import (
+    S3Location,
+    is_local,
+    is_s3_uri,
+    join_uri,
+    local_path,
+    parent_uri,
+    parse_s3_uri,
+    uri_name,
+)
 
 if TYPE_CHECKING:
     from idforge.config import StorageConfig
@@ -49,6 +58,15 @@ __all__ = [
     "endpoint_url",
     "localize",
     "ENDPOINT_ENV_VARS",
+    # URI helpers, re-exported so callers need one import
+    "S3Location",
+    "is_local",
+    "is_s3_uri",
+    "join_uri",
+    "local_path",
+    "parent_uri",
+    "parse_s3_uri",
+    "uri_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -379,7 +397,7 @@ class LocalStorage(Storage):
 # S3 / MinIO
 
 
-def resolve_endpoint(cfg: StorageConfig | None = None, env: dict[str, str] | None = None) -> tuple[str, bool, str]:
+def resolve_endpoint(cfg: StorageConfig | None = None, env: Mapping[str, str] | None = None) -> tuple[str, bool, str]:
     """Where the S3 API is: ``(host:port, secure, source)``.
 
     ``cfg.endpoint`` wins, then the first of :data:`ENDPOINT_ENV_VARS` that is set, then AWS
@@ -414,7 +432,7 @@ def resolve_endpoint(cfg: StorageConfig | None = None, env: dict[str, str] | Non
     return host, secure, source
 
 
-def endpoint_url(cfg: StorageConfig | None = None, env: dict[str, str] | None = None) -> str:
+def endpoint_url(cfg: StorageConfig | None = None, env: Mapping[str, str] | None = None) -> str:
     """The endpoint as a URL (``http://127.0.0.1:9000``), the form DVC, MLflow and boto3 want."""
     host, secure, _ = resolve_endpoint(cfg, env)
     return f"{'https' if secure else 'http'}://{host}"
@@ -464,7 +482,9 @@ class S3Storage(Storage):
     def url(self) -> str:
         return f"{'https' if self.secure else 'http'}://{self.endpoint}"
 
-    def _make_client(self, access: str, secret: str, connect_timeout: float, read_timeout: float, retries: int):  # type: ignore[no-untyped-def]
+    def _make_client(  # type: ignore[no-untyped-def]
+        self, access: str, secret: str, connect_timeout: float, read_timeout: float, retries: int
+    ):
         import certifi
         import urllib3
         from minio import Minio
