@@ -191,7 +191,7 @@ def test_upload_download_dir_round_trip_and_skip_unchanged(backend: Backend, tmp
     assert sorted(down.copied) == sorted(files)
     assert _tree(out) == _tree(src)
     stamps = {rel: (out / rel).stat().st_mtime_ns for rel in files}
-    down2 = s.download_dir(dest_uri, out)
+    down2 = s.download_dir(dest_uri, out, progress=True)
     assert down2.copied == [] and down2.total == 3
     assert {rel: (out / rel).stat().st_mtime_ns for rel in files} == stamps  # skipped files are not rewritten
     (out / "sub/deep/c.txt").write_bytes(b"GAMMA")
@@ -357,3 +357,44 @@ def test_presigned_get_url_serves_the_object(s3_env: S3Server, s3_prefix: str) -
 def test_part_size_below_protocol_minimum_is_refused(s3_env: S3Server) -> None:
     with pytest.raises(StorageError, match="5 MiB"):
         S3Storage(part_size=1024)
+
+
+@pytest.mark.s3
+def test_objects_without_recorded_sha256(s3_env: S3Server, s3_prefix: str, tmp_path: Path) -> None:
+    """Objects written by other tools (mc, DVC) carry no sha256 metadata: syncs hash their content instead, and a
+    download whose content disagrees with a recorded sha256 is refused, leaving no file."""
+    import io
+
+    storage = open_storage(s3_prefix)
+    client = s3_env.client()
+    plain = parse_s3_uri(join_uri(s3_prefix, "plain/a.txt"))
+    client.put_object(plain.bucket, plain.key, io.BytesIO(b"same"), 4)
+    assert storage.stat(join_uri(s3_prefix, "plain/a.txt")).sha256 is None
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"same")
+    assert storage.upload_dir(src, join_uri(s3_prefix, "plain")).skipped == ["a.txt"]
+    (src / "a.txt").write_bytes(b"diff")
+    assert storage.upload_dir(src, join_uri(s3_prefix, "plain")).copied == ["a.txt"]
+
+    lying = parse_s3_uri(join_uri(s3_prefix, "lying.bin"))
+    client.put_object(lying.bucket, lying.key, io.BytesIO(b"payload"), 7, metadata={"sha256": "0" * 64})
+    assert storage.sha256(lying.uri) == hashlib.sha256(b"payload").hexdigest()  # content, not the metadata
+    with pytest.raises(StorageError, match="corrupt"):
+        storage.get_file(lying.uri, tmp_path / "dl" / "lying.bin")
+    assert not (tmp_path / "dl" / "lying.bin").exists()
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_file_uris_on_the_local_backend(tmp_path: Path) -> None:
+    root = (tmp_path / "store").as_uri()  # file:///...
+    storage = open_storage(root)
+    assert isinstance(storage, LocalStorage)
+    storage.write_text(join_uri(root, "x/y.txt"), "file uri")
+    assert (tmp_path / "store" / "x" / "y.txt").read_text() == "file uri"
+    assert storage.list(root) == [join_uri(root, "x/y.txt")]
+    assert storage.read_text(storage.list(root)[0]) == "file uri"
+    with pytest.raises(StorageError, match="S3 URI"):
+        storage.read_text("s3://bucket/key")
+    with pytest.raises(StorageError, match="directory"):
+        storage.delete(join_uri(root, "x"))
