@@ -1,4 +1,4 @@
-"""Offline model loading: local dirs and cached hub ids load with the real classes; everything else is one clear line."""
+"""Offline loading: local dirs and cached hub ids load with the real classes; anything else is one clear line."""
 
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ def resolve_model(
         path = Path(raw).expanduser()
         if not path.exists():
             raise ModelNotFoundError(
-                f"model path {raw} does not exist; pass an existing model directory with --set {config_key}=/path/to/dir "
+                f"model path {raw} does not exist; pass an existing model directory with "
+                f"--set {config_key}=/path/to/dir "
                 f"(or create one with `idforge models make-tiny {raw}`)"
             )
         if not path.is_dir():
@@ -92,7 +93,8 @@ def resolve_model(
         validate_repo_id(raw)
     except HFValidationError as exc:
         raise ModelNotFoundError(
-            f"model {raw!r} is neither an existing directory nor a valid hub id ({_first_line(exc)}); {_how_to_fix(config_key)}"
+            f"model {raw!r} is neither an existing directory nor a valid hub id ({_first_line(exc)}); "
+            f"{_how_to_fix(config_key)}"
         ) from exc
     try:
         # Cache only: never touches the network, so it cannot hang offline.
@@ -115,9 +117,13 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelNotFoundError(f"cannot read {path}: {_first_line(exc)}") from exc
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
+def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}; set model.dtype to one of them")
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    _check_dtype(dtype)
     import torch
 
     return getattr(torch, dtype)
@@ -125,7 +131,8 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 
 def _check_kind(kind: str) -> None:
     if kind not in PIPELINE_KINDS:
-        raise ConfigError(f"model kind={kind!r} is not one of {', '.join(PIPELINE_KINDS)}; set model.kind to one of them")
+        allowed = ", ".join(PIPELINE_KINDS)
+        raise ConfigError(f"model kind={kind!r} is not one of {allowed}; set model.kind to one of them")
 
 
 def pipeline_kind(model_dir: str | os.PathLike[str], kind: str = "auto", label: str | None = None) -> str:
@@ -140,7 +147,8 @@ def pipeline_kind(model_dir: str | os.PathLike[str], kind: str = "auto", label: 
     if not index.is_file():
         raise ModelNotFoundError(
             f"model {label} has no model_index.json, so it is not a diffusers pipeline directory; "
-            "point model.base at one (StableDiffusionPipeline.save_pretrained layout) or run `idforge models make-tiny DIR`"
+            "point model.base at one (StableDiffusionPipeline.save_pretrained layout) "
+            "or run `idforge models make-tiny DIR`"
         )
     class_name = str(_read_json(index).get("_class_name", ""))
     if class_name.startswith("StableDiffusionXL"):
@@ -178,8 +186,10 @@ def load_pipeline(
     """
     label = os.fspath(id_or_path)
     _check_kind(kind)
-    torch_dtype = _torch_dtype(dtype)
+    _check_dtype(dtype)
+    # Resolve before importing torch/diffusers: a missing model fails in milliseconds.
     source = resolve_model(id_or_path, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
+    torch_dtype = _torch_dtype(dtype)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if isinstance(source, Path):
@@ -202,7 +212,9 @@ def load_pipeline(
     except IdforgeError:
         raise
     except _LOAD_ERRORS as exc:
-        raise ModelNotFoundError(f"cannot load {cls.__name__} from {label}: {_first_line(exc)}; {_how_to_fix('model.base')}") from exc
+        raise ModelNotFoundError(
+            f"cannot load {cls.__name__} from {label}: {_first_line(exc)}; {_how_to_fix('model.base')}"
+        ) from exc
     log.info("loaded %s from %s (%s, %s)", cls.__name__, label, dtype, device)
     return pipe.to(device)
 
@@ -281,10 +293,11 @@ def load_clip(
     Raises ``ModelNotFoundError`` (one line, naming ``model.clip``) when any of them cannot be found or loaded.
     """
     label = os.fspath(id_or_path)
-    torch_dtype = _torch_dtype(dtype)
+    _check_dtype(dtype)
     source = resolve_model(
         id_or_path, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir, config_key="model.clip"
     )
+    torch_dtype = _torch_dtype(dtype)
     if isinstance(source, Path) and not (source / "config.json").is_file():
         raise ModelNotFoundError(
             f"CLIP model {label} has no config.json, so it is not a CLIPModel directory; {_how_to_fix('model.clip')}"
@@ -301,7 +314,9 @@ def load_clip(
     except IdforgeError:
         raise
     except _LOAD_ERRORS as exc:
-        raise ModelNotFoundError(f"cannot load CLIP from {label}: {_first_line(exc)}; {_how_to_fix('model.clip')}") from exc
+        raise ModelNotFoundError(
+            f"cannot load CLIP from {label}: {_first_line(exc)}; {_how_to_fix('model.clip')}"
+        ) from exc
     log.info("loaded CLIPModel from %s (%s, %s)", label, dtype, device)
     return ClipBundle(model.to(device).eval(), tokenizer, processor)
 
@@ -317,7 +332,8 @@ def describe_model(id_or_path: str | os.PathLike[str], kind: str = "pipeline") -
     Raises ``ModelNotFoundError``/``ConfigError`` like the loaders when it cannot be loaded.
     """
     if kind not in DESCRIBE_KINDS:
-        raise ConfigError(f"kind={kind!r} is not one of {', '.join(DESCRIBE_KINDS)}; pass --kind pipeline or --kind clip")
+        allowed = ", ".join(DESCRIBE_KINDS)
+        raise ConfigError(f"kind={kind!r} is not one of {allowed}; pass --kind pipeline or --kind clip")
     label = os.fspath(id_or_path)
     if kind == "clip":
         model, tokenizer, processor = load_clip(id_or_path)
@@ -325,7 +341,8 @@ def describe_model(id_or_path: str | os.PathLike[str], kind: str = "pipeline") -
         return "\n".join(
             [
                 f"{label}: {type(model).__name__} ({_count(model)})",
-                f"  vision: {vc.image_size}px, patch {vc.patch_size}, hidden {vc.hidden_size}, {vc.num_hidden_layers} layers",
+                f"  vision: {vc.image_size}px, patch {vc.patch_size}, hidden {vc.hidden_size}, "
+                f"{vc.num_hidden_layers} layers",
                 f"  text: vocab {len(tokenizer)}, max length {tokenizer.model_max_length}, hidden {tc.hidden_size}",
                 f"  projection dim: {model.config.projection_dim}; image processor: {type(processor).__name__}",
             ]
@@ -337,7 +354,8 @@ def describe_model(id_or_path: str | os.PathLike[str], kind: str = "pipeline") -
         f"{label}: {type(pipe).__name__}",
         f"  unet: {_count(unet)}, cross_attention_dim {unet.config.cross_attention_dim}, "
         f"{len(unet.attn_processors)} attention processors, default {size}x{size} px",
-        f"  vae: {_count(pipe.vae)}, scale factor {pipe.vae_scale_factor}, latent channels {pipe.vae.config.latent_channels}",
+        f"  vae: {_count(pipe.vae)}, scale factor {pipe.vae_scale_factor}, "
+        f"latent channels {pipe.vae.config.latent_channels}",
     ]
     for name in ("text_encoder", "text_encoder_2"):
         enc = getattr(pipe, name, None)

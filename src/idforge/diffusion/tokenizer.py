@@ -65,7 +65,8 @@ WORDS: tuple[str, ...] = tuple(dict.fromkeys(CLASS_NOUNS + PROMPT_WORDS + CELEBR
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [range(ord("!"), ord("~") + 1), range(ord("¡"), ord("¬") + 1), range(ord("®"), ord("ÿ") + 1)]
+    bs = [b for r in printable for b in r]
     cs = bs[:]
     n = 0
     for b in range(256):
