@@ -1,0 +1,237 @@
+"""Datasets over the ``prepare`` cache: identity-grouped samples in ``TrainBatch`` layout, sharded per worker.
+
+An item is a target image plus N reference images of the same identity:
+- IDAdapter: N different images of one identity (the target may be one of them: ``ref_includes_target``);
+- Infinite-ID: N = 1, an ID image and a *different* photo of the same person as the target.
+
+Every random choice of a sample (flip, caption, references) is a pure function of (seed, index, position in the
+stream), so a resumed run sees exactly the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from idforge.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Below this total size the item files are kept in memory after the first read.
+DEFAULT_MEMORY_CACHE_BYTES = 2 << 30
+
+
+def read_prepared(prepared_dir: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """(index table, prepared.json) of a ``prepare`` output; ``DataError`` when it is not one."""
+    import pandas as pd
+
+    root = Path(prepared_dir)
+    info_path, index_path = root / "prepared.json", root / "index.parquet"
+    if not info_path.is_file() or not index_path.is_file():
+        raise DataError(f"{root} is not a prepared dataset (no prepared.json/index.parquet): run "
+                        "`idforge prepare --dataset CURATED --model MODEL --output DIR` first")
+    return pd.read_parquet(index_path), json.loads(info_path.read_text())
+
+
+class PreparedDataset:
+    """A map-style torch dataset over prepared items (one entry per target image).
+
+    ``ds[i]`` or ``ds[(i, position)]`` returns a dict of tensors (no batch dimension), the fields of
+    ``idforge.methods.base.TrainBatch``:
+        latents (4, h, w), input_ids (L,) [+ input_ids_2], text_embeds (L, D) [+ pooled_text_embeds (Dp,)],
+        face_embeds (N, Dface), clip_image_embeds (N, Dclip), clip_patch_tokens (N, P, Dvis),
+        ref_pixels (3, 112, 112) float in [0, 1] (the first reference), target_kps (5, 2),
+        face_mask (1, h, w) (ones when curation wrote no mask), identity () long.
+    ``position`` (the sample's place in the training stream) seeds the random choices; plain ``i`` uses 0.
+    """
+
+    def __init__(
+        self,
+        prepared_dir: str | os.PathLike[str],
+        *,
+        refs_per_item: int = 1,
+        ref_includes_target: bool = False,
+        flip_prob: float = 0.5,
+        seed: int = 0,
+        identities: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        memory_cache_bytes: int = DEFAULT_MEMORY_CACHE_BYTES,
+    ) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        if refs_per_item < 1:
+            raise DataError(f"refs_per_item must be >= 1, got {refs_per_item}")
+        self.root = Path(prepared_dir)
+        index, self.info = read_prepared(self.root)
+        self.all_items = index.reset_index(drop=True)  # references may come from any item of the identity
+        targets = self.all_items
+        if identities is not None:
+            targets = targets[targets["identity"].isin(list(identities))]
+        if keys is not None:
+            targets = targets[targets["key"].isin(list(keys))]
+        if targets.empty:
+            raise DataError(f"no prepared item of {self.root} matches the requested identities/keys")
+        self.targets = targets.index.to_numpy()
+        self.refs_per_item = refs_per_item
+        self.ref_includes_target = ref_includes_target
+        self.flip_prob = flip_prob
+        self.seed = seed
+        self.members = {ident: grp.index.to_numpy() for ident, grp in self.all_items.groupby("identity", sort=True)}
+        self.identity_names = list(self.info.get("identities") or sorted(self.members))
+        self.resolution = int(self.info["resolution"])
+        text = load_file(str(self.root / self.info["text_file"]))
+        self.text = {k: v.float() if v.is_floating_point() else v for k, v in text.items()}
+        self.caption_rows: dict[str, list[int]] = {}
+        for i, cap in enumerate(self.info["captions"]):
+            self.caption_rows.setdefault(cap["class_noun"], []).append(i)
+        self.class_nouns = dict(zip(self.all_items["identity"], self.all_items["class_noun"]))
+        size = sum((self.root / f).stat().st_size for f in self.all_items["file"])
+        self._memory: dict[int, dict[str, torch.Tensor]] | None = {} if size <= memory_cache_bytes else None
+        singles = [i for i, m in self.members.items() if len(m) < 2]
+        if singles and not ref_includes_target:
+            log.warning("%d identities have a single image: their target is also their reference (%s...)",
+                        len(singles), ", ".join(singles[:3]))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    # -- items ----------------------------------------------------------------------------------------------------
+
+    def item(self, row: int) -> dict[str, torch.Tensor]:
+        """The cached tensors of one item (row of the full index), float32/uint8 as stored (fp16 -> fp32)."""
+        if self._memory is not None and row in self._memory:
+            return self._memory[row]
+        from safetensors.torch import load_file
+
+        path = self.root / self.all_items.at[row, "file"]
+        try:
+            raw = load_file(str(path))
+        except FileNotFoundError:
+            raise DataError(f"prepared item {path} is missing: re-run `idforge prepare` on {self.root}") from None
+        data = {k: v.float() if v.is_floating_point() else v for k, v in raw.items()}
+        if self._memory is not None:
+            self._memory[row] = data
+        return data
+
+    def _rng(self, target_row: int, position: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(target_row), int(position)])
+
+    def reference_rows(self, target_row: int, rng: np.random.Generator) -> list[int]:
+        """N rows of the target's identity: without replacement when the identity has enough images."""
+        members = self.members[self.all_items.at[target_row, "identity"]]
+        pool = members if self.ref_includes_target else members[members != target_row]
+        if len(pool) == 0:
+            pool = members
+        replace = len(pool) < self.refs_per_item
+        return [int(r) for r in rng.choice(pool, size=self.refs_per_item, replace=replace)]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        import torch
+
+        index, position = (key if isinstance(key, tuple) else (key, 0))
+        row = int(self.targets[int(index)])
+        rng = self._rng(row, position)
+        target = self.item(row)
+        flip = "latents_flip" in target and rng.random() < self.flip_prob
+        noun = self.class_nouns[self.all_items.at[row, "identity"]]
+        caption = int(rng.choice(self.caption_rows[noun]))
+        refs = [self.item(r) for r in self.reference_rows(row, rng)]
+        latents = target["latents_flip"] if flip else target["latents"]
+        h, w = latents.shape[-2:]
+        kps = target["target_kps"]
+        mask = target.get("face_mask")
+        if flip:
+            from idforge.train.prepare import flip_kps
+
+            kps = flip_kps(kps, self.resolution)
+            mask = None if mask is None else torch.flip(mask, dims=[-1])
+        sample = {
+            "latents": latents,
+            "face_embeds": torch.stack([r["face_embed"] for r in refs]),
+            "clip_image_embeds": torch.stack([r["clip_image_embed"] for r in refs]),
+            "clip_patch_tokens": torch.stack([r["clip_patch_tokens"] for r in refs]),
+            "ref_pixels": refs[0]["ref_pixels"].float() / 255.0,
+            "target_kps": kps,
+            "face_mask": mask if mask is not None else torch.ones(1, h, w),
+            "identity": torch.tensor(self.identity_names.index(self.all_items.at[row, "identity"])),
+        }
+        for name in ("input_ids", "input_ids_2", "text_embeds", "pooled_text_embeds"):
+            if name in self.text:
+                sample[name] = self.text[name][caption]
+        return sample
+
+    def identity_refs(self, identity: str, n: int | None = None, rows: Sequence[int] | None = None):
+        """``IdentityRefs`` of one identity (its first ``n`` images, or the given rows), for sampling/evaluation."""
+        import torch
+
+        from idforge.methods.base import IdentityRefs
+
+        if rows is None:
+            if identity not in self.members:
+                raise DataError(f"identity {identity!r} is not in {self.root} (known: {sorted(self.members)[:5]}...)")
+            rows = [int(r) for r in self.members[identity][: (n or len(self.members[identity]))]]
+        items = [self.item(int(r)) for r in rows]
+        return IdentityRefs(
+            face_embeds=torch.stack([i["face_embed"] for i in items]),
+            clip_image_embeds=torch.stack([i["clip_image_embed"] for i in items]),
+            clip_patch_tokens=torch.stack([i["clip_patch_tokens"] for i in items]),
+            face_crops=torch.stack([i["ref_pixels"].float() / 255.0 for i in items]),
+            class_noun=self.class_nouns[identity],
+        )
+
+
+class ShardedStreamSampler:
+    """An endless, deterministic stream of ``(index, position)`` keys for one data-parallel rank.
+
+    The global stream is the concatenation of per-epoch permutations of ``range(n)`` (seeded by (seed, epoch));
+    rank ``r`` of ``world_size`` takes global positions ``r, r + W, r + 2W, ...`` starting at its ``start``-th
+    sample, so ranks see disjoint data each epoch and a resumed run continues exactly where it stopped.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0) -> None:
+        if n < 1:
+            raise DataError("cannot sample from an empty dataset")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.n, self.rank, self.world_size, self.seed, self.start = n, rank, world_size, seed, start
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 7919, epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start * self.world_size + self.rank
+        epoch, perm = -1, None
+        while True:
+            e, offset = divmod(position, self.n)
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            yield int(perm[offset]), position
+            position += self.world_size
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-sample dicts into a batch dict (every sample has the same keys and shapes)."""
+    import torch
+
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def make_loader(dataset: PreparedDataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                start_sample: int = 0, num_workers: int = 0):
+    """An endless DataLoader of collated batches for one rank (``start_sample``: samples this rank already used)."""
+    from torch.utils.data import DataLoader
+
+    sampler = ShardedStreamSampler(len(dataset), rank, world_size, seed, start_sample)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=False)

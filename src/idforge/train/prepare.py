@@ -1,0 +1,610 @@
+"""The ``prepare`` stage: cache what every training epoch would otherwise recompute.
+
+From a curated dataset (``manifest.parquet``, ``identities.parquet``, ``embeddings.npy``, ``crops/``, ``masks/``) it
+writes, under ``output_dir``::
+
+    items/<k[:2]>/<k>.safetensors   one file per accepted face, named by its content key k (below):
+        latents            (4, h, w)   VAE latents of the aligned crop at the training resolution, x scaling_factor
+        latents_flip       (4, h, w)   the same for the horizontally flipped crop (when ``flip``)
+        face_embed         (Dface,)    float32 identity embedding from curation (L2-normalised)
+        clip_image_embed   (Dclip,)    projected pooled CLIP image embedding of the aligned face
+        clip_patch_tokens  (P, Dvis)   CLIP vision hidden states (``clip_hidden_layer``), class token first
+        ref_pixels         (3,112,112) uint8 ArcFace-aligned crop
+        target_kps         (5, 2)      float32 landmarks in pixels of the training image (ArcFace order)
+        face_mask          (1, h, w)   face region at latent resolution in [0, 1] (when curation wrote masks)
+    text/<t>.safetensors            token ids and encoder states of every caption (template x class noun)
+    index.parquet                   one row per item: key, identity, class noun, source, file
+    prepared.json                   fingerprints, shapes, captions, counts
+
+An item's key hashes its inputs (the image, crop, mask and embedding bytes), the base model's and CLIP model's
+fingerprints and the settings that change it; the caption file's key hashes the templates, class nouns and model.
+So a second run with the same inputs computes and writes nothing, and a changed input recomputes only its item.
+Every file is written atomically; an interrupted run leaves only complete, content-addressed files behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from idforge.errors import DataError
+from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.train.config import PrepareConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "idforge.prepared/1"
+# Bump when what an item holds or how it is computed changes: every key changes with it.
+ITEM_VERSION = 1
+TEXT_VERSION = 1
+# ArcFace landmark order: left eye, right eye, nose, left mouth, right mouth. A mirror image swaps the sides.
+FLIP_KPS_ORDER = [1, 0, 2, 4, 3]
+
+
+@dataclass
+class PreparedIndex:
+    """What ``prepare_dataset`` produced (and did): read the items back with ``PreparedDataset``."""
+
+    output_dir: Path
+    items: pd.DataFrame
+    info: dict[str, Any]
+    computed: int = 0  # items encoded by this run
+    reused: int = 0  # items found in the cache
+    text_computed: bool = False
+    pruned: int = 0
+    noop: bool = False  # nothing was computed or written
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.info["fingerprint"])
+
+    def summary(self) -> str:
+        state = "up to date (no-op)" if self.noop else f"{self.computed} encoded, {self.reused} cached"
+        return (f"prepared {len(self.items)} images of {self.items['identity'].nunique()} identities into "
+                f"{self.output_dir}: {state}; captions {'encoded' if self.text_computed else 'cached'}"
+                + (f"; pruned {self.pruned} stale items" if self.pruned else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hashing
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(id_or_path: str | os.PathLike[str], full_hash_limit: int = 64 << 20, *,
+                      local_files_only: bool = True, config_key: str = "model.base") -> str:
+    """A content fingerprint of a model directory (or the id itself when it is not a local directory).
+
+    Config/tokenizer files and weight files up to ``full_hash_limit`` bytes are hashed whole; larger weight files
+    by size plus their first and last MiB (hashing gigabytes on every run would cost more than it protects).
+    """
+    path = Path(os.path.expanduser(str(id_or_path)))
+    if not path.is_dir():
+        from idforge.diffusion.loading import resolve_model
+
+        # ModelNotFoundError (one line) when offline and not cached
+        resolved = resolve_model(str(id_or_path), local_files_only=local_files_only, config_key=config_key)
+        if not isinstance(resolved, Path) or not Path(resolved).is_dir():
+            return _sha256_json({"id": str(id_or_path)})
+        path = Path(resolved)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = f.relative_to(path).as_posix()
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        if size <= full_hash_limit:
+            h.update(_sha256_file(f).encode())
+        else:
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the curated dataset
+
+
+@dataclass
+class _Row:
+    """One accepted face of the curated dataset, with its files resolved and its input hash."""
+
+    identity: str
+    class_noun: str
+    source: str
+    sha256: str
+    face_index: int
+    crop512: Path
+    crop112: Path | None
+    mask: Path | None
+    matted: Path | None
+    landmarks5: np.ndarray | None  # (5, 2) in source pixels
+    embedding: np.ndarray  # (D,) float32
+    input_hash: str = ""
+    key: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve(root: Path, value: Any) -> Path | None:
+    if _missing(value):
+        return None
+    p = Path(str(value))
+    return p if p.is_absolute() else root / p
+
+
+def _size_variant(path: Path, size: int) -> Path | None:
+    """The sibling crop of another size, by the curation layout's naming (``..._512.png`` <-> ``..._112.png``,
+    or ``crops/512/x.png`` <-> ``crops/112/x.png``)."""
+    other = "112" if size == 112 else "512"
+    this = "512" if size == 112 else "112"
+    for cand in (
+        path.with_name(path.name.replace(f"_{this}", f"_{other}")),
+        path.parent.parent / other / path.name if path.parent.name == this else None,
+    ):
+        if cand is not None and cand != path and cand.is_file():
+            return cand
+    return None
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value)
+
+
+def _pick(row: Any, names: Sequence[str]) -> Any:
+    for n in names:
+        if n in row and not _missing(row[n]):
+            return row[n]
+    return None
+
+
+def _as_kps(value: Any) -> np.ndarray | None:
+    """Manifest ``landmarks5`` (list of 5 pairs, or 10 numbers) -> (5, 2) float64, or None when absent/invalid."""
+    if value is None or isinstance(value, float):
+        return None
+    try:
+        flat = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in value])
+    except (TypeError, ValueError):
+        return None
+    return flat.reshape(5, 2) if flat.size == 10 and np.all(np.isfinite(flat)) else None
+
+
+def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> list[_Row]:
+    """The accepted faces of a curated dataset, sorted by (identity, sha256, face index).
+
+    Raises:
+        DataError: a required file or column is missing, no face is accepted, an embedding row or crop is missing.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    root = Path(dataset_dir)
+    manifest_path = root / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path} does not exist: point --dataset at the output of `idforge curate`")
+    manifest = pd.read_parquet(manifest_path)
+    need = {"status", "identity", "sha256", "embedding_row"}
+    missing = sorted(need - set(manifest.columns))
+    if missing:
+        raise DataError(f"{manifest_path} lacks columns {missing}: re-run `idforge curate` to rewrite it")
+    emb_path = root / "embeddings.npy"
+    if not emb_path.is_file():
+        raise DataError(f"{emb_path} does not exist: re-run `idforge curate` on the photos")
+    embeddings = np.load(emb_path, mmap_mode="r")
+    nouns: dict[str, str] = {}
+    ids_path = root / "identities.parquet"
+    if ids_path.is_file():
+        ident = pd.read_parquet(ids_path)
+        id_col = next((c for c in ("identity", "id") if c in ident.columns), None)
+        if id_col is not None and "class_noun" in ident.columns:
+            nouns = {str(i): str(n) for i, n in zip(ident[id_col], ident["class_noun"]) if isinstance(n, str) and n}
+
+    acc = manifest[(manifest["status"] == "accepted") & manifest["identity"].notna()]
+    if acc.empty:
+        raise DataError(f"{manifest_path} has no accepted face with an identity: nothing to prepare "
+                        "(check the curation report for the rejection reasons)")
+    rows: list[_Row] = []
+    for rec in acc.to_dict("records"):
+        crop = _resolve(root, _pick(rec, ("aligned_512", "aligned")))
+        if crop is None or not crop.is_file():
+            raise DataError(f"aligned crop {crop} of {rec.get('source')} is missing: the dataset at {root} is "
+                            "incomplete, re-run `idforge curate`")
+        with Image.open(crop) as im:
+            side = im.size[0]
+        crop112 = _resolve(root, rec.get("aligned_112"))
+        if side == 112:  # `aligned` named the ArcFace crop: find the large one beside it
+            crop112, crop = crop, _size_variant(crop, 512) or crop
+        elif crop112 is None:
+            crop112 = _size_variant(crop, 112)
+        row_idx = rec["embedding_row"]
+        if row_idx is None or not 0 <= int(row_idx) < embeddings.shape[0]:
+            raise DataError(f"embedding_row {row_idx} of {rec.get('source')} is outside {emb_path} "
+                            f"({embeddings.shape[0]} rows): the dataset is inconsistent, re-run `idforge curate`")
+        landmarks = _as_kps(rec.get("landmarks5"))
+        identity = str(rec["identity"])
+        rows.append(_Row(
+            identity=identity,
+            class_noun=nouns.get(identity, cfg.class_noun),
+            source=str(rec.get("source", crop.name)),
+            sha256=str(rec["sha256"]),
+            face_index=int(rec.get("face_index", 0) or 0),
+            crop512=crop,
+            crop112=crop112 if crop112 is not None and crop112.is_file() else None,
+            mask=_existing(_resolve(root, rec.get("mask"))),
+            matted=_existing(_resolve(root, rec.get("matted"))),
+            landmarks5=landmarks,
+            embedding=np.asarray(embeddings[int(row_idx)], dtype=np.float32),
+        ))
+    rows.sort(key=lambda r: (r.identity, r.sha256, r.face_index))
+    return rows
+
+
+def _existing(p: Path | None) -> Path | None:
+    return p if p is not None and p.is_file() else None
+
+
+def _input_hash(row: _Row, cfg: PrepareConfig) -> str:
+    """Hash of every input byte an item depends on."""
+    image = row.matted if (cfg.image_source == "matted" and row.matted is not None) else row.crop512
+    parts = {
+        "sha256": row.sha256,
+        "face_index": row.face_index,
+        "image": _sha256_file(image),
+        "crop512": _sha256_file(row.crop512),
+        "crop112": _sha256_file(row.crop112) if row.crop112 else None,
+        "mask": _sha256_file(row.mask) if row.mask else None,
+        "embedding": hashlib.sha256(np.ascontiguousarray(row.embedding).tobytes()).hexdigest(),
+        "landmarks5": None if row.landmarks5 is None else np.round(row.landmarks5, 4).tolist(),
+    }
+    return _sha256_json(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encoders (loaded only when something has to be computed)
+
+
+@dataclass
+class _Encoders:
+    vae: Any
+    text: Any  # has text_encoder, tokenizer (+ _2 for SDXL), for idforge.diffusion.text
+    clip: Any | None
+    clip_processor: Any | None
+    device: Any
+    resolution: int
+    scaling_factor: float
+    shift_factor: float | None
+
+
+def _load_encoders(model: str, clip_model: str | None, cfg: PrepareConfig, device: str, dtype: str,
+                   local_files_only: bool, need_clip: bool) -> _Encoders:
+    import torch
+
+    from idforge.diffusion.loading import load_clip, load_pipeline
+
+    pipe = load_pipeline(model, kind="auto", dtype=dtype, device=device, local_files_only=local_files_only)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        mod = getattr(pipe, name, None)
+        if mod is not None:
+            mod.eval().requires_grad_(False)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    sample = pipe.unet.config.sample_size
+    native = int(sample if isinstance(sample, int) else sample[0]) * vae_scale
+    text = SimpleNamespace(
+        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None),
+    )
+    clip = processor = None
+    if need_clip:
+        if not clip_model:
+            raise DataError("prepare needs a CLIP model for the image features: set model.clip (a hub id or dir)")
+        clip, _tokenizer, processor = load_clip(clip_model, dtype=dtype, device=device,
+                                                local_files_only=local_files_only)
+        clip.requires_grad_(False)
+    return _Encoders(
+        vae=pipe.vae, text=text, clip=clip, clip_processor=processor, device=torch.device(device),
+        resolution=cfg.resolution or native,
+        scaling_factor=float(pipe.vae.config.scaling_factor),
+        shift_factor=getattr(pipe.vae.config, "shift_factor", None),
+    )
+
+
+def _pixels(images: Sequence[Any], resolution: int) -> torch.Tensor:
+    """PIL RGB images -> (B, 3, R, R) float in [-1, 1] (bicubic resize, as diffusers' training examples do)."""
+    import torch
+    from PIL import Image
+
+    arrs = [np.asarray(im.convert("RGB").resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
+            for im in images]
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+    return x / 127.5 - 1.0
+
+
+def _encode_latents(enc: _Encoders, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) in [-1, 1] -> (B, 4, R/8, R/8) float32, scaled like the pipelines scale them."""
+    import torch
+
+    with torch.no_grad():
+        dist = enc.vae.encode(pixels.to(enc.device, enc.vae.dtype)).latent_dist
+        z = dist.mean.float()
+    if enc.shift_factor is not None:
+        z = z - enc.shift_factor
+    return (z * enc.scaling_factor).cpu()
+
+
+def _encode_clip(enc: _Encoders, images: Sequence[Any], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned face images -> ((B, Dclip) projected pooled embeddings, (B, P, Dvis) hidden states of ``layer``)."""
+    import torch
+
+    pixel_values = enc.clip_processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        out = enc.clip.vision_model(pixel_values=pixel_values.to(enc.device, enc.clip.dtype),
+                                    output_hidden_states=True)
+        pooled = enc.clip.visual_projection(out.pooler_output)
+    return pooled.float().cpu(), out.hidden_states[layer].float().cpu()
+
+
+def _mask_tensor(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A mask image -> (1, h, w) float in [0, 1] at latent resolution (area average keeps soft borders)."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    with Image.open(path) as im:
+        m = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    t = torch.from_numpy(m)[None, None]
+    return F.interpolate(t, size=latent_hw, mode="area")[0].clamp(0, 1)
+
+
+def _target_kps(row: _Row, crop_side: int, resolution: int) -> np.ndarray:
+    """(5, 2) landmarks in pixels of the training image (the aligned crop resized to ``resolution``)."""
+    from idforge.faces.align import alignment_matrix, template_for, transform_points
+
+    if row.landmarks5 is not None:
+        pts = transform_points(row.landmarks5, alignment_matrix(row.landmarks5, crop_side))
+    else:  # no source landmarks recorded: the aligned crop puts them on the template by construction
+        pts = template_for(crop_side)
+    # pixel centres: x_out + 0.5 = (x_in + 0.5) * R / S
+    return ((np.asarray(pts, dtype=np.float64) + 0.5) * resolution / crop_side - 0.5).astype(np.float32)
+
+
+def flip_kps(kps: np.ndarray | torch.Tensor, width: int) -> Any:
+    """Landmarks of the horizontally mirrored image: x -> W - 1 - x, left/right points swapped."""
+    out = kps[..., FLIP_KPS_ORDER, :].clone() if hasattr(kps, "clone") else np.array(kps)[..., FLIP_KPS_ORDER, :]
+    out[..., 0] = (width - 1) - out[..., 0]
+    return out
+
+
+def _encode_items(enc: _Encoders, rows: Sequence[_Row], cfg: PrepareConfig) -> list[dict[str, torch.Tensor]]:
+    """The tensors of each item (see the module docstring), in float32/uint8 before the storage cast."""
+    import torch
+    from PIL import Image
+
+    def load(p: Path) -> Any:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+
+    images = [load(r.matted if (cfg.image_source == "matted" and r.matted is not None) else r.crop512)
+              for r in rows]
+    crops512 = [load(r.crop512) for r in rows]
+    crops112 = [load(r.crop112) if r.crop112 else c.resize((112, 112), Image.BICUBIC)
+                for r, c in zip(rows, crops512)]
+    clip_inputs = crops112 if cfg.clip_crop == "arcface" else crops512
+    res = enc.resolution
+    pixels = _pixels(images, res)
+    latents = _encode_latents(enc, pixels)
+    latents_flip = _encode_latents(enc, torch.flip(pixels, dims=[-1])) if cfg.flip else None
+    pooled, patches = _encode_clip(enc, clip_inputs, cfg.clip_hidden_layer)
+    out = []
+    for i, row in enumerate(rows):
+        item = {
+            "latents": latents[i],
+            "face_embed": torch.from_numpy(row.embedding.copy()),
+            "clip_image_embed": pooled[i],
+            "clip_patch_tokens": patches[i],
+            "ref_pixels": torch.from_numpy(np.asarray(crops112[i], dtype=np.uint8).copy()).permute(2, 0, 1),
+            "target_kps": torch.from_numpy(_target_kps(row, crops512[i].size[0], res)),
+        }
+        if latents_flip is not None:
+            item["latents_flip"] = latents_flip[i]
+        if row.mask is not None:
+            item["face_mask"] = _mask_tensor(row.mask, tuple(latents.shape[-2:]))
+        out.append(item)
+    return out
+
+
+def _encode_captions(enc: _Encoders, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    import torch
+
+    from idforge.diffusion.text import encode_ids, tokenize
+
+    ids_1, ids_2 = tokenize(enc.text, prompts)
+    with torch.no_grad():
+        cond = encode_ids(enc.text, ids_1, ids_2)
+    out = {"input_ids": ids_1.long(), "text_embeds": cond.hidden.float().cpu()}
+    if ids_2 is not None:
+        out["input_ids_2"] = ids_2.long()
+    if cond.pooled is not None:
+        out["pooled_text_embeds"] = cond.pooled.float().cpu()
+    return out
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], dtype: str, metadata: dict[str, str]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    cast = torch.float16 if dtype == "float16" else torch.float32
+    # face embeddings and landmarks stay float32: they are small, and cosine similarities need the precision.
+    keep = {"face_embed", "target_kps"}
+    data = {k: (v.to(cast) if v.is_floating_point() and k not in keep else v).contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _captions(rows: Iterable[_Row], cfg: PrepareConfig) -> list[dict[str, str]]:
+    nouns = sorted({r.class_noun for r in rows})
+    return [{"class_noun": n, "template": t, "prompt": t.format(class_noun=n)}
+            for n in nouns for t in cfg.caption_templates]
+
+
+def item_path(output_dir: Path, key: str) -> Path:
+    return output_dir / "items" / key[:2] / f"{key}.safetensors"
+
+
+def prepare_dataset(
+    dataset_dir: str | os.PathLike[str],
+    model: str,
+    output_dir: str | os.PathLike[str],
+    cfg: PrepareConfig | None = None,
+    *,
+    clip_model: str | None = "openai/clip-vit-base-patch16",
+    device: str = "auto",
+    dtype: str = "float32",
+    local_files_only: bool = True,
+) -> PreparedIndex:
+    """Cache VAE latents, CLIP features, face embeddings and caption embeddings of a curated dataset.
+
+    Args:
+        dataset_dir: output directory of ``idforge curate``.
+        model: base model id or directory (``idforge.diffusion.loading.load_pipeline``).
+        output_dir: where the cache goes (reused across runs: only changed items are recomputed).
+        cfg: prepare settings; defaults when None.
+        clip_model: CLIP model id or directory for the image features.
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        dtype: dtype of the encoders (the VAE runs in float32 by default: fp16 SDXL VAEs overflow).
+    Returns:
+        ``PreparedIndex`` with the item table and what was computed; ``noop`` when everything was cached.
+    Raises:
+        DataError: the curated dataset is missing or inconsistent. ModelNotFoundError: a model cannot be loaded.
+    """
+    import pandas as pd
+    import torch
+
+    cfg = cfg or PrepareConfig()
+    out = Path(output_dir)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = read_curated(dataset_dir, cfg)
+    model_fp = model_fingerprint(model, local_files_only=local_files_only)
+    clip_fp = model_fingerprint(clip_model, local_files_only=local_files_only, config_key="model.clip") if clip_model else None
+    for r in rows:
+        r.input_hash = _input_hash(r, cfg)
+        r.key = _sha256_json({"v": ITEM_VERSION, "in": r.input_hash, "model": model_fp, "clip": clip_fp,
+                              "cfg": cfg.item_params()})[:40]
+    captions = _captions(rows, cfg)
+    text_key = _sha256_json({"v": TEXT_VERSION, "captions": captions, "model": model_fp})[:40]
+    text_file = out / "text" / f"{text_key}.safetensors"
+    identities = sorted({r.identity for r in rows})
+    index = pd.DataFrame({
+        "key": [r.key for r in rows],
+        "identity": [r.identity for r in rows],
+        "identity_index": [identities.index(r.identity) for r in rows],
+        "class_noun": [r.class_noun for r in rows],
+        "source": [r.source for r in rows],
+        "sha256": [r.sha256 for r in rows],
+        "face_index": [r.face_index for r in rows],
+        "file": [item_path(Path("."), r.key).as_posix() for r in rows],
+    })
+    fingerprint = _sha256_json({"items": index[["key", "identity", "class_noun"]].values.tolist(), "text": text_key})
+    info_path = out / "prepared.json"
+    todo = [r for r in rows if not item_path(out, r.key).is_file()]
+    need_text = not text_file.is_file()
+    if not todo and not need_text and info_path.is_file() and (out / "index.parquet").is_file():
+        previous = json.loads(info_path.read_text())
+        if previous.get("fingerprint") == fingerprint:
+            log.info("prepare: %s is up to date (%d items)", out, len(rows))
+            return PreparedIndex(out, pd.read_parquet(out / "index.parquet"), previous, reused=len(rows), noop=True)
+
+    enc = None
+    if todo or need_text:
+        enc = _load_encoders(model, clip_model, cfg, device, dtype, local_files_only, need_clip=bool(todo))
+    if todo:
+        from tqdm.auto import tqdm
+
+        log.info("prepare: encoding %d of %d images at %dpx on %s", len(todo), len(rows), enc.resolution, device)
+        with tqdm(total=len(todo), desc="prepare", unit="img", disable=None) as bar:
+            for start in range(0, len(todo), cfg.batch_size):
+                chunk = todo[start:start + cfg.batch_size]
+                for row, tensors in zip(chunk, _encode_items(enc, chunk, cfg)):
+                    meta = {"identity": row.identity, "source": row.source, "input_hash": row.input_hash,
+                            "resolution": str(enc.resolution)}
+                    _save(item_path(out, row.key), tensors, cfg.storage_dtype, meta)
+                bar.update(len(chunk))
+    if need_text:
+        assert enc is not None
+        _save(text_file, _encode_captions(enc, [c["prompt"] for c in captions]), cfg.storage_dtype,
+              {"prompts": json.dumps([c["prompt"] for c in captions])})
+
+    sample, resolution = _read_shapes(item_path(out, rows[0].key))
+    info = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "dataset": str(Path(dataset_dir)),
+        "model": str(model),
+        "model_fingerprint": model_fp,
+        "clip_model": clip_model,
+        "clip_fingerprint": clip_fp,
+        "config": cfg.model_dump(mode="json"),
+        "resolution": resolution,
+        "shapes": sample,
+        "text_file": text_file.relative_to(out).as_posix(),
+        "captions": captions,
+        "identities": identities,
+        "num_items": len(rows),
+        "num_identities": len(identities),
+    }
+    with atomic_path(out / "index.parquet") as tmp:
+        index.to_parquet(tmp, index=False)
+    atomic_write_text(info_path, json.dumps(info, indent=2, sort_keys=True))
+    pruned = _prune(out, set(index["key"]), text_file) if cfg.prune else 0
+    log.info("prepare: %d items (%d encoded), captions %s", len(rows), len(todo), "encoded" if need_text else "cached")
+    return PreparedIndex(out, index, info, computed=len(todo), reused=len(rows) - len(todo),
+                         text_computed=need_text, pruned=pruned)
+
+
+def _read_shapes(path: Path) -> tuple[dict[str, list[int]], int]:
+    """Tensor shapes of a cached item and the training resolution it was encoded at."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        return shapes, int((fh.metadata() or {})["resolution"])
+
+
+def _prune(out: Path, keep: set[str], text_file: Path) -> int:
+    """Delete item and caption files the current index does not reference (content from older inputs)."""
+    n = 0
+    for f in (out / "items").glob("*/*.safetensors"):
+        if f.stem not in keep:
+            f.unlink()
+            n += 1
+    for f in (out / "text").glob("*.safetensors"):
+        if f != text_file:
+            f.unlink()
+    return n
