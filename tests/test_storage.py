@@ -224,7 +224,7 @@ def test_missing_object_errors_name_the_uri(backend: Backend, tmp_path: Path) ->
         assert missing in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "dl" / "x.png").exists()
     assert not (tmp_path / "dl").exists() or list((tmp_path / "dl").iterdir()) == []
-    with pytest.raises(StorageError, match="nothing under"):
+    with pytest.raises(StorageError, match="no objects under"):
         s.download_dir(backend.uri("no/such/dir"), tmp_path / "dl2")
 
 

@@ -263,7 +263,7 @@ class Storage(ABC):
         root = local_path(local_dir)
         listed = self.list_info(uri, recursive=True)
         if not listed:
-            raise StorageError(f"download_dir: nothing under {uri}: check the URI (list it with `idforge` or mc ls)")
+            raise StorageError(f"download_dir: no objects under {uri}: check the URI, or upload the data first")
         result = SyncResult()
         for info in _progress(listed, progress, f"download {uri}"):  # type: ignore[arg-type]
             rel = self._rel(uri, info.uri)
@@ -657,6 +657,21 @@ class S3Storage(Storage):
             with open(spool, "wb") as fh:
                 yield fh  # type: ignore[misc]
             self.put_file(spool, uri)
+
+    def write_bytes(self, uri: str, data: bytes) -> ObjectInfo:
+        # Already in memory: no spool file needed, and a single PUT (or multipart above 5 MiB) is atomic.
+        loc = self._loc(uri)
+        digest = hashlib.sha256(data).hexdigest()
+        with self._errors(uri, loc):
+            result = self._client.put_object(
+                loc.bucket,
+                loc.key,
+                io.BytesIO(data),
+                len(data),
+                metadata={_SHA256_META: digest},
+                part_size=self.part_size,
+            )
+        return ObjectInfo(uri, len(data), None, result.etag, digest)
 
     def write_stream(self, uri: str, stream: IO[bytes]) -> ObjectInfo:
         self._loc(uri)
