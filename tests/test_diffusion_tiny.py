@@ -128,6 +128,21 @@ def test_same_seed_same_weights_other_seed_different(tmp_path, tiny_clip_dir):
     assert (a / "model.safetensors").read_bytes() == (tiny_clip_dir / "model.safetensors").read_bytes()
 
 
+def test_pipeline_weights_are_bit_identical_per_seed(tmp_path, tiny_sdxl_dir):
+    def weights(d):
+        return {f.relative_to(d).as_posix(): f.read_bytes() for f in sorted(d.rglob("*.safetensors"))}
+
+    same = weights(make_tiny(tmp_path / "same", kind="sdxl", seed=0))
+    other = weights(make_tiny(tmp_path / "other", kind="sdxl", seed=7))
+    ref = weights(tiny_sdxl_dir)
+    assert set(ref) == {f"{m}/{n}" for m, n in [
+        ("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"), ("text_encoder_2", "model.safetensors"),
+    ]}  # fmt: skip
+    assert same == ref
+    assert all(other[k] != ref[k] for k in ref)
+
+
 def test_make_tiny_replaces_atomically_and_rejects_bad_kind(tmp_path):
     out = tmp_path / "m"
     make_tiny(out, kind="clip", seed=0)
