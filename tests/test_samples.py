@@ -109,7 +109,8 @@ def test_ensure_samples_rebuilds_without_a_dvc_remote(rebuilt: Path, repo_root: 
 
 def test_ensure_samples_refuses_a_mismatching_record(rebuilt: Path, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "samples.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: samples\n")
+    record = "outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: samples\n"
+    (tmp_path / "data" / "samples.dvc").write_text(record)
     with pytest.raises(DataError, match=r"samples\.dvc records 0123456789abcdef0123456789abcdef\.dir"):
         S.ensure_samples(tmp_path)
 

@@ -75,7 +75,8 @@ class PromptSet(BaseModel):
     def _check_cite(self) -> PromptSet:
         unknown = sorted(set(self.cite) - set(self.categories))
         if unknown:
-            raise ValueError(f"cite.{unknown[0]}: names a category that does not exist; categories: {', '.join(self.categories)}")
+            known = ", ".join(self.categories)
+            raise ValueError(f"cite.{unknown[0]}: names a category that does not exist; categories: {known}")
         return self
 
     def __len__(self) -> int:

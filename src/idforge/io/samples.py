@@ -470,7 +470,8 @@ def ensure_samples(repo_root: str | os.PathLike[str], cache_dir: str | os.PathLi
         )
     # Record the verified bytes in DVC's cache and push them to the default remote; optional (the data is
     # already correct), so a failure here is logged, not raised.
-    for args in (("commit", "-f", "-q", str(dvc_file.relative_to(root))), ("push", "-q", str(dvc_file.relative_to(root)))):
+    target = str(dvc_file.relative_to(root))
+    for args in (("commit", "-f", "-q", target), ("push", "-q", target)):
         proc = _dvc(root, *args)
         if proc.returncode != 0:
             log.warning("dvc %s failed: %s", args[0], proc.stderr.strip()[-300:])

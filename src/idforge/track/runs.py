@@ -1,0 +1,201 @@
+"""MLflow runs: where tracking goes, and a context manager that starts, resumes or nests a run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from idforge.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import mlflow
+
+    from idforge.config import TrackingConfig
+
+__all__ = ["active_run_id", "artifact_location", "log_metrics", "start_run", "tracking_uri"]
+
+log = logging.getLogger(__name__)
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+DEFAULT_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+DEFAULT_EXPERIMENT = "idforge"
+
+
+def tracking_uri(cfg: TrackingConfig | None = None) -> str:
+    """``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns.db`` (an absolute path)."""
+    if cfg is not None and cfg.uri:
+        return cfg.uri
+    env = os.environ.get(ENV_URI)
+    if env:
+        return env
+    return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URI (relative paths are relative to the CWD), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = unquote(uri[len("sqlite:///") :]).split("?", 1)[0]
+    return Path(raw).resolve() if raw and raw != ":memory:" else None
+
+
+def artifact_location(cfg: TrackingConfig | None, uri: str) -> str | None:
+    """Artifact root for a new experiment: ``cfg.artifact_location``, else ``mlartifacts/`` beside a SQLite DB.
+
+    None for servers (``http(s)://``): the server's own ``--artifacts-destination``/``--default-artifact-root``
+    decides, and clients must not impose a path that only exists on their machine.
+    """
+    if cfg is not None and cfg.artifact_location:
+        loc = cfg.artifact_location
+        # A bare path is made absolute, so the experiment does not depend on the CWD of whoever created it.
+        return Path(loc).resolve().as_uri() if not urlparse(loc).scheme else loc
+    db = _sqlite_path(uri)
+    if db is not None:
+        return (db.parent / DEFAULT_ARTIFACTS).as_uri()
+    return None
+
+
+@contextlib.contextmanager
+def _using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block, then put back what was there.
+
+    ``mlflow.set_tracking_uri`` also writes (or, given None, deletes) ``$MLFLOW_TRACKING_URI``, so the
+    variable is restored by hand: a caller's environment must come out as it went in.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    if mlflow.get_tracking_uri() == uri:
+        yield
+        return
+    old_uri = getattr(tracking_utils, "_tracking_uri", None)
+    old_env = os.environ.get(ENV_URI)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)  # type: ignore[arg-type]
+        if old_env is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = old_env
+
+
+def _experiment_id(uri: str, name: str, location: str | None) -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # created by a concurrent process in the meantime
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+@contextlib.contextmanager
+def start_run(
+    cfg: TrackingConfig | None = None,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[mlflow.ActiveRun | None]:
+    """Start (or resume) an MLflow run for the block; yields the ``ActiveRun`` (None when tracking is disabled).
+
+    - The experiment ``cfg.experiment`` is created on first use with :func:`artifact_location`.
+    - ``run_id`` resumes that run (new metrics append; params must keep their values).
+    - ``parent_run_id`` nests the new run under it (tag ``mlflow.parentRunId``), also across processes; a run
+      started while another is active nests under the active one.
+    - The run ends FINISHED, or FAILED when the block raises (KILLED on Ctrl-C), and the exception propagates.
+
+    Raises:
+        ConfigError: ``run_id``/``parent_run_id`` does not exist at the tracking URI, or MLflow refuses the run.
+    """
+    if cfg is not None and not cfg.enabled:
+        yield None
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    experiment = cfg.experiment if cfg is not None else DEFAULT_EXPERIMENT
+    str_tags = {k: str(v) for k, v in (tags or {}).items()}
+    with _using_tracking_uri(uri):
+        nested = mlflow.active_run() is not None
+        try:
+            if run_id is not None:
+                run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested, tags=str_tags or None)
+            else:
+                exp_id = _experiment_id(uri, experiment, artifact_location(cfg, uri))
+                run = mlflow.start_run(
+                    experiment_id=exp_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id,
+                    tags=str_tags or None,
+                )  # fmt: skip
+        except MlflowException as exc:
+            if run_id is not None:
+                which = f"run {run_id!r} (to resume)"
+            elif parent_run_id is not None:
+                which = f"a run under parent run {parent_run_id!r}"
+            else:
+                which = f"a run in experiment {experiment!r}"
+            first_line = str(exc.message).splitlines()[0] if exc.message else type(exc).__name__
+            raise ConfigError(f"cannot start MLflow {which} at {uri}: {first_line}") from None
+        log.info("MLflow run %s (experiment %s) at %s", run.info.run_id, experiment, uri)
+        try:
+            yield run
+        except BaseException as exc:
+            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        else:
+            mlflow.end_run(status="FINISHED")
+
+
+def active_run_id() -> str | None:
+    """The id of the innermost active run, or None (without importing mlflow when nothing could be active)."""
+    import sys
+
+    if "mlflow" not in sys.modules:
+        return None
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log scalar metrics at ``step`` to the active run (no-op without one). Values: anything ``float()`` takes.
+
+    Raises:
+        DataError: a value is not a real number (the key is named).
+    """
+    if active_run_id() is None:
+        log.debug("no active MLflow run: metrics %s not logged", sorted(metrics))
+        return
+    import mlflow
+
+    values: dict[str, float] = {}
+    for key, value in metrics.items():
+        try:
+            values[key] = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"metric {key!r} must be a number, got {type(value).__name__} {value!r}") from None
+        if math.isinf(values[key]):
+            log.warning("metric %s is infinite at step %s", key, step)
+    mlflow.log_metrics(values, step=step)
