@@ -591,6 +591,23 @@ class BaseMethod(abc.ABC):
 
         return encode_prompts(pipe, prompts)
 
+    def unconditional(self, cond: Condition) -> Condition:
+        """The identity condition of the unconditional guidance branch (default: zeros of ``cond``).
+
+        Methods whose condition holds encoder *outputs* override this to run zeros of the *inputs* through their
+        modules (IP-Adapter FaceID style).
+        """
+        return cond.zeros_like()
+
+    def sampling_streams(self) -> int:
+        """Latent streams the sampler runs per prompt (1; Infinite-ID's mixed attention adds a text-only stream).
+
+        With S streams the UNet batch is ``cat([stream_0, ..., stream_{S-1}])``, each stream laid out as
+        ``[uncond rows, cond rows]`` under guidance; ``state.flags["streams"]`` tells the processors S. Every stream
+        starts from the same noise; only stream 0 is decoded.
+        """
+        return 1
+
     def denoise(self, pipe: Any, latents: Tensor, t: Tensor, text: Any, cond: Condition) -> Tensor:
         """One UNet prediction for a sampling step with identity ``cond`` (batch of ``latents``)."""
         from idforge.diffusion.text import unet_call

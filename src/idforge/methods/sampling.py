@@ -51,8 +51,11 @@ def sample(method: BaseMethod, pipe: Any, prompts: list[str], cond: Condition, c
 
     Each seed draws the initial latents from ``torch.Generator("cpu").manual_seed(seed)`` (shared by every prompt
     of the seed) and feeds the scheduler's own noise from the same generator, so a (prompts, seed) pair always
-    gives the same pixels. ``cond`` is one identity (batch 1) and is repeated across the prompts.
+    gives the same pixels. ``cond`` is one identity (batch 1) and is repeated across the prompts. The unconditional
+    branch uses the negative prompt and ``method.unconditional(cond)``.
     """
+    from idforge.diffusion.text import TextCondition
+
     if not prompts:
         return []
     if not method.is_attached:
@@ -67,34 +70,43 @@ def sample(method: BaseMethod, pipe: Any, prompts: list[str], cond: Condition, c
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     was_training = method.state.mode == "train"
     method.eval()
+    streams = method.sampling_streams()
+    flags_before = dict(method.state.flags)
+    method.state.flags.update(streams=streams, guided=guided)
     results: dict[tuple[int, int], Image] = {}
     try:
         for start, chunk in zip(range(0, len(prompts), cfg.batch_size), _chunks(prompts, cfg.batch_size)):
             b = len(chunk)
             text = method.encode_prompts(pipe, chunk, cond.expand(b))
+            step_cond = cond.expand(b)
             if guided:
-                from idforge.diffusion.text import TextCondition
-
                 neg = method.encode_prompts(pipe, [cfg.negative_prompt] * b, None)
                 text = TextCondition.cat([neg, text])
-                step_cond = type(cond).cat([cond.zeros_like().expand(b), cond.expand(b)])
-            else:
-                step_cond = cond.expand(b)
+                step_cond = type(cond).cat([method.unconditional(cond).expand(b), step_cond])
+            # Every stream sees the same prompts and identity; the processors decide what each stream uses.
+            text = TextCondition.cat([text] * streams)
+            step_cond = type(cond).cat([step_cond] * streams)
             for seed in cfg.seeds:
                 gen = torch.Generator("cpu").manual_seed(int(seed))
-                latents = torch.randn(shape, generator=gen, dtype=torch.float32).expand(b, *shape[1:])
+                noise = torch.randn(shape, generator=gen, dtype=torch.float32)
                 scheduler.set_timesteps(cfg.num_inference_steps, device=device)
-                latents = (latents * scheduler.init_noise_sigma).to(device)
+                latents = (noise.expand(streams * b, *shape[1:]) * scheduler.init_noise_sigma).to(device)
                 for t in scheduler.timesteps:
-                    model_in = torch.cat([latents, latents]) if guided else latents
+                    per_stream = latents.chunk(streams)
+                    model_in = torch.cat([x for lat in per_stream for x in ((lat, lat) if guided else (lat,))])
                     model_in = scheduler.scale_model_input(model_in, t).to(dtype)
                     pred = method.denoise(pipe, model_in, t, text, step_cond).float()
-                    if guided:
-                        pred_uncond, pred_cond = pred.chunk(2)
-                        pred = pred_uncond + cfg.guidance_scale * (pred_cond - pred_uncond)
-                    latents = scheduler.step(pred, t, latents, generator=gen).prev_sample
-                for i, img in enumerate(decode_latents(pipe, latents)):
+                    guided_preds = []
+                    for p in pred.chunk(streams):
+                        if guided:
+                            p_uncond, p_cond = p.chunk(2)
+                            p = p_uncond + cfg.guidance_scale * (p_cond - p_uncond)
+                        guided_preds.append(p)
+                    latents = scheduler.step(torch.cat(guided_preds), t, latents, generator=gen).prev_sample
+                for i, img in enumerate(decode_latents(pipe, latents[:b])):
                     results[(start + i, int(seed))] = img
     finally:
+        method.state.flags.clear()
+        method.state.flags.update(flags_before)
         method.train(was_training)
     return [results[(p, int(s))] for p in range(len(prompts)) for s in cfg.seeds]
