@@ -20,6 +20,18 @@ class GenerateConfig(Section):
     # Optional overrides of the protocol's sampling (they are recorded per image, so runs stay auditable).
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = None
+    negative_prompt: str = ""
+    # What stands for the identity in the prompt templates' {} (a method with a learned token supplies its own).
+    subject: str = "a person"
+    class_noun: Literal["person", "man", "woman", "boy", "girl"] = "person"
+    # The face model the methods are conditioned on (reference embeddings for IdentityRefs).
+    conditioning_backend: Literal["insightface", "opencv"] = "insightface"
+    face_model_dir: str | None = Field(default=None, description="face model directory; None = the embedded default")
+    # CLIP features of the references, computed as the prepare stage does for training (keep them in step).
+    clip_model: str | None = Field(default=None, description="None = model.clip")
+    clip_features: Literal["auto", "on", "off"] = "auto"
+    clip_crop: Literal["ffhq", "arcface"] = "ffhq"
+    clip_hidden_layer: int = -2
 
 
 class EvaluateConfig(Section):

@@ -1,0 +1,410 @@
+"""The evaluation protocol's generation driver: prompts x identities x seeds -> images + their exact recipe.
+
+Works for any method that implements ``idforge.methods.base.Method``: it loads the method from its artifact,
+builds each identity's condition from the reference photos (``method.identity_condition``), and calls
+``method.generate`` in batches of prompts, one seed at a time (the shared sampler derives all randomness from the
+seed, so an image depends on its prompt and seed only, not on what else shares the batch).
+
+Output directory::
+
+    generate.json                  run record: method, artifact(s), base model, protocol, sampling, resolved config
+    index.parquet                  one row per image (the sidecars, collected)
+    images/<identity>/<category>/p<NN>_s<seed>.png  (+ .json sidecar: the exact recipe of that image)
+    refs/<identity>/<k>.png        the aligned reference faces the condition was built from (112 ArcFace crops)
+
+Resumable: an image whose PNG and sidecar exist with the same recipe hash is skipped; a changed recipe (other
+artifact, sampling, prompt) regenerates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from idforge.errors import ConfigError, DataError
+from idforge.io.atomic import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from idforge.evaluate.config import GenerateConfig
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_NAMES = ("method.safetensors", "learned_embeds.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _slug(s: str) -> str:
+    out = "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-.")
+    return out or "x"
+
+
+def save_png(path: Path, image: Any) -> None:
+    """Write a PIL image or uint8 array as PNG atomically."""
+    from PIL import Image
+
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def resolve_artifact(artifact: str | os.PathLike[str] | None, identity: str) -> Path | None:
+    """The method checkpoint for ``identity``.
+
+    ``artifact`` is one checkpoint file (population methods: every identity), or a directory holding one
+    checkpoint per identity (per-identity methods: ``<dir>/<identity>/method.safetensors`` or
+    ``<dir>/<identity>.safetensors``), or a directory holding a single ``method.safetensors``. None = no artifact.
+    """
+    if artifact is None:
+        return None
+    a = Path(artifact)
+    if a.is_file():
+        return a
+    if a.is_dir():
+        candidates = [a / identity / n for n in ARTIFACT_NAMES] + [a / f"{identity}.safetensors"]
+        candidates += [a / n for n in ARTIFACT_NAMES]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise DataError(
+            f"artifact directory {a} has no checkpoint for identity {identity!r} "
+            f"(looked for {identity}/method.safetensors, {identity}.safetensors, method.safetensors)"
+        )
+    raise DataError(f"method artifact {a} does not exist; pass the method.safetensors a training run wrote")
+
+
+def device_of(name: str) -> str:
+    from idforge.evaluate.metrics import resolve_device
+
+    return resolve_device(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass
+class GenerationResult:
+    output_dir: Path
+    index: "pd.DataFrame"
+    generated: int
+    skipped: int
+    seconds: float
+
+    def summary(self) -> str:
+        n_ids = self.index["identity"].nunique() if len(self.index) else 0
+        return (
+            f"{len(self.index)} images ({self.generated} generated, {self.skipped} already there) for {n_ids} "
+            f"identities in {self.seconds:.1f} s -> {self.output_dir}"
+        )
+
+
+class _MethodCache:
+    """Keeps one attached method; swaps it when an identity needs another checkpoint."""
+
+    def __init__(self, method_name: str | None, pipe: Any, overrides: dict[str, Any]) -> None:
+        self.method_name = method_name
+        self.pipe = pipe
+        self.overrides = overrides
+        self.path: Path | None = None
+        self.method: Any = None
+
+    def get(self, path: Path | None) -> Any:
+        from idforge.methods.base import get_method, load_method, read_method_metadata
+
+        if self.method is not None and path == self.path:
+            return self.method
+        if self.method is not None:
+            self.method.detach(self.pipe)
+        if path is None:
+            if not self.method_name:
+                raise ConfigError("generate: give --method or an --artifact to load the method from")
+            method = get_method(self.method_name, **self.overrides)
+            method.attach(self.pipe)
+        else:
+            meta = read_method_metadata(path)
+            if self.method_name and meta["method"] != self.method_name:
+                raise ConfigError(
+                    f"artifact {path} holds method {meta['method']!r}, not {self.method_name!r}; "
+                    "pass the matching --method (or leave it out)"
+                )
+            method = load_method(path, self.pipe, **self.overrides)
+        method.eval()
+        self.method, self.path = method, path
+        return method
+
+
+def generate_images(
+    method_name: str | None,
+    artifact: str | os.PathLike[str] | None,
+    refs: str | os.PathLike[str],
+    prompt_set: str | os.PathLike[str] | None,
+    seeds: Sequence[int] | None,
+    base_model: str | None,
+    output_dir: str | os.PathLike[str],
+    cfg: Any = None,
+    *,
+    identities: Sequence[str] | None = None,
+    method_overrides: dict[str, Any] | None = None,
+    pipe: Any = None,
+) -> GenerationResult:
+    """Generate every (identity, prompt, seed) of the protocol with one method.
+
+    Args:
+        method_name: registry name (``get_method``); None = the one named in the artifact.
+        artifact: method checkpoint (file, or a directory of per-identity checkpoints; see ``resolve_artifact``).
+        refs: reference photos (curated dataset dir, folder of identity folders, folder of photos, one photo).
+        prompt_set: prompt-set YAML; None = the protocol's (``cfg.generate.protocol``).
+        seeds: seeds, one image per seed per prompt; None = the protocol's.
+        base_model: base pipeline id or directory; None = ``cfg.model.base``.
+        output_dir: where the images, sidecars and index go (see module docstring).
+        cfg: the root ``IdforgeConfig`` (its ``generate``, ``model`` and ``curate`` sections are read).
+        identities: subset of the references' identities.
+        method_overrides: inference-time method config (e.g. Infinite-ID switches), recorded per image.
+        pipe: an already loaded pipeline to reuse (must be ``base_model``'s).
+    """
+    import pandas as pd
+
+    from idforge.diffusion.loading import load_pipeline
+    from idforge.evaluate.protocol import load_protocol
+    from idforge.evaluate.refs import discover_references, identity_refs, load_reference_faces
+    from idforge.faces import load_analyzer
+    from idforge.io.prompts import load_prompt_set
+
+    t0 = time.perf_counter()
+    cfg, gcfg = _configs(cfg)
+    protocol = load_protocol(gcfg.protocol)
+    pset_path = Path(prompt_set) if prompt_set is not None else protocol.prompt_set_path()
+    pset = load_prompt_set(pset_path)
+    seeds = [int(s) for s in (seeds if seeds is not None else protocol.seeds_used)]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"generate: seeds must be a non-empty list of distinct integers, got {seeds}")
+    categories = protocol.categories or list(pset.categories)
+    unknown = [c for c in categories if c not in pset.categories]
+    if unknown:
+        raise ConfigError(f"protocol {protocol.name!r} names categories {unknown} that prompt set {pset_path} lacks; "
+                          f"it has: {', '.join(pset.categories)}")
+    base_model = base_model or cfg.model.base
+    sampling = {
+        "num_inference_steps": gcfg.num_inference_steps or protocol.sampling.num_inference_steps,
+        "guidance_scale": gcfg.guidance_scale if gcfg.guidance_scale is not None else protocol.sampling.guidance_scale,
+        "height": protocol.sampling.height,
+        "width": protocol.sampling.width,
+        "negative_prompt": gcfg.negative_prompt,
+    }
+    overrides = dict(method_overrides or {})
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ref_paths = discover_references(refs, identities)
+    analyzer = load_analyzer(gcfg.conditioning_backend, model_dir=gcfg.face_model_dir)
+    faces = load_reference_faces(ref_paths, analyzer)
+    clip = _load_clip_for_refs(gcfg.clip_model or cfg.model.clip, gcfg.clip_features, cfg.model.local_files_only)
+    device = device_of(gcfg.device)
+    if pipe is None:
+        pipe = load_pipeline(base_model, kind=cfg.model.kind, dtype=cfg.model.dtype, device=device,
+                             local_files_only=cfg.model.local_files_only, revision=cfg.model.revision)
+    methods = _MethodCache(method_name, pipe, overrides)
+
+    generated = skipped = 0
+    artifacts: dict[str, dict[str, Any]] = {}
+    try:
+        from tqdm.auto import tqdm
+
+        total = len(faces) * len(seeds) * sum(min(len(pset.categories[c]), protocol.prompts_per_category or 10**9)
+                                              for c in categories)
+        bar = tqdm(total=total, desc="generate", unit="img", disable=None)
+        for ident, ref in faces.items():
+            art_path = resolve_artifact(artifact, ident)
+            method = methods.get(art_path)
+            art = {"path": str(art_path) if art_path else None,
+                   "sha256": file_sha256(art_path) if art_path else None, "method": method.name}
+            artifacts[ident] = art
+            for k, crop in enumerate(ref.crops112):
+                p = out / "refs" / _slug(ident) / f"{k}.png"
+                if not p.exists():
+                    save_png(p, crop)
+            subject = _subject(method, gcfg.subject)
+            prompts = [
+                rp for rp in pset.items(subject)
+                if rp.category in categories and (protocol.prompts_per_category is None
+                                                  or rp.index < protocol.prompts_per_category)
+            ]
+            cond = None
+            for seed in seeds:
+                todo = []
+                for rp in prompts:
+                    recipe = _recipe(method.name, art, base_model, overrides, sampling, rp, seed, ident, ref.sources,
+                                     subject, gcfg.subject)
+                    png = out / "images" / _slug(ident) / _slug(rp.category) / f"p{rp.index:02d}_s{seed}.png"
+                    if _is_done(png, recipe["recipe_hash"]):
+                        skipped += 1
+                        bar.update(1)
+                        continue
+                    todo.append((rp, png, recipe))
+                if not todo:
+                    continue
+                if cond is None:
+                    refs_obj = identity_refs(ref, analyzer, clip, clip_crop=gcfg.clip_crop,
+                                             clip_hidden_layer=gcfg.clip_hidden_layer, class_noun=gcfg.class_noun)
+                    cond = method.identity_condition(refs_obj.to(pipe.device), pipe)
+                for i in range(0, len(todo), gcfg.batch_size):
+                    chunk = todo[i : i + gcfg.batch_size]
+                    images = method.generate(pipe, [rp.text for rp, _, _ in chunk], cond, seeds=[seed],
+                                             batch_size=gcfg.batch_size, **sampling)
+                    if len(images) != len(chunk):
+                        raise RuntimeError(f"method {method.name!r} returned {len(images)} images for {len(chunk)} "
+                                           "prompts x 1 seed; Method.generate must return one per (prompt, seed)")
+                    for (rp, png, recipe), img in zip(chunk, images):
+                        save_png(png, img)
+                        recipe["image"] = png.relative_to(out).as_posix()
+                        recipe["width"], recipe["height"] = img.size
+                        atomic_write_text(png.with_suffix(".json"), json.dumps(recipe, indent=1, sort_keys=True))
+                        generated += 1
+                        bar.update(1)
+        bar.close()
+    finally:
+        if methods.method is not None:
+            methods.method.detach(pipe)
+
+    index = collect_index(out)
+    run = {
+        "method": method_name or (next(iter(artifacts.values()))["method"] if artifacts else None),
+        "artifacts": artifacts,
+        "base_model": str(base_model),
+        "refs": str(refs),
+        "identities": list(faces),
+        "prompt_set": str(pset_path),
+        "prompt_set_name": pset.name,
+        "seeds": seeds,
+        "sampling": sampling,
+        "method_overrides": overrides,
+        "protocol": {"name": protocol.name, "fingerprint": protocol.fingerprint(), "source": protocol.source},
+        "conditioning_backend": gcfg.conditioning_backend,
+        "config": cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else {},
+    }
+    atomic_write_text(out / "generate.json", json.dumps(run, indent=1, sort_keys=True, default=str))
+    result = GenerationResult(out, index, generated, skipped, time.perf_counter() - t0)
+    log.info("%s", result.summary())
+    return result
+
+
+def _configs(cfg: Any) -> tuple[Any, "GenerateConfig"]:
+    from idforge.config import IdforgeConfig
+    from idforge.evaluate.config import GenerateConfig
+
+    cfg = cfg if cfg is not None else IdforgeConfig()
+    gcfg = getattr(cfg, "generate", None)
+    return cfg, gcfg if gcfg is not None else GenerateConfig()
+
+
+def _subject(method: Any, default: str) -> str:
+    """The words that stand for the identity in a prompt. A method that needs its own (a learned pseudo-token)
+    exposes ``prompt_subject(default) -> str``; the others get the configured plain phrase (e.g. "a person")."""
+    hook = getattr(method, "prompt_subject", None)
+    return str(hook(default)) if callable(hook) else default
+
+
+def _recipe(method: str, art: dict[str, Any], base_model: str, overrides: dict[str, Any], sampling: dict[str, Any],
+            rp: Any, seed: int, ident: str, ref_sources: list[str], subject: str, plain_subject: str) -> dict[str, Any]:
+    recipe = {
+        "method": method,
+        "artifact": art["path"],
+        "artifact_sha256": art["sha256"],
+        "base_model": str(base_model),
+        "method_overrides": overrides,
+        "sampling": sampling,
+        "identity": ident,
+        "references": ref_sources,
+        "category": rp.category,
+        "prompt_index": rp.index,
+        "prompt_template": rp.template,
+        "prompt": rp.text,
+        # CLIP-T scores the prompt as a person would read it: pseudo-tokens replaced by the plain subject
+        "prompt_eval": rp.template.replace("{}", plain_subject),
+        "subject": subject,
+        "seed": int(seed),
+    }
+    recipe["recipe_hash"] = _json_hash(recipe)
+    return recipe
+
+
+def _is_done(png: Path, recipe_hash: str) -> bool:
+    side = png.with_suffix(".json")
+    if not (png.is_file() and side.is_file()):
+        return False
+    try:
+        return json.loads(side.read_text()).get("recipe_hash") == recipe_hash
+    except (OSError, ValueError):
+        return False
+
+
+def _load_clip_for_refs(clip_id: str, mode: str, local_files_only: bool) -> Any:
+    """The CLIP model the reference features are computed with; "auto" tolerates its absence (methods that need
+    CLIP features then raise naming the missing field), "on" requires it, "off" skips it."""
+    if mode == "off":
+        return None
+    from idforge.diffusion.loading import load_clip
+    from idforge.errors import ModelNotFoundError
+
+    try:
+        return load_clip(clip_id, local_files_only=local_files_only)
+    except ModelNotFoundError as exc:
+        if mode == "on":
+            raise
+        log.warning("CLIP features for the references are off: %s", exc)
+        return None
+
+
+def collect_index(output_dir: str | os.PathLike[str]) -> "pd.DataFrame":
+    """Gather every sidecar under ``images/`` into ``index.parquet`` (written atomically) and return it."""
+    import pandas as pd
+
+    out = Path(output_dir)
+    rows = []
+    for side in sorted((out / "images").rglob("*.json")):
+        rec = json.loads(side.read_text())
+        if (out / rec.get("image", "")).is_file():
+            rows.append(rec)
+    df = pd.DataFrame(rows)
+    if len(df):
+        for col in ("sampling", "method_overrides", "references"):
+            df[col] = df[col].map(lambda v: json.dumps(v, sort_keys=True))
+        df = df.sort_values(["identity", "category", "prompt_index", "seed"], kind="stable").reset_index(drop=True)
+    with atomic_path(out / "index.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    return df
+
+
+def read_index(generated_dir: str | os.PathLike[str]) -> "pd.DataFrame":
+    import pandas as pd
+
+    p = Path(generated_dir) / "index.parquet"
+    if not p.is_file():
+        raise DataError(f"{generated_dir} has no index.parquet: run `idforge generate --output {generated_dir}` first")
+    return pd.read_parquet(p)

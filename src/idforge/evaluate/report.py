@@ -1,0 +1,247 @@
+"""A self-contained ``report.html``: one file, every image embedded as a data URI, no scripts or fonts fetched.
+
+Sections: run information (with the MLflow run link), the summary metrics table, per-category bars (inline SVG),
+per-identity table, the reference faces, and one image grid per identity (rows = prompts, columns = seeds).
+Elements carry stable ids/classes (``metrics-summary``, ``grid-<identity>``, ``ref``/``gen`` image classes) so tests
+and scripts can check the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from idforge.io.atomic import atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px;background:#fff}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}th{background:#f0f0f0}
+td.l,th.l{text-align:left}
+.grid td{vertical-align:top;text-align:center}.grid td.prompt{text-align:left;max-width:260px;font-size:12px}
+img.gen,img.ref{width:128px;height:128px;object-fit:contain;background:#eee;display:block;margin:2px}
+figure{margin:2px;display:flex;flex-wrap:wrap;align-items:flex-start;gap:2px}figcaption{font-size:11px;color:#555;width:100%}
+.scroll{overflow-x:auto;max-width:100%}
+.refs{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}.bars{display:flex;flex-wrap:wrap;gap:24px}
+.muted{color:#777;font-size:12px}code{background:#eee;padding:1px 4px}
+"""
+
+# metric columns in the order the tables show them, with a short description for the page's legend
+METRIC_HELP = {
+    "face_det_rate": "share of images with a detected face",
+    "id_sim": "identity cosine to the reference (missing faces scored 0)",
+    "id_sim_excl_missing": "identity cosine over images with a face",
+    "clip_t": "CLIP image-prompt cosine",
+    "clip_i": "CLIP image cosine, generated face vs reference face",
+    "lpips": "LPIPS to the reference faces (lower = closer)",
+    "lpips_shift_tolerant": "shift-tolerant LPIPS to the reference faces (lower = closer)",
+    "div_lpips": "mean pairwise LPIPS within identity x prompt (higher = more varied)",
+    "div_lpips_shift_tolerant": "mean pairwise shift-tolerant LPIPS within identity x prompt",
+    "div_id": "mean pairwise identity distance (1 - cos) within identity x prompt",
+}
+
+
+@dataclass
+class ReportData:
+    """Everything the page shows. ``images`` holds the per-image rows (identity, category, prompt, seed, the image
+    path relative to ``images_root``, metric columns)."""
+
+    title: str
+    summary: "pd.DataFrame"  # one row per method (index: method), metric columns
+    per_category: "pd.DataFrame"  # index: category
+    per_identity: "pd.DataFrame"  # index: identity
+    images: "pd.DataFrame"
+    images_root: Path
+    references: Mapping[str, Sequence[np.ndarray]]  # identity -> reference face crops (uint8 RGB)
+    info: dict[str, Any] = field(default_factory=dict)  # shown as a key/value table
+    mlflow_url: str | None = None
+    bar_metrics: Sequence[str] = ()
+    thumb_px: int = 256
+
+
+def data_uri(img: np.ndarray | Any, max_px: int = 256, fmt: str = "PNG") -> str:
+    """``data:image/...;base64,...`` of an RGB uint8 array or PIL image, downscaled to ``max_px`` on its long side."""
+    from PIL import Image
+
+    im = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
+    im = im.convert("RGB")
+    if max(im.size) > max_px:
+        im.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    if fmt.upper() == "JPEG":
+        im.save(buf, format="JPEG", quality=88)
+        mime = "image/jpeg"
+    else:
+        im.save(buf, format="PNG", optimize=True)
+        mime = "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if math.isnan(f):
+            return "–"
+        return str(int(f)) if f.is_integer() and abs(f) >= 1 else f"{f:.4f}"
+    return html.escape(str(v))
+
+
+def table_html(df: "pd.DataFrame", table_id: str, index_name: str | None = None) -> str:
+    cols = list(df.columns)
+    head = f'<th class="l">{html.escape(index_name or str(df.index.name or ""))}</th>' + "".join(
+        f'<th title="{html.escape(METRIC_HELP.get(_base_metric(c), ""))}">{html.escape(str(c))}</th>' for c in cols
+    )
+    rows = []
+    for idx, row in df.iterrows():
+        cells = "".join(f"<td>{_fmt(row[c])}</td>" for c in cols)
+        rows.append(f'<tr><td class="l">{html.escape(str(idx))}</td>{cells}</tr>')
+    return (f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _base_metric(col: str) -> str:
+    for suffix in ("_opencv", "_insightface"):
+        col = col.replace(suffix, "")
+    return col
+
+
+def bars_svg(values: Mapping[str, float], title: str, width: int = 360, bar_h: int = 16) -> str:
+    """Horizontal bar chart as inline SVG; NaN values draw no bar and print "–"."""
+    items = list(values.items())
+    label_w, pad = 110, 6
+    finite = [v for _, v in items if v is not None and not math.isnan(v)]
+    lo, hi = min([0.0, *finite]), max([0.0, *finite])
+    span = (hi - lo) or 1.0
+    plot_w = width - label_w - 60
+    height = 22 + len(items) * (bar_h + pad)
+    zero_x = label_w + (0 - lo) / span * plot_w
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="bar-chart" width="{width}" height="{height}" '
+        f'role="img" aria-label="{html.escape(title)}">',
+        f'<text x="0" y="14" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    for i, (name, v) in enumerate(items):
+        y = 22 + i * (bar_h + pad)
+        parts.append(f'<text x="0" y="{y + bar_h - 4}" font-size="11">{html.escape(str(name))}</text>')
+        if v is None or math.isnan(v):
+            parts.append(f'<text x="{label_w}" y="{y + bar_h - 4}" font-size="11">–</text>')
+            continue
+        x0 = label_w + (min(v, 0) - lo) / span * plot_w
+        w = abs(v) / span * plot_w
+        parts.append(
+            f'<rect class="bar" x="{x0:.1f}" y="{y}" width="{max(w, 0.5):.1f}" height="{bar_h}" fill="#4a7bd0">'
+            f"<title>{html.escape(str(name))}: {v:.4f}</title></rect>"
+        )
+        parts.append(f'<text x="{label_w + plot_w + 4}" y="{y + bar_h - 4}" font-size="11">{v:.3f}</text>')
+    parts.append(f'<line x1="{zero_x:.1f}" y1="20" x2="{zero_x:.1f}" y2="{height}" stroke="#999"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in str(s))
+
+
+def render_report(data: ReportData) -> str:
+    """The page as one HTML string."""
+    from PIL import Image
+
+    info_rows = "".join(
+        f'<tr><td class="l">{html.escape(str(k))}</td><td class="l">{html.escape(str(v))}</td></tr>'
+        for k, v in data.info.items()
+    )
+    link = (
+        f'<p>MLflow run: <a id="mlflow-link" href="{html.escape(data.mlflow_url)}">{html.escape(data.mlflow_url)}</a></p>'
+        if data.mlflow_url
+        else '<p class="muted">not logged to MLflow</p>'
+    )
+    legend = "".join(
+        f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>"
+        for k, v in METRIC_HELP.items()
+        if any(_base_metric(c) == k for c in data.summary.columns)
+    )
+    bars = "".join(
+        bars_svg({str(k): float(v) for k, v in data.per_category[m].items()}, m)
+        for m in data.bar_metrics
+        if m in data.per_category.columns
+    )
+
+    refs_html = []
+    for ident, crops in data.references.items():
+        figs = "".join(
+            f'<img class="ref" alt="reference {html.escape(ident)} #{i}" src="{data_uri(c, data.thumb_px, "JPEG")}">'
+            for i, c in enumerate(crops)
+        )
+        refs_html.append(f'<figure id="refs-{_slug(ident)}"><figcaption>{html.escape(ident)}</figcaption>{figs}</figure>')
+
+    grids = []
+    for ident, grp in data.images.groupby("identity", sort=True):
+        seeds = sorted(grp["seed"].unique().tolist())
+        head = '<th class="l">prompt</th>' + "".join(f"<th>seed {s}</th>" for s in seeds)
+        rows = []
+        for (_, _, prompt), pgrp in grp.groupby(["category", "prompt_index", "prompt"], sort=True):
+            cat = pgrp["category"].iloc[0]
+            cells = []
+            for s in seeds:
+                hit = pgrp[pgrp["seed"] == s]
+                if hit.empty:
+                    cells.append("<td></td>")
+                    continue
+                r = hit.iloc[0]
+                with Image.open(data.images_root / r["image"]) as im:
+                    uri = data_uri(im, data.thumb_px)
+                tip = "; ".join(
+                    f"{c}={_fmt(r[c])}" for c in r.index if c.startswith(("id_sim", "clip_", "lpips")) and c in r
+                )
+                cells.append(
+                    f'<td><img class="gen" alt="{html.escape(str(r["image"]))}" title="{html.escape(tip)}" '
+                    f'src="{uri}"></td>'
+                )
+            rows.append(
+                f'<tr><td class="prompt"><b>{html.escape(str(cat))}</b><br>{html.escape(str(prompt))}</td>'
+                f"{''.join(cells)}</tr>"
+            )
+        grids.append(
+            f'<h3>{html.escape(str(ident))}</h3><table class="grid" id="grid-{_slug(ident)}">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(data.title)}</title>
+<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>
+<body>
+<h1>{html.escape(data.title)}</h1>
+{link}
+<table id="run-info"><tbody>{info_rows}</tbody></table>
+<h2>Metrics</h2>
+{table_html(data.summary.T.rename_axis("metric"), "metrics-summary", "metric")}
+<ul class="muted">{legend}</ul>
+<h2>Per prompt category</h2>
+<div class="bars">{bars}</div>
+{table_html(data.per_category, "metrics-category", "category")}
+<h2>Per identity</h2>
+{table_html(data.per_identity, "metrics-identity", "identity")}
+<h2>Reference faces</h2>
+<div class="refs">{''.join(refs_html)}</div>
+<h2>Generated images (identity x prompt)</h2>
+{''.join(grids)}
+</body></html>
+"""
+
+
+def write_report(path: str | os.PathLike[str], data: ReportData) -> Path:
+    """Render and write the page atomically; returns its path."""
+    return atomic_write_text(path, render_report(data))

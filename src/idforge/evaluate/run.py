@@ -1,0 +1,453 @@
+"""Evaluate a generation run: per-image metrics, aggregates, ``report.html``, MLflow; and compare runs.
+
+``evaluate_generated(generated_dir, dataset_dir, output_dir, cfg)`` writes into ``output_dir``::
+
+    metrics.parquet      one row per generated image: its recipe columns + every metric
+    aggregates.parquet   level (method | identity | category), key, metric columns
+    summary.json         the run-level numbers (what the registry gates read), MLflow run id
+    report.html          self-contained page (see idforge.evaluate.report)
+
+and logs the summary metrics, per-category metrics, the tables, one image grid per identity and the report to an
+MLflow run. ``compare_runs(run_ids)`` puts the metrics of several evaluation runs side by side with deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from idforge.errors import ConfigError, DataError
+from idforge.io.atomic import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from idforge.evaluate.config import EvaluateConfig
+
+log = logging.getLogger(__name__)
+
+# summary metrics drawn as per-category bars in the report, when present
+BAR_METRICS = ("id_sim", "id_sim_excl_missing", "face_det_rate", "clip_t", "clip_i")
+
+
+@dataclass
+class EvaluationResult:
+    output_dir: Path
+    metrics: "pd.DataFrame"  # per image
+    summary: dict[str, float]
+    run_id: str | None = None
+    report: Path | None = None
+    aggregates: dict[str, "pd.DataFrame"] = field(default_factory=dict)
+
+    def summary_text(self) -> str:
+        keys = [k for k in ("id_sim", "id_sim_excl_missing", "face_det_rate", "clip_t", "clip_i") if k in self.summary]
+        nums = ", ".join(f"{k}={self.summary[k]:.4f}" for k in keys)
+        run = f", MLflow run {self.run_id}" if self.run_id else ""
+        return f"{len(self.metrics)} images evaluated: {nums}{run}; report {self.report}"
+
+
+def _configs(cfg: Any) -> tuple[Any, "EvaluateConfig"]:
+    from idforge.config import IdforgeConfig
+    from idforge.evaluate.config import EvaluateConfig
+
+    cfg = cfg if cfg is not None else IdforgeConfig()
+    ecfg = getattr(cfg, "evaluate", None)
+    return cfg, ecfg if ecfg is not None else EvaluateConfig()
+
+
+def _read_images(root: Path, rel_paths: Sequence[str]) -> list[np.ndarray]:
+    from idforge.evaluate.refs import read_rgb
+
+    return [read_rgb(root / p) for p in rel_paths]
+
+
+def evaluate_generated(
+    generated_dir: str | os.PathLike[str],
+    dataset_dir: str | os.PathLike[str] | None,
+    output_dir: str | os.PathLike[str],
+    cfg: Any = None,
+    *,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+) -> EvaluationResult:
+    """Score every image of ``generated_dir`` (written by ``generate_images``) against the identities' references.
+
+    ``dataset_dir``: the reference photos (curated dataset, identity folders...; see ``evaluate.refs``); None =
+    the aligned reference crops the generation run saved under ``generated_dir/refs``.
+
+    Raises:
+        DataError: no index, unreadable images, an identity without references.
+    """
+    import pandas as pd
+
+    from idforge.evaluate.generate import read_index
+    from idforge.evaluate.protocol import load_protocol
+
+    t0 = time.perf_counter()
+    cfg, ecfg = _configs(cfg)
+    protocol = load_protocol(ecfg.protocol)
+    gen_dir = Path(generated_dir)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = read_index(gen_dir)
+    if index.empty:
+        raise DataError(f"{gen_dir}/index.parquet lists no images: nothing to evaluate")
+    run_info = _read_json(gen_dir / "generate.json")
+    conditioning = run_info.get("conditioning_backend") or ecfg.conditioning_backend
+    primary = protocol.primary_face_backend(conditioning)
+    identities = sorted(index["identity"].astype(str).unique())
+    images = _read_images(gen_dir, index["image"].tolist())
+    rows = index.copy()
+    summary: dict[str, float] = {}
+    m = protocol.metrics
+
+    ref_paths = _reference_paths(gen_dir, dataset_dir, identities)
+    ref_faces: dict[str, Any] = {}  # primary backend's aligned references (for CLIP-I / LPIPS / the report)
+    primary_emb = None
+    primary_kps = None
+    if m.identity or m.diversity or m.clip_i:
+        from idforge.evaluate.metrics import identity_similarity, reference_embedding, scan_faces
+        from idforge.evaluate.refs import align_references, read_rgb
+        from idforge.faces import load_analyzer
+
+        ref_images = {i: [read_rgb(p) for p in ps] for i, ps in ref_paths.items()}
+        backends = list(dict.fromkeys([primary, *protocol.face_backends]))
+        for backend in backends:
+            model_dir = ecfg.insightface_model_dir if backend == "insightface" else None
+            analyzer = load_analyzer(backend, model_dir=model_dir)
+            faces = {i: align_references(i, ref_images[i], analyzer, [str(p) for p in ref_paths[i]]) for i in identities}
+            refs = {i: reference_embedding(analyzer.embed_aligned(f.crops112)) for i, f in faces.items()}
+            scan = scan_faces(analyzer, images, batch_size=ecfg.batch_size)
+            ref_rows = np.stack([refs[i] for i in rows["identity"].astype(str)])
+            rows[f"face_detected_{backend}"] = scan.detected
+            rows[f"det_score_{backend}"] = scan.det_score
+            rows[f"id_sim_{backend}"] = identity_similarity(scan, ref_rows)
+            if backend == primary:
+                ref_faces, primary_emb, primary_kps = faces, scan.embeddings, scan.kps
+        rows["id_sim"] = rows[f"id_sim_{primary}"]
+        rows["face_detected"] = rows[f"face_detected_{primary}"]
+
+    device = _device(ecfg.device)
+    if (m.clip_t or m.clip_i):
+        from idforge.evaluate.metrics import ClipScorer, clip_i, clip_t
+
+        scorer = ClipScorer(ecfg.clip_model or protocol.clip_model, device=device, batch_size=ecfg.batch_size)
+        if m.clip_t:
+            prompts = rows["prompt_eval"] if "prompt_eval" in rows else rows["prompt"]
+            rows["clip_t"] = clip_t(scorer, images, prompts.astype(str).tolist())
+        if m.clip_i:
+            faces_or_images, on_face = _face_crops(images, primary_kps)
+            ref_feats = {}
+            for i, f in ref_faces.items():
+                feats = scorer.image_features(list(f.crops512))
+                ref_feats[i] = feats.mean(0) / feats.mean(0).norm()
+            import torch
+
+            ref_rows_t = torch.stack([ref_feats[i] for i in rows["identity"].astype(str)])
+            rows["clip_i"] = clip_i(scorer, faces_or_images, ref_rows_t)
+            rows["clip_i_on_face"] = on_face
+
+    lpips_label = None
+    if m.lpips or m.diversity:
+        from idforge.evaluate.lpips import load_lpips
+        from idforge.evaluate.metrics import lpips_to_references, pairwise_embedding_distance, pairwise_lpips, to_tensor
+
+        lp = load_lpips(ecfg.lpips_backend or protocol.lpips_backend, device=device)
+        lpips_label = lp.label
+        size = int(min(256, min(min(im.shape[:2]) for im in images)))
+        gen_t = to_tensor(images, size=size, device=device)
+        if m.lpips and ref_faces:
+            vals = np.full(len(rows), np.nan, np.float32)
+            for ident, idx in rows.groupby(rows["identity"].astype(str)).indices.items():
+                ref_t = to_tensor(list(ref_faces[ident].crops512[:4]), size=size, device=device)
+                vals[idx] = lpips_to_references(lp, gen_t[idx], ref_t, ecfg.batch_size)
+            rows[lp.label] = vals
+        if m.diversity:
+            div_lp = np.full(len(rows), np.nan, np.float32)
+            div_id = np.full(len(rows), np.nan, np.float32)
+            for _, idx in rows.groupby([rows["identity"].astype(str), rows["prompt_template"]]).indices.items():
+                div_lp[idx] = pairwise_lpips(lp, gen_t[idx], ecfg.batch_size)
+                if primary_emb is not None:
+                    div_id[idx] = pairwise_embedding_distance(primary_emb[idx])
+            rows[f"div_{lp.label}"] = div_lp
+            if primary_emb is not None:
+                rows["div_id"] = div_id
+
+    metric_cols = _metric_columns(rows, protocol.face_backends, lpips_label)
+    aggregates = {
+        "method": _aggregate(rows, "method", metric_cols),
+        "identity": _aggregate(rows, "identity", metric_cols),
+        "category": _aggregate(rows, "category", metric_cols),
+    }
+    overall = _aggregate(rows.assign(_all="all"), "_all", metric_cols)
+    summary = {k: float(v) for k, v in overall.iloc[0].items()}
+    summary["num_images"] = float(len(rows))
+
+    with atomic_path(out / "metrics.parquet") as tmp:
+        rows.to_parquet(tmp, index=False)
+    agg_long = pd.concat(
+        [df.reset_index().rename(columns={level: "key"}).assign(level=level) for level, df in aggregates.items()],
+        ignore_index=True,
+    )
+    with atomic_path(out / "aggregates.parquet") as tmp:
+        agg_long.to_parquet(tmp, index=False)
+
+    info = {
+        "method": ", ".join(sorted(rows["method"].astype(str).unique())),
+        "protocol": f"{protocol.name} ({protocol.fingerprint()})",
+        "generated": str(gen_dir),
+        "references": str(dataset_dir) if dataset_dir is not None else str(gen_dir / "refs"),
+        "base model": run_info.get("base_model", ""),
+        "conditioning face model": conditioning,
+        "headline ID backend": primary,
+        "CLIP model": ecfg.clip_model or protocol.clip_model,
+        "perceptual metric": lpips_label or "off",
+        "images": len(rows),
+    }
+    result = EvaluationResult(out, rows, summary, aggregates=aggregates)
+    tcfg = getattr(cfg, "tracking", None)
+    if ecfg.log_to_mlflow and (tcfg is None or tcfg.enabled):
+        _log_to_mlflow(result, cfg, run_name or f"evaluate-{info['method']}", parent_run_id, info, protocol,
+                       ref_faces, ecfg, gen_dir)
+    else:
+        result.report = _write_report(result, info, ref_faces, None, ecfg, gen_dir)
+    _write_summary(result, info)
+    log.info("%s (%.1f s)", result.summary_text(), time.perf_counter() - t0)
+    return result
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _device(name: str) -> str:
+    from idforge.evaluate.metrics import resolve_device
+
+    return resolve_device(name)
+
+
+def _reference_paths(gen_dir: Path, dataset_dir: Any, identities: list[str]) -> dict[str, list[Path]]:
+    from idforge.evaluate.refs import discover_references
+
+    if dataset_dir is not None:
+        return discover_references(dataset_dir, identities)
+    if not (gen_dir / "refs").is_dir():
+        raise DataError(f"no references: pass --dataset, or keep {gen_dir}/refs that generate wrote")
+    return discover_references(gen_dir / "refs", identities)
+
+
+def _face_crops(images: list[np.ndarray], kps: np.ndarray | None) -> tuple[list[np.ndarray], np.ndarray]:
+    """FFHQ-aligned face crops (512) where a face was found, the whole image otherwise; and the on-face mask."""
+    from idforge.faces.align import align_face
+
+    out, on_face = [], np.zeros(len(images), dtype=bool)
+    for i, img in enumerate(images):
+        if kps is not None and not np.isnan(kps[i]).any():
+            out.append(align_face(img, kps[i], size=512, border="reflect"))
+            on_face[i] = True
+        else:
+            out.append(img)
+    return out, on_face
+
+
+def _metric_columns(rows: "pd.DataFrame", backends: Sequence[str], lpips_label: str | None) -> list[str]:
+    cols = []
+    for b in backends:
+        cols += [f"id_sim_{b}"]
+    cols += ["id_sim", "clip_t", "clip_i"]
+    if lpips_label:
+        cols += [lpips_label, f"div_{lpips_label}"]
+    cols += ["div_id"]
+    return [c for c in cols if c in rows.columns]
+
+
+def _aggregate(rows: "pd.DataFrame", by: str, metric_cols: list[str]) -> "pd.DataFrame":
+    """Per group: identity metrics as the papers report them (detection rate; mean with misses = 0; mean over
+    detected faces); every other metric as the mean over images where it is defined."""
+    import pandas as pd
+
+    from idforge.evaluate.metrics import summarize_identity
+
+    out = {}
+    for key, grp in rows.groupby(by, sort=True):
+        rec: dict[str, float] = {"images": float(len(grp))}
+        for c in metric_cols:
+            vals = grp[c].to_numpy(dtype=np.float64)
+            if c.startswith("id_sim"):
+                s = summarize_identity(vals)
+                suffix = c[len("id_sim"):]  # "" or "_opencv"
+                rec[f"face_det_rate{suffix}"] = s["face_det_rate"]
+                rec[f"id_sim{suffix}"] = s["id_sim"]
+                rec[f"id_sim{suffix}_excl_missing"] = s["id_sim_excl_missing"]
+            else:
+                rec[c] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+        out[key] = rec
+    df = pd.DataFrame.from_dict(out, orient="index")
+    df.index.name = by
+    return df
+
+
+def _write_report(result: EvaluationResult, info: dict[str, Any], ref_faces: dict[str, Any], mlflow_url: str | None,
+                  ecfg: "EvaluateConfig", gen_dir: Path) -> Path:
+    from idforge.evaluate.report import ReportData, write_report
+
+    refs = {i: list(f.crops512) for i, f in ref_faces.items()}
+    if not refs:  # identity metrics off: show the crops generate saved
+        from idforge.evaluate.refs import discover_references, read_rgb
+
+        if (gen_dir / "refs").is_dir():
+            refs = {i: [read_rgb(p) for p in ps] for i, ps in discover_references(gen_dir / "refs").items()}
+    summary = result.aggregates["method"]
+    data = ReportData(
+        title=f"idforge evaluation: {info['method']}",
+        summary=summary,
+        per_category=result.aggregates["category"],
+        per_identity=result.aggregates["identity"],
+        images=result.metrics,
+        images_root=gen_dir,
+        references=refs,
+        info=info,
+        mlflow_url=mlflow_url,
+        bar_metrics=[c for c in BAR_METRICS if c in summary.columns],
+        thumb_px=ecfg.report_thumb_px,
+    )
+    path = write_report(result.output_dir / "report.html", data)
+    result.report = path
+    return path
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Browser link to a run: the server's own URL, or the default ``mlflow ui`` address for a local store."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _log_to_mlflow(result: EvaluationResult, cfg: Any, run_name: str, parent_run_id: str | None,
+                   info: dict[str, Any], protocol: Any, ref_faces: dict[str, Any], ecfg: "EvaluateConfig",
+                   gen_dir: Path) -> None:
+    import mlflow
+
+    from idforge import track
+
+    tags = {"idforge.stage": "evaluate", "idforge.method": info["method"], "idforge.protocol": protocol.name}
+    with track.start_run(getattr(cfg, "tracking", None), run_name=run_name, parent_run_id=parent_run_id,
+                         tags=tags) as run:
+        if run is None:
+            _write_report(result, info, ref_faces, None, ecfg, gen_dir)
+            return
+        result.run_id = run.info.run_id
+        mlflow.log_params({
+            "method": info["method"][:500],
+            "protocol": protocol.name,
+            "protocol_fingerprint": protocol.fingerprint(),
+            "generated_dir": str(gen_dir)[:500],
+            "references": str(info["references"])[:500],
+            "base_model": str(info["base model"])[:500],
+            "clip_model": str(info["CLIP model"])[:500],
+            "headline_id_backend": info["headline ID backend"],
+            "perceptual_metric": info["perceptual metric"],
+        })
+        track.log_metrics({k: v for k, v in result.summary.items() if np.isfinite(v)})
+        for cat, rec in result.aggregates["category"].iterrows():
+            track.log_metrics({f"cat.{cat}.{k}": v for k, v in rec.items() if np.isfinite(v)})
+        # the per-image table, browsable in the MLflow UI
+        table = result.metrics.copy()
+        for c in table.columns:
+            if table[c].dtype == object:
+                table[c] = table[c].astype(str)
+        mlflow.log_table(table, artifact_file="metrics_table.json")
+        for ident, grp in result.metrics.groupby("identity", sort=True):
+            grp = grp.sort_values(["category", "prompt_index", "seed"])
+            cols = grp["seed"].nunique()
+            rows = int(np.ceil(len(grp) / cols))
+            imgs = _read_images(gen_dir, grp["image"].tolist())
+            track.log_image_grid(imgs, rows, cols, f"grids/{ident}.png")
+        url = run_url(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id)
+        report = _write_report(result, info, ref_faces, url, ecfg, gen_dir)
+        _write_summary(result, info)
+        track.log_artifact(result.output_dir / "metrics.parquet")
+        track.log_artifact(result.output_dir / "aggregates.parquet")
+        track.log_artifact(result.output_dir / "summary.json")
+        track.log_html(report)
+
+
+def _write_summary(result: EvaluationResult, info: dict[str, Any]) -> None:
+    data = {
+        "metrics": {k: (None if not np.isfinite(v) else v) for k, v in result.summary.items()},
+        "run_id": result.run_id,
+        "info": {k: str(v) for k, v in info.items()},
+    }
+    atomic_write_text(result.output_dir / "summary.json", json.dumps(data, indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# comparing runs
+
+
+def compare_runs(
+    run_ids: Sequence[str], cfg: Any = None, output: str | os.PathLike[str] | None = None,
+    metrics: Sequence[str] | None = None,
+) -> "pd.DataFrame":
+    """Side-by-side metrics of evaluation runs: one row per metric, one column per run, and ``delta <run>``
+    columns (that run minus the first). Written to ``output`` (``.csv``, ``.md`` or ``.parquet``) when given.
+
+    Raises:
+        ConfigError: fewer than two runs, or a run id that does not exist at the tracking URI.
+    """
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from idforge import track
+
+    if len(run_ids) < 2:
+        raise ConfigError(f"compare needs at least two run ids, got {len(run_ids)}")
+    uri = track.tracking_uri(getattr(cfg, "tracking", None))
+    client = MlflowClient(tracking_uri=uri)
+    cols: dict[str, dict[str, float]] = {}
+    for rid in run_ids:
+        try:
+            run = client.get_run(rid)
+        except MlflowException:
+            raise ConfigError(f"MLflow run {rid!r} does not exist at {uri}") from None
+        label = f"{run.data.params.get('method', run.info.run_name)} [{rid[:8]}]"
+        cols[label] = {k: v for k, v in run.data.metrics.items() if not k.startswith("cat.")}
+    df = pd.DataFrame(cols)
+    if metrics:
+        df = df.reindex(list(metrics))
+    df = df.sort_index()
+    first = df.columns[0]
+    for c in list(df.columns[1:]):
+        df[f"delta {c}"] = df[c] - df[first]
+    df.index.name = "metric"
+    if output is not None:
+        _write_table(df, Path(output))
+    return df
+
+
+def _write_table(df: "pd.DataFrame", path: Path) -> None:
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix == ".parquet":
+            df.to_parquet(tmp)
+        elif suffix == ".md":
+            tmp.write_text(df.to_markdown() if _has_tabulate() else df.to_string())
+        else:
+            df.to_csv(tmp)
+
+
+def _has_tabulate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tabulate") is not None
