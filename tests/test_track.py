@@ -31,6 +31,7 @@ from idforge.track import (
     make_image_grid,
     start_run,
     tracking_uri,
+    ui_command,
 )
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
@@ -65,6 +66,8 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri(TrackingConfig()) == "http://127.0.0.1:5000"
     assert tracking_uri(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
+    assert ui_command(TrackingConfig()) == "open http://127.0.0.1:5000"
+    assert ui_command(TrackingConfig(uri="sqlite:///x.db")).startswith("mlflow ui --backend-store-uri sqlite:///x.db ")
 
 
 def test_artifact_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

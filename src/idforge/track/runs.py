@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from idforge.config import TrackingConfig
 
-__all__ = ["active_run_id", "artifact_location", "log_metrics", "start_run", "tracking_uri"]
+__all__ = ["active_run_id", "artifact_location", "log_metrics", "start_run", "tracking_uri", "ui_command"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ def tracking_uri(cfg: TrackingConfig | None = None) -> str:
     if env:
         return env
     return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
+
+
+def ui_command(cfg: TrackingConfig | None = None) -> str:
+    """What to run (or open) to browse the runs: ``mlflow ui`` on a local store, the URL of a server."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 def _sqlite_path(uri: str) -> Path | None:
