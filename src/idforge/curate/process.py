@@ -1,0 +1,248 @@
+"""The per-file part of curation (stages 1-4 and the identity embedding), run in a process pool.
+
+One input file -> one cache entry ``<cache>/<sha256>-<config digest>/`` holding ``result.json`` (file status and
+one record per detected face), ``emb.npy`` ((F, D) float32 embeddings of the faces that passed the gates) and the
+crops and face masks of those faces as PNG. The entry appears atomically, so an interrupted run resumes where it
+stopped, and a re-run with the same config reuses it (hard-linked from the previous dataset's cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from idforge.curate.config import CurateConfig
+
+log = logging.getLogger(__name__)
+
+# Bump when the per-file logic changes in a way that changes its outputs: old cache entries stop matching.
+PROCESS_VERSION = 1
+CROP112 = "f{i}_112.png"
+CROP_FFHQ = "f{i}_ffhq.png"
+FACE_MASK = "f{i}_mask.png"
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """One input file. ``source`` is the path/URI as the user gave it; ``rel`` the path under the input root."""
+
+    index: int
+    path: str
+    rel: str
+    source: str
+
+
+def config_digest(cfg: CurateConfig, models: dict[str, Any]) -> str:
+    """Digest of everything that changes one file's per-file outputs (config sections + model identity)."""
+    per_file = cfg.model_dump(include={"backend", "model_dir", "min_face_px", "decode", "detect", "gates", "align"})
+    per_file.pop("model_dir", None)  # where the models live does not matter, what they are does (models below)
+    blob = json.dumps({"v": PROCESS_VERSION, "cfg": per_file, "models": models}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_identity(cfg: CurateConfig) -> dict[str, Any]:
+    """Names and content hashes of the backend's model files (part of the cache key)."""
+    from idforge.faces.models import insightface_files, opencv_files
+
+    files = insightface_files(cfg.model_dir) if cfg.backend == "insightface" else opencv_files(cfg.model_dir)
+    out: dict[str, Any] = {"backend": cfg.backend}
+    for role, path in vars(files).items():
+        if path is not None:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[role] = f"{Path(path).name}:{h.hexdigest()[:16]}"
+    return out
+
+
+def _write_png(path: Path, rgb_or_grey: np.ndarray) -> None:
+    import cv2
+
+    img = rgb_or_grey if rgb_or_grey.ndim == 2 else rgb_or_grey[..., ::-1]
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    path.write_bytes(buf.tobytes())
+
+
+def analyse_file(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[str, Any]:
+    """Stages 1-4 + embedding for one file's bytes; writes crops/masks/emb.npy into ``entry``; returns the record.
+
+    The record: ``status`` ("ok" | "rejected"), ``reason``, ``detail``, image facts, ``faces`` (one dict per
+    detected face, each with its own ``reason``, "" when it passed) and ``timings`` (seconds per sub-stage).
+    """
+    from idforge.curate.align import align
+    from idforge.curate.decode import Rejected, decode_image
+    from idforge.curate.detect import detect_faces
+    from idforge.curate.gates import gate_reason, measure
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - t
+        t = now
+
+    record: dict[str, Any] = {"status": "ok", "reason": "", "detail": "", "faces": [], "timings": timings}
+    try:
+        dec = decode_image(data, cfg.decode)
+    except Rejected as rej:
+        lap("decode")
+        record.update(status="rejected", reason=rej.reason, detail=rej.detail)
+        return record
+    record.update(format=dec.format, mode=dec.mode, width=dec.source_size[0], height=dec.source_size[1],
+                  scale=dec.scale)
+    lap("decode")
+    faces = detect_faces(analyzer, dec.rgb)
+    lap("detect")
+    if not faces:
+        record.update(status="rejected", reason="no_face", detail="no face found by the detector")
+        return record
+    multi = cfg.gates.multi_face
+    considered = [f for f in faces if f.size * dec.scale >= cfg.min_face_px and f.det_score >= cfg.gates.min_det_score]
+    too_many = multi == "reject" and len(considered) > 1
+    passing: list[tuple[int, Any]] = []
+    for i, face in enumerate(faces):
+        rec: dict[str, Any] = {
+            "face_index": i,
+            "bbox": [float(v) * dec.scale for v in face.bbox],
+            "landmarks5": (face.kps.astype(np.float64) * dec.scale).round(3).tolist(),
+            "det_score": round(float(face.det_score), 6),
+        }
+        if too_many:
+            rec["reason"] = "too_many_faces"
+        elif multi == "largest" and i > 0:
+            rec["reason"] = "extra_face"
+        else:
+            aligned = align(dec.rgb, face, cfg.align)
+            lap("align")
+            q = measure(face, aligned.crop112, dec.scale)
+            rec.update(size_px=round(q.size_px, 3), sharpness=round(q.sharpness, 3), yaw_deg=round(q.yaw_deg, 3),
+                       roll_deg=round(q.roll_deg, 3))
+            rec["reason"] = gate_reason(face, q, cfg)
+            lap("gates")
+            if not rec["reason"]:
+                passing.append((i, aligned))
+        record["faces"].append(rec)
+    if passing:
+        emb = analyzer.embed_aligned(np.stack([a.crop112 for _, a in passing]))
+        lap("embed")
+        np.save(entry / "emb.npy", emb)
+        for row, (i, aligned) in enumerate(passing):
+            _write_png(entry / CROP112.format(i=i), aligned.crop112)
+            _write_png(entry / CROP_FFHQ.format(i=i), aligned.crop_ffhq)
+            _write_png(entry / FACE_MASK.format(i=i), aligned.face_mask)
+            record["faces"][i]["emb_index"] = row
+        lap("write")
+    return record
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a cache entry by hard links (free on one filesystem), falling back to copies."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def run_task(task: FileTask, cfg: CurateConfig, analyzer, digest: str, cache: Path, reuse: Path | None) -> dict:
+    """Process (or reuse) one file; returns a summary: task fields, sha256, cache ``key``, ``cached`` flag, and
+    the record's ``timings``. The record itself lives in ``cache/key/result.json``."""
+    t0 = time.perf_counter()
+    data = Path(task.path).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    t_read = time.perf_counter() - t0
+    key = f"{sha}-{digest}"
+    entry = cache / key
+    out = {"index": task.index, "path": task.path, "rel": task.rel, "source": task.source, "sha256": sha,
+           "key": key, "cached": True, "timings": {"read": t_read}}
+    if (entry / "result.json").is_file():
+        return out  # the same content appears twice in this input, or a resumed run already did it
+    if reuse is not None and (reuse / key / "result.json").is_file():
+        tmp = cache / f".{key}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _link_tree(reuse / key, tmp)
+        os.replace(tmp, entry) if not entry.exists() else shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    tmp = cache / f".{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    record = analyse_file(data, cfg, analyzer, tmp)
+    record["sha256"] = sha
+    (tmp / "result.json").write_text(json.dumps(record, sort_keys=True))
+    if entry.exists():  # a duplicate file finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, entry)
+    out["cached"] = False
+    out["timings"].update(record["timings"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# process-pool plumbing: each worker loads its analyzer once, in the initializer.
+
+_WORKER: dict[str, Any] = {}  # per-worker-process state (set by _init_worker, only inside pool processes)
+
+
+def _init_worker(cfg_json: str, digest: str, cache: str, reuse: str | None) -> None:
+    cfg = CurateConfig.model_validate_json(cfg_json)
+    _WORKER.update(
+        cfg=cfg, digest=digest, cache=Path(cache), reuse=Path(reuse) if reuse else None,
+        analyzer=None, threads=cfg.threads_per_worker,
+    )
+
+
+def _worker_run(task: FileTask) -> dict:
+    w = _WORKER
+    if w["analyzer"] is None:  # loaded on first use, once per worker: a fully cached re-run never loads it
+        from idforge.curate.detect import load_curate_analyzer
+
+        w["analyzer"] = load_curate_analyzer(w["cfg"], num_threads=w["threads"])
+    return run_task(task, w["cfg"], w["analyzer"], w["digest"], w["cache"], w["reuse"])
+
+
+def run_tasks(tasks: list[FileTask], cfg: CurateConfig, digest: str, cache: Path, reuse: Path | None,
+              progress: bool = True) -> list[dict]:
+    """Run every task, in a pool of ``cfg.workers`` processes (1: in this process), in input order."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="curate", unit="img", disable=not progress)
+    results: list[dict] = []
+    try:
+        if cfg.workers <= 1:
+            analyzer = None
+            for task in tasks:
+                if analyzer is None:
+                    from idforge.curate.detect import load_curate_analyzer
+
+                    analyzer = load_curate_analyzer(cfg, num_threads=cfg.threads_per_worker)
+                results.append(run_task(task, cfg, analyzer, digest, cache, reuse))
+                bar.update(1)
+        else:
+            import multiprocessing as mp
+
+            # spawn: a forked child would inherit the parent's onnxruntime/torch thread pools in a broken state.
+            ctx = mp.get_context("spawn")
+            init = (cfg.model_dump_json(), digest, str(cache), str(reuse) if reuse else None)
+            with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init) as pool:
+                for res in pool.imap(_worker_run, tasks, chunksize=1):
+                    results.append(res)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return results
