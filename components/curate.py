@@ -1,0 +1,31 @@
+"""Curation: raw photos (folder or s3:// prefix) -> curated dataset artifact."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Metrics, Output
+
+from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
+
+
+@dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
+def curate(
+    raw_uri: str,
+    config_yaml: str,
+    parent_run_id: str,
+    dataset: Output[Dataset],
+    metrics: Output[Metrics],
+    labels_uri: str = "",
+):
+    """Detect, gate, align, matte, dedup and group the photos; every input lands in the manifest."""
+    from idforge.config import load_config_text
+    from idforge.curate.run import curate_dataset
+    from idforge.track import log_artifact, log_metrics, start_run
+
+    cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
+    with start_run(cfg.tracking, run_name="curate", parent_run_id=parent_run_id or None):
+        report = curate_dataset(raw_uri, dataset.path, cfg=cfg, labels=labels_uri or None)
+        counts = report.metrics()
+        log_metrics(counts)
+        log_artifact(f"{dataset.path}/report.json")
+    for key, value in counts.items():
+        metrics.log_metric(key, value)
+    dataset.metadata.update({"raw_uri": raw_uri, **counts})

@@ -1,0 +1,38 @@
+"""Train a population (tuning-free) method with Ray Train: local Ray, or a Ray cluster via the Jobs API."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
+
+
+@dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cuda:{DEFAULT_TAG}", install_kfp_package=False)
+def train_adapter(
+    prepared: Input[Dataset],
+    method: str,
+    base_model: str,
+    config_yaml: str,
+    parent_run_id: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    ray_address: str = "",
+    init_from: str = "",
+):
+    """Run ``idforge train`` for ``method``; with ``ray_address`` the job is submitted to that cluster."""
+    from idforge.config import load_config_text
+    from idforge.train.population import train_population
+
+    cfg = load_config_text(
+        config_yaml, [f"train.method={method}"] + ([f"train.init_from={init_from}"] if init_from else []),
+        source="pipeline parameter config_yaml",
+    )
+    result = train_population(
+        cfg, prepared.path, base_model, workers=workers, gpus_per_worker=gpus_per_worker,
+        output_dir=model.path, ray_address=ray_address or None, parent_run_id=parent_run_id or None,
+    )  # fmt: skip
+    for key, value in result.metrics.items():
+        if isinstance(value, (int, float)):
+            metrics.log_metric(key, float(value))
+    model.metadata.update({"method": method, "base_model": base_model, "run_id": result.run_id or ""})

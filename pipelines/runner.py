@@ -1,0 +1,140 @@
+"""Compile, run locally (kfp.local), submit to a Kubeflow Pipelines endpoint, and follow runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.images import Images
+from idforge.errors import IdforgeError
+
+log = logging.getLogger(__name__)
+
+COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
+
+
+class PipelineError(IdforgeError):
+    """A pipeline name, argument, endpoint or run is wrong."""
+
+
+def registry() -> dict[str, Callable[[Images], Any]]:
+    """Pipeline name -> builder(images) returning a ``@dsl.pipeline`` function."""
+    from pipelines import definitions
+
+    return dict(definitions.BUILDERS)
+
+
+def build(name: str, images: Images | None = None):
+    builders = registry()
+    if name not in builders:
+        raise PipelineError(f"unknown pipeline {name!r}; available: {', '.join(sorted(builders))}")
+    return builders[name](images or Images())
+
+
+def compile_all(out_dir: str | os.PathLike[str] = COMPILED_DIR, images: Images | None = None) -> list[Path]:
+    """Write ``<name>.yaml`` for every pipeline (atomically) and return the paths."""
+    from kfp import compiler
+
+    from idforge.io.atomic import atomic_path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in sorted(registry()):
+        target = out / f"{name}.yaml"
+        with atomic_path(target) as tmp:
+            compiler.Compiler().compile(build(name, images), package_path=str(tmp.with_suffix(".yaml")))
+            os.replace(tmp.with_suffix(".yaml"), tmp)
+        paths.append(target)
+        log.info("compiled %s -> %s", name, target)
+    return paths
+
+
+@dataclass
+class LocalRun:
+    name: str
+    pipeline_root: Path
+    outputs: dict[str, Any]
+
+
+def run_local(
+    name: str,
+    arguments: Mapping[str, Any] | None = None,
+    pipeline_root: str | os.PathLike[str] = "outputs/kfp",
+    enable_caching: bool = True,
+) -> LocalRun:
+    """Run a pipeline in this Python environment with kfp's SubprocessRunner (no Docker, no pip at run time).
+
+    Cached tasks (same component, image, command and inputs) are reused across runs when ``enable_caching``.
+    """
+    from kfp import local
+
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        raise_on_error=True,
+        enable_caching=enable_caching,
+    )
+    pipeline = build(name)
+    started = time.time()
+    try:
+        task = pipeline(**dict(arguments or {}))
+    except TypeError as exc:
+        raise PipelineError(f"bad arguments for pipeline {name!r}: {exc}") from None
+    except RuntimeError as exc:
+        # kfp.local raises RuntimeError naming the failed task; its log is above in the output.
+        raise PipelineError(f"pipeline {name!r} failed: {exc}") from None
+    log.info("pipeline %s finished in %.1f s", name, time.time() - started)
+    outputs = dict(getattr(task, "outputs", {}) or {})
+    return LocalRun(name=name, pipeline_root=root, outputs=outputs)
+
+
+def _client(host: str):
+    import kfp
+
+    try:
+        return kfp.Client(host=host)
+    except Exception as exc:  # kfp raises a variety of connection/auth errors here
+        raise PipelineError(f"cannot reach Kubeflow Pipelines at {host}: {exc}") from None
+
+
+def submit(
+    name: str,
+    host: str,
+    arguments: Mapping[str, Any] | None = None,
+    experiment: str = "idforge",
+    run_name: str | None = None,
+    images: Images | None = None,
+) -> str:
+    """Compile ``name`` with ``images`` and submit it to the KFP endpoint ``host``; return the run id."""
+    from kfp import compiler
+
+    client = _client(host)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / f"{name}.yaml"
+        compiler.Compiler().compile(build(name, images), package_path=str(package))
+        run = client.create_run_from_pipeline_package(
+            str(package),
+            arguments=dict(arguments or {}),
+            run_name=run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            experiment_name=experiment,
+        )
+    return run.run_id
+
+
+def status(run_id: str, host: str, wait: bool = False, timeout_s: float = 3600.0) -> str:
+    """The run's state (e.g. RUNNING, SUCCEEDED, FAILED); with ``wait`` block until it ends."""
+    client = _client(host)
+    if wait:
+        run = client.wait_for_run_completion(run_id, timeout=timeout_s)
+    else:
+        run = client.get_run(run_id)
+    return str(getattr(run, "state", None) or getattr(getattr(run, "run", None), "status", "UNKNOWN"))
