@@ -1,36 +1,44 @@
-"""Which container image each component runs in: one registry prefix + tag for all of them.
+"""Which container image each component runs in, from the one catalog: ``images/images.yaml``.
 
-The defaults are what `make images` builds; a cluster overrides them with `IDFORGE_IMAGE_REGISTRY` and
-`IDFORGE_IMAGE_TAG` (or `--registry/--tag` on `idforge pipeline compile|submit`).
+Components are decorated with a neutral default image; pipelines set each task's real image with
+``set_container_image`` from :class:`Images`, so compiling for another registry or tag needs no code change
+(``IDFORGE_IMAGE_REGISTRY`` / ``IDFORGE_IMAGE_TAG``, or ``--registry/--tag`` on the CLI).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+# Only the decorators' placeholder; the catalog decides what runs.
 DEFAULT_REGISTRY = "idforge"
 DEFAULT_TAG = "0.1.0"
+
+CATALOG = Path(__file__).resolve().parent.parent / "images" / "images.yaml"
 
 
 @dataclass(frozen=True)
 class Images:
-    registry: str = DEFAULT_REGISTRY
-    tag: str = DEFAULT_TAG
-
-    @property
-    def cpu(self) -> str:
-        """curate, prepare (CPU part), evaluate, register: no CUDA in the image."""
-        return f"{self.registry}/idforge-cpu:{self.tag}"
-
-    @property
-    def cuda(self) -> str:
-        """train, finetune, generate."""
-        return f"{self.registry}/idforge-cuda:{self.tag}"
+    cpu: str
+    cuda: str
 
     @classmethod
-    def from_env(cls, registry: str | None = None, tag: str | None = None) -> "Images":
-        return cls(
-            registry=registry or os.environ.get("IDFORGE_IMAGE_REGISTRY", DEFAULT_REGISTRY),
-            tag=tag or os.environ.get("IDFORGE_IMAGE_TAG", DEFAULT_TAG),
-        )
+    def load(cls, registry: str | None = None, tag: str | None = None, catalog: Path = CATALOG) -> "Images":
+        """References from the catalog, with ``registry``/``tag`` (else the env overrides) applied."""
+        from idforge.ops.images import REGISTRY_ENV, TAG_ENV, load_images
+
+        saved = {k: os.environ.get(k) for k in (REGISTRY_ENV, TAG_ENV)}
+        try:
+            if registry:
+                os.environ[REGISTRY_ENV] = registry
+            if tag:
+                os.environ[TAG_ENV] = tag
+            images = load_images(catalog)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        return cls(cpu=images.ref("cpu"), cuda=images.ref("cuda"))

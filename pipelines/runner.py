@@ -34,7 +34,7 @@ def build(name: str, images: Images | None = None):
     builders = registry()
     if name not in builders:
         raise PipelineError(f"unknown pipeline {name!r}; available: {', '.join(sorted(builders))}")
-    return builders[name](images or Images())
+    return builders[name](images or Images.load())
 
 
 def compile_all(out_dir: str | os.PathLike[str] = COMPILED_DIR, images: Images | None = None) -> list[Path]:

@@ -152,7 +152,7 @@ def pipeline_compile(
     from components.images import Images
     from pipelines.runner import COMPILED_DIR, compile_all
 
-    images = Images.from_env(registry, tag) if (registry or tag) else Images()
+    images = Images.load(registry, tag)
     for path in compile_all(out or COMPILED_DIR, images):
         typer.echo(str(path))
 
@@ -213,7 +213,7 @@ def pipeline_submit(
     arguments.setdefault("config_yaml", dump_config(_load(config, set_)))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
-    run_id = submit(name, host, arguments, experiment=experiment, images=Images.from_env(registry, tag))
+    run_id = submit(name, host, arguments, experiment=experiment, images=Images.load(registry, tag))
     typer.echo(run_id)
 
 
