@@ -71,8 +71,10 @@ def _train_population(images: Images, dataset: Any, method: Any, base_model: Any
     train = train_adapter(prepared=prep.outputs["prepared"], method=method, base_model=base_model,
                           config_yaml=config_yaml, parent_run_id=parent, workers=workers,
                           gpus_per_worker=gpus_per_worker, ray_address=ray_address, init_from=init_from)
-    # With a Ray cluster the GPUs are the cluster's; this pod only submits and follows the job.
-    return _cpu(train, images, memory="4Gi").set_caching_options(False)
+    # The GPUs are the Ray cluster's (KubeRay workers): this pod submits the job and follows it, so it asks
+    # for none. It still runs the CUDA image, because without `ray_address` it trains in-process on local Ray.
+    train.set_container_image(images.cuda).set_cpu_request("2").set_memory_request("8Gi")
+    return train.set_caching_options(False)
 
 
 def _finetune_all(images: Images, dataset: Any, method: Any, base_model: Any, config_yaml: Any, parent: Any,

@@ -229,6 +229,28 @@ def pipeline_status(
     typer.echo(status(run_id, host, wait=wait))
 
 
+@app.command()
+def demo(
+    model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default: a tiny random SD1.5).")] = None,
+    clip: Annotated[Optional[str], typer.Option(help="CLIP id or dir (default: a tiny random CLIP).")] = None,
+    method: Annotated[str, typer.Option(help="Method to train and evaluate.")] = "infinite-id",
+    cache: Annotated[bool, typer.Option(help="Reuse outputs of unchanged steps.")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The main job: the end-to-end pipeline on data/samples with embedded defaults (run from the repo root)."""
+    from pipelines.demo import run_demo
+
+    result = run_demo(Path.cwd(), model=model, clip=clip, method=method, config_files=config, overrides=set_,
+                      cache=cache)
+    typer.echo("")
+    typer.secho(f"end-to-end pipeline finished in {result.seconds:.0f} s", fg=typer.colors.GREEN)
+    typer.echo(f"  pipeline outputs : {result.pipeline_root}")
+    typer.echo(f"  report           : {result.report or 'not found (see the evaluate step log above)'}")
+    typer.echo(f"  MLflow store     : {result.tracking_uri}")
+    typer.echo(f"  MLflow UI        : {result.mlflow_ui}")
+
+
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     from idforge.errors import IdforgeError
