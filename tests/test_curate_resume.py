@@ -1,0 +1,122 @@
+"""Determinism and resumption: same input + config = same manifest, from cache; stable identity ids; an
+interrupted run leaves no dataset and the next run resumes; a process pool gives the same result."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from idforge.curate.config import CurateConfig
+from idforge.curate.manifest import read_manifest
+from idforge.curate.run import curate_dataset
+from idforge.errors import ConfigError, DataError, StorageError
+
+PICK = ("obama/1.jpg", "obama/4.jpg", "ardern/1.jpg", "ardern/2.jpg", "macron/1.jpg", "macron/2.jpg")
+
+
+@pytest.fixture(scope="module")
+def small_input(face_photos, tmp_path_factory) -> Path:
+    """Six photos of three people, downscaled (fast), in a flat folder."""
+    root = tmp_path_factory.mktemp("small") / "in"
+    root.mkdir()
+    for rel in PICK:
+        with Image.open(face_photos.root / rel) as im:
+            im = im.convert("RGB")
+            im.thumbnail((420, 420))
+            im.save(root / rel.replace("/", "_"), quality=92)
+    return root
+
+
+def _cfg(tmp: Path, **kw) -> CurateConfig:
+    base = {"progress": False, "matte": {"backend": "landmarks"}, "work_dir": str(tmp / "work")}
+    base.update(kw)
+    return CurateConfig(**base)
+
+
+def test_rerun_reproduces_the_manifest_from_cache(small_input, tmp_path):
+    out = tmp_path / "ds"
+    first = curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path))
+    bytes1 = (out / "manifest.parquet").read_bytes()
+    emb1 = (out / "embeddings.npy").read_bytes()
+    assert first.cached_files == 0 and first.identities == 3
+    second = curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path))
+    assert second.cached_files == len(PICK)
+    assert (out / "manifest.parquet").read_bytes() == bytes1
+    assert (out / "embeddings.npy").read_bytes() == emb1
+    assert not list(tmp_path.glob(".ds.*"))  # no partial or old directories left behind
+    # a per-file setting changes the cache key: everything is recomputed
+    third = curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path, gates={"min_sharpness": 26.0}))
+    assert third.cached_files == 0
+    assert len(list((out / "cache").iterdir())) == len(PICK) + 1  # stale entries pruned (+ the matte cache)
+
+
+def test_identity_ids_do_not_depend_on_names_or_order(small_input, tmp_path):
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, f in enumerate(sorted(small_input.iterdir(), reverse=True)):
+        shutil.copy(f, renamed / f"{i:02d}_{f.stem[::-1]}.jpg")
+    a = read_manifest(_run(small_input, tmp_path / "a", tmp_path))
+    b = read_manifest(_run(renamed, tmp_path / "b", tmp_path))
+    ida = dict(zip(a["sha256"], a["identity"]))
+    idb = dict(zip(b["sha256"], b["identity"]))
+    assert ida == idb and len(set(ida.values())) == 3 and all(v.startswith("id-") for v in ida.values())
+
+
+def _run(src: Path, out: Path, tmp: Path, **kw) -> Path:
+    curate_dataset(str(src), str(out), cfg=_cfg(tmp, **kw))
+    return out
+
+
+def test_interrupted_run_leaves_no_dataset_and_resumes(small_input, tmp_path, monkeypatch):
+    import idforge.curate.process as process
+
+    real = process.analyse_file
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # the user pressing Ctrl-C mid-run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(process, "analyse_file", flaky)
+    out = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path))
+    assert not out.exists()  # nothing half-written where readers look
+    monkeypatch.setattr(process, "analyse_file", real)
+    report = curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path))
+    assert report.cached_files == 3  # the three files finished before the interrupt are not redone
+    assert len(read_manifest(out)) == len(PICK)
+
+
+@pytest.mark.slow
+def test_process_pool_gives_the_same_manifest(small_input, tmp_path):
+    one = read_manifest(_run(small_input, tmp_path / "one", tmp_path))
+    two_report = curate_dataset(str(small_input), str(tmp_path / "two"), cfg=_cfg(tmp_path, workers=2))
+    two = read_manifest(tmp_path / "two")
+    assert two_report.workers == 2 and two_report.cached_files == 0
+    pd.testing.assert_frame_equal(one, two)
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(small_input, tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        curate_dataset(str(tmp_path / "missing"), str(tmp_path / "o1"), cfg=_cfg(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no files"):
+        curate_dataset(str(empty), str(tmp_path / "o2"), cfg=_cfg(tmp_path))
+    with pytest.raises(DataError, match="inside the input"):
+        curate_dataset(str(small_input), str(small_input / "ds"), cfg=_cfg(tmp_path))
+    cfg = _cfg(tmp_path, matte={"backend": "mediapipe", "python": str(tmp_path / "no-venv/bin/python")})
+    with pytest.raises(ConfigError, match="idforge.curate.matte --create"):
+        curate_dataset(str(small_input), str(tmp_path / "o3"), cfg=cfg)
+    bad_labels = tmp_path / "labels.csv"
+    bad_labels.write_text("name,who\na.jpg,x\n")
+    with pytest.raises(DataError, match="identity"):
+        curate_dataset(str(small_input), str(tmp_path / "o4"), cfg=_cfg(tmp_path), labels=str(bad_labels))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
