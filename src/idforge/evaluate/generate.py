@@ -10,7 +10,7 @@ Output directory::
     generate.json                  run record: method, artifact(s), base model, protocol, sampling, resolved config
     index.parquet                  one row per image (the sidecars, collected)
     images/<identity>/<category>/p<NN>_s<seed>.png  (+ .json sidecar: the exact recipe of that image)
-    refs/<identity>/<k>.png        the aligned reference faces the condition was built from (112 ArcFace crops)
+    refs/<identity>/<k>.png        the reference faces the condition was built from (512 FFHQ-aligned crops)
 
 Resumable: an image whose PNG and sidecar exist with the same recipe hash is skipped; a changed recipe (other
 artifact, sampling, prompt) regenerates it.
@@ -192,7 +192,13 @@ def generate_images(
 
     from idforge.diffusion.loading import load_pipeline
     from idforge.evaluate.protocol import load_protocol
-    from idforge.evaluate.refs import discover_references, identity_refs, load_reference_faces
+    from idforge.evaluate.refs import (
+        PREALIGNED_MARKER,
+        discover_references,
+        identity_refs,
+        load_reference_faces,
+        references_prealigned,
+    )
     from idforge.faces import load_analyzer
     from idforge.io.prompts import load_prompt_set
 
@@ -223,7 +229,7 @@ def generate_images(
 
     ref_paths = discover_references(refs, identities)
     analyzer = load_analyzer(gcfg.conditioning_backend, model_dir=gcfg.face_model_dir)
-    faces = load_reference_faces(ref_paths, analyzer)
+    faces = load_reference_faces(ref_paths, analyzer, prealigned=references_prealigned(refs))
     clip = _load_clip_for_refs(gcfg.clip_model or cfg.model.clip, gcfg.clip_features, cfg.model.local_files_only)
     device = device_of(gcfg.device)
     if pipe is None:
@@ -245,10 +251,11 @@ def generate_images(
             art = {"path": str(art_path) if art_path else None,
                    "sha256": file_sha256(art_path) if art_path else None, "method": method.name}
             artifacts[ident] = art
-            for k, crop in enumerate(ref.crops112):
+            for k, crop in enumerate(ref.crops512):
                 p = out / "refs" / _slug(ident) / f"{k}.png"
                 if not p.exists():
                     save_png(p, crop)
+            (out / "refs" / PREALIGNED_MARKER).touch()
             subject = _subject(method, gcfg.subject)
             prompts = [
                 rp for rp in pset.items(subject)

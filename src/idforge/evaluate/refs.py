@@ -47,12 +47,24 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+# A folder of face crops already aligned to our templates (generate writes one beside its images).
+PREALIGNED_MARKER = ".prealigned"
+
+
 def _aligned_column(manifest: Any) -> str:
-    for col in ("aligned", "aligned_512", "aligned_112", "crop"):
-        if col in manifest.columns:
+    # the FFHQ-style 512 crop first: CLIP-I, LPIPS and the report want the larger face; the 112 ArcFace crop
+    # is derived from it exactly (same landmarks, other template)
+    for col in ("aligned_ffhq", "aligned"):
+        if col in manifest.columns and manifest[col].astype(str).str.len().gt(0).any():
             return col
-    raise DataError(f"curated manifest has no aligned-crop column (looked for aligned, aligned_512, aligned_112); "
+    raise DataError(f"curated manifest has no aligned-crop column (looked for aligned_ffhq, aligned); "
                     f"columns: {', '.join(manifest.columns)}")
+
+
+def references_prealigned(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds template-aligned crops (a curated dataset, or a folder with the marker file)."""
+    root = Path(path)
+    return (root / "manifest.parquet").is_file() or (root / PREALIGNED_MARKER).is_file()
 
 
 def discover_references(
@@ -72,7 +84,7 @@ def discover_references(
         if "status" in m.columns:
             m = m[m["status"] == "accepted"]
         col = _aligned_column(m)
-        m = m[m["identity"].notna() & (m["identity"].astype(str) != "") & m[col].notna()]
+        m = m[m["identity"].notna() & (m["identity"].astype(str) != "") & m[col].notna() & (m[col].astype(str) != "")]
         for ident, grp in m.groupby("identity", sort=True):
             found[str(ident)] = [p if p.is_absolute() else root / p for p in map(Path, sorted(grp[col].astype(str)))]
     elif root.is_dir():
@@ -115,11 +127,12 @@ def align_references(
     images: Sequence[np.ndarray],
     analyzer: "FaceAnalyzer",
     sources: Sequence[str] | None = None,
+    prealigned: bool = False,
 ) -> ReferenceFaces:
     """Detect the largest face in each photo and align it (112 ArcFace + 512 FFHQ templates).
 
-    An image that already is a 112x112 aligned crop is used as is (curated datasets store those); a 512x512 one
-    is re-detected, which on an FFHQ-aligned crop finds the face where the template put it.
+    A 112x112 image is taken as an ArcFace-aligned crop; with ``prealigned`` any square image is taken as a crop
+    aligned to our template of its size (curated datasets, generate's ``refs/``), so no detector runs on it.
 
     Raises:
         DataError: no reference photo has a detectable face.
@@ -129,11 +142,12 @@ def align_references(
     sources = list(sources) if sources is not None else [f"{identity}[{i}]" for i in range(len(images))]
     c112, c512, kept = [], [], []
     for img, src in zip(images, sources):
-        if img.shape[:2] == (112, 112):
-            # already aligned: map the template back up for the 512 crop (same similarity transform, scaled)
-            kps = template_for(112).astype(np.float32)
-            c112.append(img)
-            c512.append(align_face(img, kps, size=512, border="reflect"))
+        h, w = img.shape[:2]
+        if (h, w) == (112, 112) or (prealigned and h == w):
+            # the landmarks are where the template put them: re-warp to both templates (exact, no detector)
+            kps = template_for(h).astype(np.float32)
+            c112.append(img if h == 112 else align_face(img, kps, size=112))
+            c512.append(img if h == 512 else align_face(img, kps, size=512, border="reflect"))
             kept.append(src)
             continue
         faces = analyzer.detect(img)
@@ -150,11 +164,11 @@ def align_references(
 
 
 def load_reference_faces(
-    refs: dict[str, list[Path]], analyzer: "FaceAnalyzer"
+    refs: dict[str, list[Path]], analyzer: "FaceAnalyzer", prealigned: bool = False
 ) -> dict[str, ReferenceFaces]:
     """Read and align every identity's reference photos."""
     return {
-        ident: align_references(ident, [read_rgb(p) for p in paths], analyzer, [str(p) for p in paths])
+        ident: align_references(ident, [read_rgb(p) for p in paths], analyzer, [str(p) for p in paths], prealigned)
         for ident, paths in refs.items()
     }
 

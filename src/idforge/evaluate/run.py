@@ -115,15 +115,17 @@ def evaluate_generated(
     primary_kps = None
     if m.identity or m.diversity or m.clip_i:
         from idforge.evaluate.metrics import identity_similarity, reference_embedding, scan_faces
-        from idforge.evaluate.refs import align_references, read_rgb
+        from idforge.evaluate.refs import align_references, read_rgb, references_prealigned
         from idforge.faces import load_analyzer
 
         ref_images = {i: [read_rgb(p) for p in ps] for i, ps in ref_paths.items()}
+        prealigned = references_prealigned(dataset_dir if dataset_dir is not None else gen_dir / "refs")
         backends = list(dict.fromkeys([primary, *protocol.face_backends]))
         for backend in backends:
             model_dir = ecfg.insightface_model_dir if backend == "insightface" else None
             analyzer = load_analyzer(backend, model_dir=model_dir)
-            faces = {i: align_references(i, ref_images[i], analyzer, [str(p) for p in ref_paths[i]]) for i in identities}
+            faces = {i: align_references(i, ref_images[i], analyzer, [str(p) for p in ref_paths[i]], prealigned)
+                     for i in identities}
             refs = {i: reference_embedding(analyzer.embed_aligned(f.crops112)) for i, f in faces.items()}
             scan = scan_faces(analyzer, images, batch_size=ecfg.batch_size)
             ref_rows = np.stack([refs[i] for i in rows["identity"].astype(str)])
@@ -379,6 +381,8 @@ def _log_to_mlflow(result: EvaluationResult, cfg: Any, run_name: str, parent_run
         track.log_artifact(result.output_dir / "metrics.parquet")
         track.log_artifact(result.output_dir / "aggregates.parquet")
         track.log_artifact(result.output_dir / "summary.json")
+        if (gen_dir / "generate.json").is_file():
+            track.log_artifact(gen_dir / "generate.json")  # what `idforge register` rebuilds the model from
         track.log_html(report)
 
 
