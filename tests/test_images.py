@@ -361,6 +361,11 @@ def test_catalog_overrides_and_bad_values(monkeypatch, tmp_path):
     monkeypatch.setenv("IDFORGE_IMAGE_REGISTRY", "localhost:5001/idforge")
     monkeypatch.setenv("IDFORGE_IMAGE_TAG", "dev-3")
     assert images_mod.image_ref("cuda", IMAGES / "images.yaml") == "localhost:5001/idforge/idforge-cuda:dev-3"
+    # explicit arguments (the CLI's --registry/--tag) win over the environment
+    explicit = images_mod.load_images(IMAGES / "images.yaml", registry="reg.example/x", tag="7")
+    assert explicit.ref("cpu") == "reg.example/x/idforge-cpu:7"
+    with pytest.raises(ConfigError, match="pinned tag"):
+        images_mod.load_images(IMAGES / "images.yaml", tag="latest")
     # found from a subfolder of the repo, as when pipelines are compiled from anywhere inside it
     monkeypatch.chdir(ROOT / "src")
     assert images_mod.find_images_file() == IMAGES / "images.yaml"

@@ -75,8 +75,11 @@ def find_images_file(start: str | os.PathLike[str] | None = None) -> Path:
                       f"${IMAGES_FILE_ENV}")
 
 
-def load_images(path: str | os.PathLike[str] | None = None) -> ImageCatalog:
-    """Read images.yaml (``path``, else :func:`find_images_file`) and apply the registry/tag overrides."""
+def load_images(
+    path: str | os.PathLike[str] | None = None, *, registry: str | None = None, tag: str | None = None
+) -> ImageCatalog:
+    """Read images.yaml (``path``, else :func:`find_images_file`) and apply the overrides: ``registry``/``tag``
+    arguments first, then ``$IDFORGE_IMAGE_REGISTRY``/``$IDFORGE_IMAGE_TAG``, then the file's values."""
     import yaml
 
     source = Path(path) if path is not None else find_images_file()
@@ -88,8 +91,8 @@ def load_images(path: str | os.PathLike[str] | None = None) -> ImageCatalog:
         raise ConfigError(f"image catalog {source} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), dict):
         raise ConfigError(f"image catalog {source} must hold registry, tag and an images mapping")
-    registry = str(os.environ.get(REGISTRY_ENV) or data.get("registry") or "").rstrip("/")
-    tag = str(os.environ.get(TAG_ENV) or data.get("tag") or "")
+    registry = str(registry or os.environ.get(REGISTRY_ENV) or data.get("registry") or "").rstrip("/")
+    tag = str(tag or os.environ.get(TAG_ENV) or data.get("tag") or "")
     if not _REGISTRY_RE.match(registry):
         raise ConfigError(f"image registry {registry!r} (from {source} or ${REGISTRY_ENV}) is not a valid lowercase "
                           f"registry/path prefix, e.g. ghcr.io/team or localhost:5001/idforge")
