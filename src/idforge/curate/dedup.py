@@ -46,14 +46,28 @@ def find_duplicates(
     n = emb.shape[0]
     if n == 0:
         return []
-    sim = emb @ emb.T
-    close = np.zeros((n, n), dtype=bool)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if sim[i, j] >= same_person and (
-                hamming(hashes[i], hashes[j]) <= phash_max_distance or sim[i, j] >= embedding_min_similarity
-            ):
-                close[i, j] = close[j, i] = True
+    from scipy.sparse import coo_matrix
+
+    # Blocks of rows keep memory at block x N instead of N x N; only same-person pairs get their hashes compared.
+    rows_i, rows_j = [], []
+    hash_arr = np.array(hashes, dtype=np.uint64)
+    for start in range(0, n, 2048):
+        sim = emb[start : start + 2048] @ emb.T
+        ii, jj = np.nonzero(sim >= same_person)
+        ii = ii + start
+        keep = jj > ii
+        ii, jj = ii[keep], jj[keep]
+        if ii.size == 0:
+            continue
+        s = sim[ii - start, jj]
+        xor = np.bitwise_xor(hash_arr[ii], hash_arr[jj])
+        dist = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
+        dup = (dist <= phash_max_distance) | (s >= embedding_min_similarity)
+        rows_i.append(ii[dup])
+        rows_j.append(jj[dup])
+    ii = np.concatenate(rows_i) if rows_i else np.zeros(0, np.int64)
+    jj = np.concatenate(rows_j) if rows_j else np.zeros(0, np.int64)
+    close = coo_matrix((np.ones(ii.size, dtype=np.int8), (ii, jj)), shape=(n, n))
     from scipy.sparse.csgraph import connected_components
 
     _, comp = connected_components(close, directed=False)

@@ -25,7 +25,7 @@ from idforge.curate.config import CurateConfig
 log = logging.getLogger(__name__)
 
 # Bump when the per-file logic changes in a way that changes its outputs: old cache entries stop matching.
-PROCESS_VERSION = 1
+PROCESS_VERSION = 2
 CROP112 = "f{i}_112.png"
 CROP_FFHQ = "f{i}_ffhq.png"
 FACE_MASK = "f{i}_mask.png"
@@ -140,12 +140,15 @@ def analyse_file(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[
         emb = analyzer.embed_aligned(np.stack([a.crop112 for _, a in passing]))
         lap("embed")
         np.save(entry / "emb.npy", emb)
+        from idforge.curate.dedup import phash
+
         for row, (i, aligned) in enumerate(passing):
+            record["faces"][i]["phash"] = f"{phash(aligned.crop_ffhq):016x}"
             _write_png(entry / CROP112.format(i=i), aligned.crop112)
             _write_png(entry / CROP_FFHQ.format(i=i), aligned.crop_ffhq)
             _write_png(entry / FACE_MASK.format(i=i), aligned.face_mask)
             record["faces"][i]["emb_index"] = row
-        lap("write")
+        lap("write_crops")
     return record
 
 
@@ -200,7 +203,10 @@ _WORKER: dict[str, Any] = {}  # per-worker-process state (set by _init_worker, o
 
 
 def _init_worker(cfg_json: str, digest: str, cache: str, reuse: str | None) -> None:
+    import cv2
+
     cfg = CurateConfig.model_validate_json(cfg_json)
+    cv2.setNumThreads(cfg.threads_per_worker)  # resizes/warps too: one worker per core, no oversubscription
     _WORKER.update(
         cfg=cfg, digest=digest, cache=Path(cache), reuse=Path(reuse) if reuse else None,
         analyzer=None, threads=cfg.threads_per_worker,
@@ -209,11 +215,16 @@ def _init_worker(cfg_json: str, digest: str, cache: str, reuse: str | None) -> N
 
 def _worker_run(task: FileTask) -> dict:
     w = _WORKER
+    load_s = 0.0
     if w["analyzer"] is None:  # loaded on first use, once per worker: a fully cached re-run never loads it
         from idforge.curate.detect import load_curate_analyzer
 
+        t = time.perf_counter()
         w["analyzer"] = load_curate_analyzer(w["cfg"], num_threads=w["threads"])
-    return run_task(task, w["cfg"], w["analyzer"], w["digest"], w["cache"], w["reuse"])
+        load_s = time.perf_counter() - t
+    out = run_task(task, w["cfg"], w["analyzer"], w["digest"], w["cache"], w["reuse"])
+    out["timings"]["load_models"] = load_s
+    return out
 
 
 def run_tasks(tasks: list[FileTask], cfg: CurateConfig, digest: str, cache: Path, reuse: Path | None,
@@ -227,11 +238,16 @@ def run_tasks(tasks: list[FileTask], cfg: CurateConfig, digest: str, cache: Path
         if cfg.workers <= 1:
             analyzer = None
             for task in tasks:
+                load_s = 0.0
                 if analyzer is None:
                     from idforge.curate.detect import load_curate_analyzer
 
+                    t = time.perf_counter()
                     analyzer = load_curate_analyzer(cfg, num_threads=cfg.threads_per_worker)
-                results.append(run_task(task, cfg, analyzer, digest, cache, reuse))
+                    load_s = time.perf_counter() - t
+                res = run_task(task, cfg, analyzer, digest, cache, reuse)
+                res["timings"]["load_models"] = load_s
+                results.append(res)
                 bar.update(1)
         else:
             import multiprocessing as mp

@@ -215,6 +215,7 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
                 row["embedding_row"] = len(faces)
                 row["_matte_key"] = f"{res['key']}_{i}"
                 row["_stem"] = stem
+                row["_phash"] = f["phash"]
                 faces.append(row)
                 emb_parts.append(emb[f["emb_index"]])
     dim = int(emb_parts[0].shape[0]) if emb_parts else 0
@@ -228,12 +229,7 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
     threshold = ccfg.grouping.threshold if ccfg.grouping.threshold is not None else group.default_threshold(ccfg.backend)
     dup_of = [-1] * len(faces)
     if ccfg.dedup.enabled and faces:
-        from PIL import Image
-
-        hashes = []
-        for row in faces:
-            with Image.open(out / row["aligned_ffhq"]) as im:
-                hashes.append(dedup.phash(np.asarray(im.convert("RGB"))))
+        hashes = [int(r["_phash"], 16) for r in faces]
         keys = [(-(r["size_px"] or 0.0), r["source"], r["face_index"]) for r in faces]
         dup_of = dedup.find_duplicates(emb_all, hashes, keys, threshold, ccfg.dedup.phash_max_distance,
                                        ccfg.dedup.embedding_min_similarity)
@@ -277,11 +273,12 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
     for row in faces:
         row.pop("_matte_key", None)
         row.pop("_stem", None)
+        row.pop("_phash", None)
     rows.sort(key=lambda r: (r["rel"], r["face_index"]))
     write_table(rows, manifest_schema(), out / "manifest.parquet")
     write_table(ident_rows, identities_schema(), out / "identities.parquet")
     np.save(out / "embeddings.npy", emb_all)
-    timings["write"] = time.perf_counter() - t
+    timings["write_tables"] = time.perf_counter() - t
 
     statuses = Counter(r["status"] for r in rows)
     from idforge.curate.process import model_identity
