@@ -161,8 +161,26 @@ def test_run_ray_job_runtime_env_and_failure(ray_head, tmp_path):
 
 
 @pytest.mark.slow
+def test_broken_log_stream_falls_back_to_polling(ray_head, monkeypatch):
+    async def broken_tail(client, job_id, sink, deadline):
+        raise RuntimeError("WebSocket connection closed unexpectedly")
+
+    monkeypatch.setattr(ray_jobs, "_tail", broken_tail)
+    chunks: list[str] = []
+    code = "import time; [print(f'line {i}', flush=True) or time.sleep(0.2) for i in range(5)]"
+    job_id = ray_jobs.submit_ray_job(ray_head, f'{sys.executable} -c "{code}"')
+    status = ray_jobs.follow_job(ray_head, job_id, chunks.append, timeout_s=120, poll_interval_s=0.2)
+    assert status is JobStatus.SUCCEEDED
+    logs = "".join(chunks)
+    assert [logs.count(f"line {i}\n") for i in range(5)] == [1, 1, 1, 1, 1]  # every line once, none repeated
+
+
+@pytest.mark.slow
 def test_timeout_stops_the_job(ray_head):
     job_id = ray_jobs.submit_ray_job(ray_head, f'{sys.executable} -c "import time; time.sleep(120)"')
+    with pytest.raises(RayJobTimeoutError, match="did not finish within 1 s"):
+        ray_jobs.follow_job(ray_head, job_id, lambda _chunk: None, timeout_s=1)
+    assert ray_jobs.job_status(ray_head, job_id) in (JobStatus.PENDING, JobStatus.RUNNING)  # follow does not stop
     with pytest.raises(RayJobTimeoutError, match="did not finish within 1 s"):
         ray_jobs.wait_for_job(ray_head, job_id, timeout_s=1, poll_interval_s=0.2, stop_on_timeout=True)
     assert ray_jobs.wait_for_job(ray_head, job_id, timeout_s=60) is JobStatus.STOPPED
