@@ -337,7 +337,13 @@ def test_bucket_layout_one_bucket_and_documented(rendered):
     for value in prefixes.values():
         assert value in readme
     job = _containers(_named(rendered["base"], "Job", "idforge-minio-bootstrap")[0])[0]
-    assert 'mc mb --ignore-existing "idf/$IDFORGE_BUCKET"' in job["args"][0]
+    script = job["args"][0]
+    assert 'mc mb --ignore-existing "idf/$IDFORGE_BUCKET"' in script
+    assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0, "bootstrap script is not valid sh"
+    # the access policy the service account gets: valid JSON once sh expands it, scoped to the bucket
+    policy = re.search(r"<<POLICY\n(.*?)\nPOLICY\n", script, re.S).group(1).replace("$IDFORGE_BUCKET", bucket)
+    resources = {r for s in json.loads(policy)["Statement"] for r in s["Resource"]}
+    assert resources == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}
 
 
 def test_no_credentials_in_the_repo(rendered, k8s_copy):
