@@ -142,3 +142,17 @@ def test_composite_and_landmark_matte():
     face[16:48, 16:48] = 255
     soft = landmark_matte(face)
     assert soft[32, 32] == 255 and soft[0, 0] == 0 and 0 < soft[16, 32] < 255
+
+
+def test_matte_python_resolution_order(monkeypatch, tmp_path):
+    from idforge.curate.config import MatteConfig
+    from idforge.curate.matte import matte_python
+
+    monkeypatch.setenv("IDFORGE_MATTE_PYTHON", "/opt/matte/bin/python")
+    assert str(matte_python(MatteConfig(python="/x/bin/python"))) == "/x/bin/python"
+    assert str(matte_python(MatteConfig())) == "/opt/matte/bin/python"
+    monkeypatch.delenv("IDFORGE_MATTE_PYTHON")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".venv-matte" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv-matte" / "bin" / "python").touch()
+    assert matte_python(MatteConfig()) == tmp_path.joinpath(".venv-matte/bin/python").relative_to(tmp_path)

@@ -34,6 +34,7 @@ def photo_embeddings(face_photos, analyzers):
     return out
 
 
+@pytest.mark.slow  # the first test here pays for detecting the sample photos with both backends
 @pytest.mark.parametrize("backend", ["insightface", "opencv"])
 def test_every_sample_photo_has_exactly_one_confident_face(backend, photo_embeddings, face_photos, analyzers):
     rels, _, _, faces = photo_embeddings[backend]

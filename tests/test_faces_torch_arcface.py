@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
+@pytest.mark.slow  # imports torch and runs ArcFace twice: ~5 s on 2 cores
 def test_torch_arcface_matches_onnxruntime_and_has_gradients(face_photos, insightface_analyzer):
     import torch
     from PIL import Image

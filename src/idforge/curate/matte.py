@@ -58,13 +58,17 @@ WORKER_SCRIPT = Path(__file__).with_name("matte_worker.py")
 
 
 def matte_python(cfg: MatteConfig) -> Path:
-    """The interpreter of the matte venv: ``cfg.python``, else $IDFORGE_MATTE_PYTHON, else ./.venv-matte."""
+    """The interpreter of the matte venv: ``cfg.python``, else $IDFORGE_MATTE_PYTHON, else ``.venv-matte`` in the
+    working directory, else ``.venv-matte`` at the root of the checkout this package runs from (editable installs,
+    so tests and `make demo` find it from any directory)."""
     if cfg.python:
         return Path(cfg.python)
     env = os.environ.get("IDFORGE_MATTE_PYTHON")
     if env:
         return Path(env)
-    return Path(DEFAULT_ENV) / "bin" / "python"
+    here = Path(DEFAULT_ENV) / "bin" / "python"
+    checkout = Path(__file__).resolve().parents[3] / DEFAULT_ENV / "bin" / "python"
+    return here if here.exists() or not checkout.exists() else checkout
 
 
 def check_matte_env(python: Path) -> None:
