@@ -1,0 +1,221 @@
+"""Infinite-ID on the tiny SD1.5- and SDXL-shaped pipelines: training semantics, sizes, checkpoints, sampling,
+the inference switches (mixed attention, cross-attention merging, AdaIN-mean) and the off-switch."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from idforge.diffusion.text import encode_prompts, tokenize, unet_call
+from idforge.methods.base import IdentityRefs, get_method, load_method, save_method
+from idforge.methods.testing import identity_gap, load_frozen_pipeline, perturb_, synthetic_batch
+
+CFG = dict(clip_dim=32)
+OFF = dict(mixed_attention=False, cross_attention_merging=False, adain_mean=False)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_sd15_dir, tiny_sdxl_dir):
+    return {"sd15": load_frozen_pipeline(tiny_sd15_dir), "sdxl": load_frozen_pipeline(tiny_sdxl_dir)}
+
+
+@pytest.fixture
+def attached(pipes):
+    m = get_method("infinite-id", **CFG)
+    m.attach(pipes["sd15"])
+    perturb_(m, 0.05)
+    yield m
+    m.detach()
+
+
+def _refs(seed: int) -> IdentityRefs:
+    g = torch.Generator().manual_seed(seed)
+    return IdentityRefs(face_embeds=torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=-1),
+                        clip_patch_tokens=torch.randn(1, 17, 32, generator=g))
+
+
+def _expected_params(cfg, pipe) -> int:
+    cross = [mod for name, mod in pipe.unet.named_modules() if name.endswith("attn2")]
+    d = pipe.unet.config.cross_attention_dim
+    h = cfg.mapper_hidden or d
+    face = cfg.face_dim * h + h + h * cfg.num_face_tokens * d + cfg.num_face_tokens * d + 2 * d
+    clip = cfg.clip_dim * h + h + h * d + d + 2 * d
+    return face + clip + sum(2 * d * mod.to_k.out_features for mod in cross)
+
+
+def _base_grads(pipe) -> list[str]:
+    mods = {n: getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    return [f"{k}.{n}" for k, mod in mods.items() if mod is not None
+            for n, p in mod.named_parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_attaches_trains_only_its_own_parameters_and_counts_match(pipes, kind):
+    pipe = pipes[kind]
+    m = get_method("infinite-id", **CFG, num_face_tokens=2, mapper_hidden=48)
+    m.attach(pipe)
+    try:
+        assert m.num_trainable_parameters() == _expected_params(m.config, pipe)
+        assert {k.split(".")[0] for k in m.state_dict()} == {"face_mapper", "clip_mapper", "image_attn"}
+        out = m.training_loss(synthetic_batch(pipe, 2), pipe, generator=torch.Generator().manual_seed(0))
+        assert set(out) == {"loss", "diffusion"} and torch.isfinite(out["loss"])
+        out["loss"].backward()
+        assert [n for n, p in m.modules.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)] == []
+        assert _base_grads(pipe) == []
+    finally:
+        m.detach()
+
+
+def test_text_cross_attention_is_off_in_training(pipes, attached):
+    pipe = pipes["sd15"]
+    a = synthetic_batch(pipe, 2, prompts=["a photo of a man", "a photo of a man"])
+    ids, _ = tokenize(pipe, ["a woman wearing a red sweater on the beach"] * 2)
+    b = replace(a, input_ids=ids, text_embeds=torch.randn(2, 77, 32))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(attached.training_loss(a, pipe, generator=gen())["loss"],
+                       attached.training_loss(b, pipe, generator=gen())["loss"])
+    # ...and depends on the identity.
+    other = replace(a, face_embeds=torch.roll(a.face_embeds, 1, 0), clip_patch_tokens=a.clip_patch_tokens + 1.0)
+    assert not torch.equal(attached.training_loss(a, pipe, generator=gen())["loss"],
+                           attached.training_loss(other, pipe, generator=gen())["loss"])
+    # The "w/o identity-enhanced training" ablation reads the caption.
+    attached.config.text_in_training = True
+    assert not torch.equal(attached.training_loss(a, pipe, generator=gen())["loss"],
+                           attached.training_loss(b, pipe, generator=gen())["loss"])
+
+
+def test_save_load_round_trips_bit_exactly(pipes, attached, tmp_path):
+    pipe = pipes["sd15"]
+    path = save_method(attached, tmp_path / "iid.safetensors")
+    sd = attached.state_dict()
+    ref = attached.generate(pipe, ["a photo of a man"], attached.identity_condition(_refs(1), pipe), seeds=[0],
+                            num_inference_steps=2)
+    attached.detach()
+    loaded = load_method(path, pipe)
+    try:
+        assert all(torch.equal(sd[k], loaded.state_dict()[k]) for k in sd) and sd.keys() == loaded.state_dict().keys()
+        again = loaded.generate(pipe, ["a photo of a man"], loaded.identity_condition(_refs(1), pipe), seeds=[0],
+                                num_inference_steps=2)
+        assert np.array_equal(np.array(ref[0]), np.array(again[0]))
+    finally:
+        loaded.detach()
+        attached.attach(pipe)
+
+
+@pytest.mark.slow
+def test_generation_is_deterministic_per_seed_and_depends_on_identity(pipes, attached):
+    pipe = pipes["sd15"]
+    cond = attached.identity_condition(_refs(1), pipe)
+    a = attached.generate(pipe, ["a photo of a man"], cond, seeds=[0, 1], num_inference_steps=3)
+    b = attached.generate(pipe, ["a photo of a man"], cond, seeds=[0, 1], num_inference_steps=3)
+    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a, b))
+    assert not np.array_equal(np.array(a[0]), np.array(a[1]))
+    c = attached.generate(pipe, ["a photo of a man"], attached.identity_condition(_refs(2), pipe), seeds=[0],
+                          num_inference_steps=3)
+    assert not np.array_equal(np.array(a[0]), np.array(c[0]))
+
+
+@pytest.mark.slow
+def test_scale_zero_and_detach_give_the_base_model_exactly(pipes, attached):
+    pipe = pipes["sd15"]
+    cond = attached.identity_condition(_refs(1), pipe)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    with_id = np.array(attached.generate(pipe, ["a photo of a man"], cond, seeds=[0], num_inference_steps=3)[0])
+    attached.set_scale(0.0)
+    assert attached.sampling_streams() == 1  # no text stream is run for a switched-off identity
+    off = np.array(attached.generate(pipe, ["a photo of a man"], cond, seeds=[0], num_inference_steps=3)[0])
+    attached.set_scale(1.0)
+    attached.detach()
+    try:
+        stock = np.array(pipe("a photo of a man", num_inference_steps=3, guidance_scale=5.0, latents=noise).images[0])
+    finally:
+        attached.attach(pipe)
+    assert np.array_equal(off, stock)
+    assert not np.array_equal(with_id, stock)
+
+
+def _denoise(method, pipe, options: dict, cond, x, t, streams: int):
+    """One sampling-mode UNet call with the given switches; identity rows only."""
+    saved = method.config.model_dump()
+    for k, v in options.items():
+        setattr(method.config, k, v)
+    method.eval()
+    method.state.flags.update(streams=streams)
+    try:
+        with torch.no_grad():
+            text = encode_prompts(pipe, ["a woman in a red sweater"])
+            text = type(text).cat([text] * streams)
+            batch_cond = type(cond).cat([cond] * streams)
+            return method.denoise(pipe, torch.cat([x] * streams), t, text, batch_cond)[: x.shape[0]]
+    finally:
+        method.state.flags.clear()
+        method.train()
+        for k in options:
+            setattr(method.config, k, saved[k])
+
+
+def test_each_inference_option_changes_the_output(pipes, attached):
+    pipe = pipes["sd15"]
+    cond = attached.identity_condition(_refs(1), pipe)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(400)
+    full = _denoise(attached, pipe, {}, cond, x, t, streams=2)
+    for option in ("mixed_attention", "cross_attention_merging", "adain_mean"):
+        streams = 1 if option == "mixed_attention" else 2
+        ablated = _denoise(attached, pipe, {option: False}, cond, x, t, streams=streams)
+        assert (ablated - full).abs().max() > 1e-4, option
+    # mixed attention without its text stream would silently be plain self-attention: the sampler runs the stream
+    assert attached.sampling_streams() == 2
+    attached.config.mixed_attention = False
+    assert attached.sampling_streams() == 1
+
+
+def test_all_options_off_equals_a_plain_image_cross_attention_pass(pipes, attached):
+    pipe = pipes["sd15"]
+    cond = attached.identity_condition(_refs(1), pipe)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(400)
+    ours = _denoise(attached, pipe, OFF, cond, x, t, streams=1)
+    # Reference: the stock UNet whose cross-attention K/V weights are the trained image K/V, reading c_id as its
+    # "text". Nothing of ours runs in it.
+    ref_unet = copy.deepcopy(pipe.unet)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    ref_unet.set_attn_processor(AttnProcessor2_0())
+    for name, mod in ref_unet.named_modules():
+        if name.endswith("attn2"):
+            key = name.replace(".", "_")
+            mod.to_k.weight.data.copy_(attached.modules["image_attn"][key].to_k.weight.data)
+            mod.to_v.weight.data.copy_(attached.modules["image_attn"][key].to_v.weight.data)
+    with torch.no_grad():
+        reference = ref_unet(x, t, encoder_hidden_states=cond.tensors["c_id"]).sample
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+    # The training forward is the same computation.
+    with torch.no_grad(), attached.conditioning(cond):
+        training_mode = unet_call(pipe, x, t, encode_prompts(pipe, [""]))
+    torch.testing.assert_close(training_mode, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_sdxl_sampling_with_mixed_attention_runs(pipes):
+    pipe = pipes["sdxl"]
+    m = get_method("infinite-id", **CFG)
+    m.attach(pipe)
+    try:
+        images = m.generate(pipe, ["a photo of a man"], m.identity_condition(_refs(3), pipe), seeds=[0],
+                            num_inference_steps=2)
+        assert len(images) == 1 and images[0].size == (64, 64)
+    finally:
+        m.detach()
+
+
+def test_identity_gap_sees_the_identity(pipes, attached):
+    pipe = pipes["sd15"]
+    batch = synthetic_batch(pipe, 2)
+    gap = identity_gap(attached, pipe, batch, repeats=1)
+    assert gap.match > 0 and abs(gap.gap) > 1e-5
+    same = identity_gap(attached, pipe, batch, batch, repeats=1)  # "mismatch" with itself: no gap at all
+    assert same.gap == 0.0
