@@ -89,7 +89,9 @@ def build_corpus(photos_root: Path, out: Path) -> dict[str, tuple[str, str]]:
 @pytest.fixture(scope="module")
 def corpus(face_photos, tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus") / "in"
-    return root, build_corpus(face_photos.root, root)
+    expect = build_corpus(face_photos.root, root)
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: skipped, but counted in the report
+    return root, expect
 
 
 def _decode(root: Path, name: str):
@@ -176,6 +178,7 @@ def test_every_corpus_file_lands_in_the_manifest_with_the_right_reason(corpus, c
         assert (first["status"], first["reason"]) == (status, reason), name
         assert first["source"] == str(root / name)
     assert report.files == len(expect)
+    assert report.hidden_files_skipped == 1 and "hidden files/folders skipped: 1" in report.summary()
     assert sum(report.reasons.values()) == report.counts["rejected"]
 
 

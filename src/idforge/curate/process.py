@@ -162,6 +162,17 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def _publish(tmp: Path, entry: Path) -> None:
+    """Rename a finished entry into place; if a worker with the same content (a duplicate file) won the race, its
+    entry is identical, so ours is dropped."""
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        if not (entry / "result.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_task(task: FileTask, cfg: CurateConfig, analyzer, digest: str, cache: Path, reuse: Path | None) -> dict:
     """Process (or reuse) one file; returns a summary: task fields, sha256, cache ``key``, ``cached`` flag, and
     the record's ``timings``. The record itself lives in ``cache/key/result.json``."""
@@ -179,7 +190,7 @@ def run_task(task: FileTask, cfg: CurateConfig, analyzer, digest: str, cache: Pa
         tmp = cache / f".{key}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _link_tree(reuse / key, tmp)
-        os.replace(tmp, entry) if not entry.exists() else shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, entry)
         return out
     tmp = cache / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -187,10 +198,7 @@ def run_task(task: FileTask, cfg: CurateConfig, analyzer, digest: str, cache: Pa
     record = analyse_file(data, cfg, analyzer, tmp)
     record["sha256"] = sha
     (tmp / "result.json").write_text(json.dumps(record, sort_keys=True))
-    if entry.exists():  # a duplicate file finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, entry)
+    _publish(tmp, entry)
     out["cached"] = False
     out["timings"].update(record["timings"])
     return out

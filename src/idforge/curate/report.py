@@ -12,7 +12,8 @@ class CurateReport:
     output: the dataset location. files: input files seen. rows: manifest rows.
     counts: {"accepted": n, "rejected": n} over face/file rows. reasons: rejected rows per reason code.
     identities: identities kept (>= min images). faces_accepted: accepted face rows.
-    cached_files: files whose per-file results were reused. timings: seconds per stage (summed over workers for
+    cached_files: files whose per-file results were reused. hidden_files_skipped: dot-files/dot-folders not read
+    (.DS_Store, .git...; counted so nothing is dropped silently). timings: seconds per stage (summed over workers for
     the per-file sub-stages; wall clock for "total" and the dataset-level stages).
     backend: analyzer description (models, licence, embedding_dim). metrics: optional quality numbers
     (e.g. grouping precision/recall against labels).
@@ -26,6 +27,7 @@ class CurateReport:
     identities: int = 0
     faces_accepted: int = 0
     cached_files: int = 0
+    hidden_files_skipped: int = 0
     workers: int = 1
     timings: dict[str, float] = field(default_factory=dict)
     backend: dict[str, Any] = field(default_factory=dict)
@@ -44,6 +46,8 @@ class CurateReport:
         if self.reasons:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
             lines.append(f"  rejected rows: {self.counts.get('rejected', 0)} ({reasons})")
+        if self.hidden_files_skipped:
+            lines.append(f"  hidden files/folders skipped: {self.hidden_files_skipped}")
         total = self.timings.get("total", 0.0)
         lines.append(f"  time: {total:.1f} s with {self.workers} worker(s); {self.cached_files} file(s) from cache")
         for k, v in sorted(self.metrics.items()):

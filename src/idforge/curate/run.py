@@ -135,7 +135,8 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
 
     from idforge.curate.process import FileTask, config_digest, model_identity, run_tasks
 
-    digest = config_digest(ccfg, model_identity(ccfg))
+    models = model_identity(ccfg)
+    digest = config_digest(ccfg, models)
     partial = final.with_name(f".{final.name}.partial")
     cache = partial / "cache"
     for sub in ("crops", "masks", "matted"):
@@ -152,12 +153,12 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         for k, v in res["timings"].items():
             timings[k] = timings.get(k, 0.0) + v
 
-    report = _assemble(partial, results, ccfg, label_map, timings)
+    report = _assemble(partial, results, ccfg, label_map, timings, models)
     report.output = str(output)
     report.files = len(rels)
     report.config_digest = digest
     report.timings["total"] = time.perf_counter() - t_start
-    report.backend["hidden_files_skipped"] = hidden
+    report.hidden_files_skipped = hidden
     (partial / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     used = {res["key"] for res in results}
     for entry in cache.iterdir():  # drop stale entries (old configs, removed files) so the cache does not grow
@@ -171,7 +172,7 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
 
 
 def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dict[str, str],
-              timings: dict[str, float]) -> CurateReport:
+              timings: dict[str, float], models: dict[str, Any]) -> CurateReport:
     """Stages 5-7 over the per-file results, then the tables. Writes into ``out``; returns the report."""
     from idforge.curate import dedup, group
     from idforge.curate.manifest import identities_schema, manifest_schema, write_table
@@ -185,7 +186,6 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
     rows: list[dict[str, Any]] = []
     faces: list[dict[str, Any]] = []  # the rows of faces that passed the gates (they have embeddings)
     emb_parts: list[np.ndarray] = []
-    backend_info: dict[str, Any] = {}
     for res in sorted(results, key=lambda r: r["rel"]):
         entry = cache / res["key"]
         rec = json.loads((entry / "result.json").read_text())
@@ -281,9 +281,7 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
     timings["write_tables"] = time.perf_counter() - t
 
     statuses = Counter(r["status"] for r in rows)
-    from idforge.curate.process import model_identity
-
-    backend_info = {"backend": ccfg.backend, "embedding_dim": dim, "models": model_identity(ccfg),
+    backend_info = {"backend": ccfg.backend, "embedding_dim": dim, "models": models,
                     "licence": _licence(ccfg.backend), "grouping_threshold": threshold,
                     "matte": ccfg.matte.backend}
     return CurateReport(
