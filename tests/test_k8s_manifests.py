@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -382,3 +383,58 @@ def test_missing_credentials_fail_to_render(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert re.search(r"secrets/[\w-]+\.env: no such file", proc.stderr), proc.stderr
+
+
+@pytest.mark.slow
+def test_mlflow_server_command_serves_the_service_name(rendered, tmp_path):
+    """Run the Deployment's own command and env (SQLite and a local folder in place of Postgres and MinIO): the
+    host names in-cluster clients use must pass MLflow's DNS-rebinding guard, and others must not."""
+    import os
+    import signal
+    import socket
+    import sys
+    import time
+
+    import requests
+
+    container = _containers(_named(rendered["base"], "Deployment", "idforge-mlflow")[0])[-1]
+    args = container["args"]
+    assert args[:2] == ["mlflow", "server"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    replaced = {"--host": "127.0.0.1", "--port": str(port), "--workers": "1"}
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server"] + [
+        f"{a.split('=')[0]}={replaced[a.split('=')[0]]}" if a.split("=")[0] in replaced else a for a in args[2:]]
+    manifest_env = {e["name"]: e["value"] for e in container["env"]}
+    env = {**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": manifest_env["MLFLOW_SERVER_ALLOWED_HOSTS"],
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        url = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+        layout = _named(rendered["base"], "ConfigMap", "idforge-bucket-layout")[0]["data"]
+        tracking_host = urlsplit(layout["MLFLOW_TRACKING_URI"]).netloc  # what the pods send as Host
+        assert tracking_host.startswith("idforge-mlflow.")
+        for host in (tracking_host, "idforge-mlflow:5000", f"localhost:{port}"):
+            assert requests.get(url, headers={"Host": host}, timeout=10).status_code == 200, host
+        assert requests.get(url, headers={"Host": "attacker.example:5000"}, timeout=10).status_code in (400, 403)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
