@@ -224,6 +224,10 @@ def test_address_normalisation_and_bad_input(monkeypatch, tmp_path):
     assert ray_jobs.normalize_address("http://other:8265") == "http://head:8265"  # Ray's own precedence
     assert ray_jobs.normalize_address(None) == "http://head:8265"
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(ConfigError, match=r"\(from \$RAY_ADDRESS\).*not a ray:// address"):
+        ray_jobs.normalize_address("http://head:8265")
+    monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(ConfigError, match="no Ray address given"):
         ray_jobs.normalize_address(None)
     with pytest.raises(ConfigError, match="not a ray:// address"):

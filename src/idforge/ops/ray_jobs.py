@@ -117,7 +117,8 @@ def normalize_address(address: str | None) -> str:
     url = _with_scheme(chosen)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"Ray address {chosen!r}: the Jobs API needs the dashboard's http(s)://HOST:PORT "
+        source = f" (from ${env_name})" if env_value else ""
+        raise ConfigError(f"Ray address {chosen!r}{source}: the Jobs API needs the dashboard's http(s)://HOST:PORT "
                           f"(default port 8265), not a {parts.scheme}:// address")
     if not parts.hostname:
         raise ConfigError(f"Ray address {chosen!r} has no host: use http://HOST:8265")
