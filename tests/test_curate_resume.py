@@ -112,6 +112,14 @@ def test_bad_inputs_fail_clearly_and_write_nothing(small_input, tmp_path):
         curate_dataset(str(empty), str(tmp_path / "o2"), cfg=_cfg(tmp_path))
     with pytest.raises(DataError, match="inside the input"):
         curate_dataset(str(small_input), str(small_input / "ds"), cfg=_cfg(tmp_path))
+    with pytest.raises(DataError, match="inside the output"):
+        curate_dataset(str(small_input), str(small_input.parent), cfg=_cfg(tmp_path))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(DataError, match="not a curated dataset"):
+        curate_dataset(str(small_input), str(precious), cfg=_cfg(tmp_path))
+    assert (precious / "thesis.tex").read_text() == "years of work"
     cfg = _cfg(tmp_path, matte={"backend": "mediapipe", "python": str(tmp_path / "no-venv/bin/python")})
     with pytest.raises(ConfigError, match="idforge.curate.matte --create"):
         curate_dataset(str(small_input), str(tmp_path / "o3"), cfg=cfg)

@@ -120,6 +120,14 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         final = Path(output).expanduser()
         if root.is_dir() and final.resolve().is_relative_to(root.resolve()):
             raise DataError(f"curate output {output} lies inside the input {input}; choose a folder outside it")
+        if root.resolve().is_relative_to(final.resolve()):
+            raise DataError(f"curate input {input} lies inside the output {output}, which is replaced on success; "
+                            "choose an output folder outside the input")
+        if final.exists() and not (final / "manifest.parquet").is_file() and (
+            final.is_file() or any(final.iterdir())
+        ):
+            # The output is replaced as a whole: never replace something that is not a curated dataset.
+            raise DataError(f"curate output {output} exists and is not a curated dataset; give a new or empty folder")
     rels, hidden = _list_inputs(root)
     if not rels:
         raise DataError(f"curate input {input} holds no files; point --input at a folder of photos")
@@ -353,6 +361,10 @@ def _matte(out: Path, faces: list[dict[str, Any]], ccfg: CurateConfig) -> None:
                 cv2.imwrite(str(cached), matte.landmark_matte(face_mask))
     if todo:
         matte.run_mediapipe(matte.matte_python(ccfg.matte), todo, batch_size=ccfg.matte.batch_size)
+    used = {f"{row['_matte_key']}.png" for row in faces}
+    for stale in mcache.iterdir():  # mattes of files no longer in the input, or of other per-file configs
+        if stale.name not in used:
+            stale.unlink()
     for row in faces:
         stem = row["_stem"]
         row["person_mask"] = f"masks/{stem}_person.png"
