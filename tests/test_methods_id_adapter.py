@@ -177,6 +177,25 @@ def test_scale_zero_and_detach_give_the_base_model_exactly(pipes, attached):
     assert not np.array_equal(with_id, stock)
 
 
+@pytest.mark.slow
+def test_sdxl_generation_and_its_off_switch(pipes):
+    pipe = pipes["sdxl"]
+    m = get_method("id-adapter", **CFG)
+    m.attach(pipe)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    try:
+        perturb_(m, 0.2)
+        cond = m.identity_condition(_refs(3), pipe)
+        with_id = m.generate(pipe, ["a photo of a man"], cond, seeds=[0], num_inference_steps=2)
+        m.set_scale(0.0)
+        off = m.generate(pipe, ["a photo of a man"], cond, seeds=[0], num_inference_steps=2)
+    finally:
+        m.detach()
+    stock = pipe("a photo of a man", num_inference_steps=2, guidance_scale=5.0, latents=noise).images[0]
+    assert np.array_equal(np.array(off[0]), np.array(stock))
+    assert not np.array_equal(np.array(with_id[0]), np.array(stock))
+
+
 def test_textual_injection_edits_only_the_class_noun_and_what_follows(pipes, attached):
     from idforge.diffusion.text import encode_prompts, tokenize
 

@@ -200,16 +200,23 @@ def test_all_options_off_equals_a_plain_image_cross_attention_pass(pipes, attach
     torch.testing.assert_close(training_mode, reference, atol=1e-6, rtol=1e-5)
 
 
-def test_sdxl_sampling_with_mixed_attention_runs(pipes):
+@pytest.mark.slow
+def test_sdxl_sampling_with_mixed_attention_and_its_off_switch(pipes):
     pipe = pipes["sdxl"]
     m = get_method("infinite-id", **CFG)
     m.attach(pipe)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     try:
-        images = m.generate(pipe, ["a photo of a man"], m.identity_condition(_refs(3), pipe), seeds=[0],
-                            num_inference_steps=2)
-        assert len(images) == 1 and images[0].size == (64, 64)
+        cond = m.identity_condition(_refs(3), pipe)
+        with_id = m.generate(pipe, ["a photo of a man"], cond, seeds=[0], num_inference_steps=2)
+        assert len(with_id) == 1 and with_id[0].size == (64, 64)
+        m.set_scale(0.0)
+        off = m.generate(pipe, ["a photo of a man"], cond, seeds=[0], num_inference_steps=2)
     finally:
         m.detach()
+    stock = pipe("a photo of a man", num_inference_steps=2, guidance_scale=5.0, latents=noise).images[0]
+    assert np.array_equal(np.array(off[0]), np.array(stock))
+    assert not np.array_equal(np.array(with_id[0]), np.array(stock))
 
 
 def test_identity_gap_sees_the_identity(pipes, attached):

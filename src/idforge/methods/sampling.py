@@ -45,6 +45,16 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image]:
     return pipe.image_processor.postprocess(images.float(), output_type="pil")
 
 
+def negative_text(method: BaseMethod, pipe: Any, negative_prompt: str, batch: int, like: Any) -> Any:
+    """The unconditional branch's text: the negative prompt, or zeros where the pipeline asks for them
+    (SDXL's ``force_zeros_for_empty_prompt`` with an empty negative prompt, as its own ``__call__`` does)."""
+    from idforge.diffusion.text import TextCondition
+
+    if not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return TextCondition(torch.zeros_like(like.hidden), None if like.pooled is None else torch.zeros_like(like.pooled))
+    return method.encode_prompts(pipe, [negative_prompt] * batch, None)
+
+
 @torch.no_grad()
 def sample(method: BaseMethod, pipe: Any, prompts: list[str], cond: Condition, cfg: SamplingConfig) -> list[Image]:
     """``len(prompts) * len(cfg.seeds)`` images, prompt-major (all seeds of prompt 0 first).
@@ -80,7 +90,7 @@ def sample(method: BaseMethod, pipe: Any, prompts: list[str], cond: Condition, c
             text = method.encode_prompts(pipe, chunk, cond.expand(b))
             step_cond = cond.expand(b)
             if guided:
-                neg = method.encode_prompts(pipe, [cfg.negative_prompt] * b, None)
+                neg = negative_text(method, pipe, cfg.negative_prompt, b, text)
                 text = TextCondition.cat([neg, text])
                 step_cond = type(cond).cat([method.unconditional(cond).expand(b), step_cond])
             # Every stream sees the same prompts and identity; the processors decide what each stream uses.
