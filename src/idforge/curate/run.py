@@ -340,7 +340,13 @@ def _row(base: dict[str, Any], status: str, reason: str, face: dict[str, Any] | 
 
 
 def _matte(out: Path, faces: list[dict[str, Any]], ccfg: CurateConfig) -> None:
-    """Person masks (cached by face key + matte backend) and grey-background composites for every cropped face."""
+    """Person masks (cached by face key + matte backend) and grey-background composites for every cropped face.
+
+    The per-face image work runs on ``curate.workers`` threads (OpenCV releases the GIL while it decodes, blends
+    and encodes); mediapipe runs as one batch subprocess per ``matte.batch_size`` crops.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import cv2
 
     from idforge.curate import matte
@@ -350,29 +356,33 @@ def _matte(out: Path, faces: list[dict[str, Any]], ccfg: CurateConfig) -> None:
         return
     mcache = out / "cache" / "matte" / backend
     mcache.mkdir(parents=True, exist_ok=True)
-    todo = []
-    for row in faces:
-        cached = mcache / f"{row['_matte_key']}.png"
-        if not cached.is_file():
-            if backend == "mediapipe":
-                todo.append((out / row["aligned_ffhq"], cached))
-            else:
-                face_mask = cv2.imread(str(out / row["mask"]), cv2.IMREAD_GRAYSCALE)
-                cv2.imwrite(str(cached), matte.landmark_matte(face_mask))
-    if todo:
-        matte.run_mediapipe(matte.matte_python(ccfg.matte), todo, batch_size=ccfg.matte.batch_size)
-    used = {f"{row['_matte_key']}.png" for row in faces}
-    for stale in mcache.iterdir():  # mattes of files no longer in the input, or of other per-file configs
-        if stale.name not in used:
-            stale.unlink()
-    for row in faces:
+    pool = ThreadPoolExecutor(max_workers=max(1, ccfg.workers))
+
+    def landmark_one(row: dict[str, Any]) -> None:
+        face_mask = cv2.imread(str(out / row["mask"]), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(mcache / f"{row['_matte_key']}.png"), matte.landmark_matte(face_mask))
+
+    def composite_one(row: dict[str, Any]) -> None:
         stem = row["_stem"]
         row["person_mask"] = f"masks/{stem}_person.png"
         row["matted"] = f"matted/{stem}.png"
         _link(mcache / f"{row['_matte_key']}.png", out / row["person_mask"])
         dst = out / row["matted"]
         if not dst.exists():
-            crop = cv2.imread(str(out / row["aligned_ffhq"]), cv2.IMREAD_COLOR)[..., ::-1]
+            crop = cv2.imread(str(out / row["aligned_ffhq"]), cv2.IMREAD_COLOR)
             alpha = cv2.imread(str(out / row["person_mask"]), cv2.IMREAD_GRAYSCALE)
-            comp = matte.composite(crop, alpha, ccfg.matte.grey)
-            cv2.imwrite(str(dst), comp[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            comp = matte.composite(crop, alpha, ccfg.matte.grey)  # channel order does not matter to a blend
+            cv2.imwrite(str(dst), comp, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+
+    with pool:
+        missing = [row for row in faces if not (mcache / f"{row['_matte_key']}.png").is_file()]
+        if backend == "mediapipe" and missing:
+            todo = [(out / row["aligned_ffhq"], mcache / f"{row['_matte_key']}.png") for row in missing]
+            matte.run_mediapipe(matte.matte_python(ccfg.matte), todo, batch_size=ccfg.matte.batch_size)
+        elif missing:
+            list(pool.map(landmark_one, missing))
+        list(pool.map(composite_one, faces))
+    used = {f"{row['_matte_key']}.png" for row in faces}
+    for stale in mcache.iterdir():  # mattes of files no longer in the input, or of other per-file configs
+        if stale.name not in used:
+            stale.unlink()
