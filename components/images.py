@@ -7,7 +7,6 @@ Components are decorated with a neutral default image; pipelines set each task's
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,19 +25,7 @@ class Images:
     @classmethod
     def load(cls, registry: str | None = None, tag: str | None = None, catalog: Path = CATALOG) -> "Images":
         """References from the catalog, with ``registry``/``tag`` (else the env overrides) applied."""
-        from idforge.ops.images import REGISTRY_ENV, TAG_ENV, load_images
+        from idforge.ops.images import load_images
 
-        saved = {k: os.environ.get(k) for k in (REGISTRY_ENV, TAG_ENV)}
-        try:
-            if registry:
-                os.environ[REGISTRY_ENV] = registry
-            if tag:
-                os.environ[TAG_ENV] = tag
-            images = load_images(catalog)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        images = load_images(catalog, registry=registry, tag=tag)
         return cls(cpu=images.ref("cpu"), cuda=images.ref("cuda"))

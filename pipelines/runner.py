@@ -113,6 +113,7 @@ def submit(
     experiment: str = "idforge",
     run_name: str | None = None,
     images: Images | None = None,
+    service_account: str | None = None,
 ) -> str:
     """Compile ``name`` with ``images`` and submit it to the KFP endpoint ``host``; return the run id."""
     from kfp import compiler
@@ -126,6 +127,7 @@ def submit(
             arguments=dict(arguments or {}),
             run_name=run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             experiment_name=experiment,
+            service_account=service_account,
         )
     return run.run_id
 

@@ -111,6 +111,134 @@ def curate(
     typer.echo(report.summary())
 
 
+def _seeds(spec: str | None) -> list[int] | None:
+    """``0..3`` -> [0, 1, 2, 3]; ``1,5,9`` -> [1, 5, 9]; None -> the protocol's."""
+    from idforge.errors import ConfigError
+
+    if spec is None:
+        return None
+    try:
+        if ".." in spec:
+            lo, hi = spec.split("..", 1)
+            return list(range(int(lo), int(hi) + 1))
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {spec!r} must look like 0..3 or 1,5,9") from None
+
+
+@app.command()
+def prepare(
+    dataset: Annotated[Path, typer.Option(help="Curated dataset directory (output of `idforge curate`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Cache directory (reused across runs).")],
+    model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Cache VAE latents, CLIP features, face and caption embeddings; a second run with the same inputs is a no-op."""
+    from idforge.config import write_resolved_config
+    from idforge.train.prepare import prepare_dataset
+
+    cfg = _load(config, set_)
+    index = prepare_dataset(dataset, model or cfg.model.base, output, cfg.prepare, clip_model=cfg.model.clip,
+                            device=cfg.run.device, local_files_only=cfg.model.local_files_only)
+    write_resolved_config(cfg, output)
+    typer.echo(index.summary())
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Prepared data directory (output of `idforge prepare`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: checkpoints, method.safetensors.")],
+    method: Annotated[Optional[str], typer.Option(help="Population method: infinite-id | id-adapter.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP ranks).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(help="0 = CPU workers.")] = 0.0,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: a local Ray.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run recorded in --output.")] = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train a tuning-free identity adapter with Ray Train (local CPU workers or a cluster)."""
+    from idforge.train.population import train_population
+
+    overrides = list(set_ or []) + ([f"train.method={method}"] if method else [])
+    cfg = _load(config, overrides)
+    result = train_population(cfg, data, model or cfg.model.base, workers=workers, gpus_per_worker=gpus_per_worker,
+                              output_dir=output, resume=resume, ray_address=ray_address,
+                              local_files_only=cfg.model.local_files_only)
+    typer.echo(f"trained {cfg.train.method} for {result.steps} steps -> {result.method_path}")
+
+
+@app.command()
+def generate(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where images, sidecars and index.parquet go.")],
+    refs: Annotated[str, typer.Option(help="Curated dataset dir, folder of identity folders, or photos.")],
+    method: Annotated[Optional[str], typer.Option(help="Method name (default: the one in the artifact).")] = None,
+    artifact: Annotated[Optional[Path], typer.Option(help="Method checkpoint file or per-identity directory.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompt set YAML (default: the protocol's).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="0..3 or 1,5,9 (default: the protocol's).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
+    identity: Annotated[Optional[list[str]], typer.Option(help="Only these identities (repeatable).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Prompts x identities x seeds -> images, each with the exact config and seed that made it (resumable)."""
+    from idforge.evaluate.generate import generate_images
+
+    cfg = _load(config, set_)
+    result = generate_images(method, artifact, refs, prompts, _seeds(seeds), model, output, cfg,
+                             identities=identity or None)
+    typer.echo(result.summary())
+
+
+@app.command()
+def evaluate(
+    generated: Annotated[Path, typer.Option(help="Output directory of `idforge generate`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="metrics.parquet, report.html go here.")],
+    dataset: Annotated[Optional[Path], typer.Option(help="Curated dataset (reference identities).")] = None,
+    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Identity similarity, CLIP-T, CLIP-I, LPIPS, diversity -> metrics.parquet, report.html and an MLflow run."""
+    from idforge.evaluate.run import evaluate_generated
+
+    cfg = _load(config, set_)
+    result = evaluate_generated(generated, dataset, output, cfg, run_name=run_name)
+    typer.echo(result.summary_text())
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Two or more evaluation MLflow run ids.")],
+    output: Annotated[Optional[Path], typer.Option(help="Also write the table (.csv, .md or .parquet).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Side-by-side metrics of evaluation runs, with deltas against the first."""
+    from idforge.evaluate.run import compare_runs
+
+    table = compare_runs(runs, _load(config, set_), output=output)
+    typer.echo(table.to_string())
+
+
+@app.command()
+def register(
+    run: Annotated[str, typer.Option(help="Evaluation MLflow run id.")],
+    gates: Annotated[Path, typer.Option(help="Gates YAML.")] = Path("configs/gates.yaml"),
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default idforge-<method>).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Register the evaluated model; alias `champion` moves only when every gate passes."""
+    from idforge.evaluate.register import register_run
+
+    result = register_run(run, gates, _load(config, set_), model_name=model_name)
+    typer.echo(result.summary())
+    if not result.promoted:
+        raise typer.Exit(code=3)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pipelines
 
@@ -200,6 +328,9 @@ def pipeline_submit(
     gates: Annotated[Optional[Path], typer.Option(help="Gates YAML passed as gates_yaml.")] = None,
     registry: Annotated[Optional[str], typer.Option(help="Image registry prefix.")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Image tag.")] = None,
+    service_account: Annotated[
+        Optional[str], typer.Option(help="Kubernetes service account the run's pods use (k8s/: idforge-pipeline).")
+    ] = "idforge-pipeline",
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -213,7 +344,8 @@ def pipeline_submit(
     arguments.setdefault("config_yaml", dump_config(_load(config, set_)))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
-    run_id = submit(name, host, arguments, experiment=experiment, images=Images.load(registry, tag))
+    run_id = submit(name, host, arguments, experiment=experiment, images=Images.load(registry, tag),
+                    service_account=service_account)
     typer.echo(run_id)
 
 

@@ -20,6 +20,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from idforge.config_section import Section
 from idforge.curate.config import CurateConfig
+from idforge.evaluate.config import EvaluateConfig, GenerateConfig
+from idforge.train.config import PrepareConfig, TrainConfig
 from idforge.errors import ConfigError
 
 __all__ = [
@@ -86,6 +88,10 @@ class IdforgeConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
