@@ -144,6 +144,11 @@ def test_checkpoint_metadata_and_strict_load(tmp_path, tiny_sd15_dir):
         assert meta["unet"]["cross_attention_dim"] == 32
         sd = load_file(str(path))
         assert {k.split(".")[0] for k in sd} == {"face_mapper", "clip_mapper", "image_attn"}
+        from idforge.methods.describe import describe_checkpoint
+
+        text = describe_checkpoint(path)
+        n_attn = sum(v.numel() for k, v in sd.items() if k.startswith("image_attn."))
+        assert "method: infinite-id" in text and f"image_attn: {n_attn:,} parameters" in text
         with pytest.raises(ValueError, match="already attached"):
             m.attach(pipe)
     finally:
@@ -159,3 +164,13 @@ def test_checkpoint_metadata_and_strict_load(tmp_path, tiny_sd15_dir):
         B.load_method(bad, pipe)
     # A failed load leaves the pipeline untouched.
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
+
+
+def test_describe_lists_methods_and_config_keys():
+    from idforge.methods.describe import config_table, describe_method, method_summaries
+
+    rows = {r["name"]: r for r in method_summaries()}
+    assert rows["infinite-id"]["regime"] == "population" and rows["id-adapter"]["summary"].startswith("IDAdapter")
+    table = {r["key"]: r for r in config_table("infinite-id")}
+    assert table["mixed_attention"]["default"] is True and table["scale"]["default"] == 1.0
+    assert "  adain_mean: true (bool)" in describe_method("infinite-id")
