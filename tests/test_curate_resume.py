@@ -128,3 +128,20 @@ def test_bad_inputs_fail_clearly_and_write_nothing(small_input, tmp_path):
     with pytest.raises(DataError, match="identity"):
         curate_dataset(str(small_input), str(tmp_path / "o4"), cfg=_cfg(tmp_path), labels=str(bad_labels))
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_matte_settings_change_without_redoing_per_file_work(small_input, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "ds"
+    curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path))
+    report = curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path, matte={"backend": "landmarks", "grey": 0}))
+    assert report.cached_files == len(PICK)  # the grey level is not a per-file setting
+    m = read_manifest(out)
+    for _, row in m[m["status"] == "accepted"].iterrows():
+        alpha = np.asarray(Image.open(out / row["person_mask"]))
+        matted = np.asarray(Image.open(out / row["matted"]).convert("RGB"))
+        assert (matted[alpha == 0] == 0).all() and (alpha == 0).any()
+    report = curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path, matte={"backend": "none"}))
+    m = read_manifest(out)
+    assert report.cached_files == len(PICK) and (m["matted"] == "").all() and not any((out / "matted").iterdir())

@@ -111,16 +111,17 @@ def create_matte_env(env_dir: str | os.PathLike[str] = DEFAULT_ENV, base_python:
     return python
 
 
-def run_mediapipe(python: Path, items: list[tuple[Path, Path]], batch_size: int = 64, timeout_s: float = 600) -> None:
-    """Person masks for ``items`` [(crop png, mask png out)], one worker call per batch.
+def run_mediapipe(python: Path, items: list[tuple[Path, ...]], batch_size: int = 64, grey: int = 128,
+                  timeout_s: float = 600) -> None:
+    """Person masks for ``items`` [(crop png, mask png out[, composite png out])], one worker call per batch.
 
     Raises:
-        DataError: the worker failed (its stderr's last line is in the message) or left a mask missing.
+        DataError: the worker failed (its stderr's last line is in the message) or left an output missing.
     """
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-            json.dump({"model_selection": 0, "items": [[str(a), str(b)] for a, b in chunk]}, fh)
+            json.dump({"model_selection": 0, "grey": grey, "items": [[str(p) for p in it] for it in chunk]}, fh)
             job = fh.name
         try:
             proc = subprocess.run([str(python), str(WORKER_SCRIPT), job], capture_output=True, text=True,
@@ -130,7 +131,7 @@ def run_mediapipe(python: Path, items: list[tuple[Path, Path]], batch_size: int 
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
             raise DataError(f"the mediapipe matte worker failed on a batch of {len(chunk)} crops: {last}")
-        missing = [str(b) for _, b in chunk if not Path(b).is_file()]
+        missing = [str(p) for it in chunk for p in it[1:] if not Path(p).is_file()]
         if missing:
             raise DataError(f"the mediapipe matte worker did not write {missing[:3]}")
 

@@ -25,10 +25,12 @@ from idforge.curate.config import CurateConfig
 log = logging.getLogger(__name__)
 
 # Bump when the per-file logic changes in a way that changes its outputs: old cache entries stop matching.
-PROCESS_VERSION = 2
+PROCESS_VERSION = 3
 CROP112 = "f{i}_112.png"
 CROP_FFHQ = "f{i}_ffhq.png"
 FACE_MASK = "f{i}_mask.png"
+LANDMARK_MATTE = "f{i}_lmatte.png"
+LANDMARK_MATTED = "f{i}_lmatted_g{grey}.png"
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,20 @@ def analyse_file(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[
         lap("embed")
         np.save(entry / "emb.npy", emb)
         from idforge.curate.dedup import phash
+        from idforge.curate.matte import composite, landmark_matte
 
         for row, (i, aligned) in enumerate(passing):
             record["faces"][i]["phash"] = f"{phash(aligned.crop_ffhq):016x}"
             _write_png(entry / CROP112.format(i=i), aligned.crop112)
             _write_png(entry / CROP_FFHQ.format(i=i), aligned.crop_ffhq)
             _write_png(entry / FACE_MASK.format(i=i), aligned.face_mask)
+            # The landmark matte is cheap and always there (the fallback of any matte backend); its composite is
+            # made here, in parallel, only when it is the one asked for (the grey level is in the file name).
+            lmatte = landmark_matte(aligned.face_mask)
+            _write_png(entry / LANDMARK_MATTE.format(i=i), lmatte)
+            if cfg.matte.backend == "landmarks":
+                grey = cfg.matte.grey
+                _write_png(entry / LANDMARK_MATTED.format(i=i, grey=grey), composite(aligned.crop_ffhq, lmatte, grey))
             record["faces"][i]["emb_index"] = row
         lap("write_crops")
     return record

@@ -224,6 +224,7 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
                 row["_matte_key"] = f"{res['key']}_{i}"
                 row["_stem"] = stem
                 row["_phash"] = f["phash"]
+                row["_entry"] = entry
                 faces.append(row)
                 emb_parts.append(emb[f["emb_index"]])
     dim = int(emb_parts[0].shape[0]) if emb_parts else 0
@@ -282,6 +283,7 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
         row.pop("_matte_key", None)
         row.pop("_stem", None)
         row.pop("_phash", None)
+        row.pop("_entry", None)
     rows.sort(key=lambda r: (r["rel"], r["face_index"]))
     write_table(rows, manifest_schema(), out / "manifest.parquet")
     write_table(ident_rows, identities_schema(), out / "identities.parquet")
@@ -340,49 +342,55 @@ def _row(base: dict[str, Any], status: str, reason: str, face: dict[str, Any] | 
 
 
 def _matte(out: Path, faces: list[dict[str, Any]], ccfg: CurateConfig) -> None:
-    """Person masks (cached by face key + matte backend) and grey-background composites for every cropped face.
+    """Person masks and grey-background composites for every cropped face.
 
-    The per-face image work runs on ``curate.workers`` threads (OpenCV releases the GIL while it decodes, blends
-    and encodes); mediapipe runs as one batch subprocess per ``matte.batch_size`` crops.
+    landmarks: both were made by the per-file workers (in parallel) and are linked from their cache entries.
+    mediapipe: one batch subprocess per ``matte.batch_size`` crops writes mask and composite into the matte cache
+    (keyed by the per-file key, face index and grey level). Anything missing (e.g. the grey level changed) is
+    computed here on ``curate.workers`` threads.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     import cv2
 
     from idforge.curate import matte
+    from idforge.curate.process import LANDMARK_MATTE, LANDMARK_MATTED
 
-    backend = ccfg.matte.backend
+    backend, grey = ccfg.matte.backend, ccfg.matte.grey
     if backend == "none" or not faces:
         return
     mcache = out / "cache" / "matte" / backend
     mcache.mkdir(parents=True, exist_ok=True)
-    pool = ThreadPoolExecutor(max_workers=max(1, ccfg.workers))
+    src: dict[int, tuple[Path, Path]] = {}  # face position -> (person mask, composite)
+    for k, row in enumerate(faces):
+        i = row["face_index"]
+        if backend == "landmarks":
+            src[k] = (row["_entry"] / LANDMARK_MATTE.format(i=i), row["_entry"] / LANDMARK_MATTED.format(i=i, grey=grey))
+        else:
+            src[k] = (mcache / f"{row['_matte_key']}.png", mcache / f"{row['_matte_key']}_g{grey}.png")
+    if backend == "mediapipe":
+        todo = [(out / faces[k]["aligned_ffhq"], m, c) for k, (m, c) in src.items() if not (m.is_file() and c.is_file())]
+        if todo:
+            matte.run_mediapipe(matte.matte_python(ccfg.matte), todo, batch_size=ccfg.matte.batch_size, grey=grey)
 
-    def landmark_one(row: dict[str, Any]) -> None:
-        face_mask = cv2.imread(str(out / row["mask"]), cv2.IMREAD_GRAYSCALE)
-        cv2.imwrite(str(mcache / f"{row['_matte_key']}.png"), matte.landmark_matte(face_mask))
-
-    def composite_one(row: dict[str, Any]) -> None:
+    def place(k: int) -> None:
+        row, (mask_src, comp_src) = faces[k], src[k]
         stem = row["_stem"]
         row["person_mask"] = f"masks/{stem}_person.png"
         row["matted"] = f"matted/{stem}.png"
-        _link(mcache / f"{row['_matte_key']}.png", out / row["person_mask"])
-        dst = out / row["matted"]
-        if not dst.exists():
+        _link(mask_src, out / row["person_mask"])
+        if comp_src.is_file():
+            _link(comp_src, out / row["matted"])
+        else:  # a cached per-file entry made for another grey level or matte backend
             crop = cv2.imread(str(out / row["aligned_ffhq"]), cv2.IMREAD_COLOR)
-            alpha = cv2.imread(str(out / row["person_mask"]), cv2.IMREAD_GRAYSCALE)
-            comp = matte.composite(crop, alpha, ccfg.matte.grey)  # channel order does not matter to a blend
-            cv2.imwrite(str(dst), comp, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            alpha = cv2.imread(str(mask_src), cv2.IMREAD_GRAYSCALE)
+            comp = matte.composite(crop, alpha, grey)  # channel order does not matter to a blend
+            cv2.imwrite(str(out / row["matted"]), comp, [cv2.IMWRITE_PNG_COMPRESSION, 1])
 
-    with pool:
-        missing = [row for row in faces if not (mcache / f"{row['_matte_key']}.png").is_file()]
-        if backend == "mediapipe" and missing:
-            todo = [(out / row["aligned_ffhq"], mcache / f"{row['_matte_key']}.png") for row in missing]
-            matte.run_mediapipe(matte.matte_python(ccfg.matte), todo, batch_size=ccfg.matte.batch_size)
-        elif missing:
-            list(pool.map(landmark_one, missing))
-        list(pool.map(composite_one, faces))
-    used = {f"{row['_matte_key']}.png" for row in faces}
-    for stale in mcache.iterdir():  # mattes of files no longer in the input, or of other per-file configs
-        if stale.name not in used:
-            stale.unlink()
+    with ThreadPoolExecutor(max_workers=max(1, ccfg.workers)) as pool:
+        list(pool.map(place, range(len(faces))))
+    if backend == "mediapipe":
+        used = {p.name for pair in src.values() for p in pair}
+        for stale in mcache.iterdir():  # mattes of files no longer in the input, or of other per-file configs
+            if stale.name not in used:
+                stale.unlink()
