@@ -175,7 +175,8 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     _swap_into_place(partial, final)
     if s3_out:
         open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress)
-    log.info("%s", report.summary())
+    log.info("curated %d files into %s: %d accepted faces, %d identities", report.files, output,
+             report.faces_accepted, report.identities)
     return report
 
 
