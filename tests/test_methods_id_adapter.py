@@ -242,3 +242,23 @@ def test_identity_gap_is_zero_untrained_and_nonzero_when_the_adapter_reads_ident
         assert abs(identity_gap(m, pipe, batch, repeats=1).gap) > 1e-4
     finally:
         m.detach()
+
+
+def test_gradients_are_the_same_with_gradient_checkpointing(pipes, attached):
+    """Checkpointed UNet blocks re-run the processors during backward: the identity must still be there."""
+    pipe = pipes["sd15"]
+    batch = synthetic_batch(pipe, 2, num_refs=2)
+    grads = []
+    try:
+        for checkpointing in (False, True):
+            for p in attached.trainable_parameters():
+                p.grad = None
+            if checkpointing:
+                pipe.unet.enable_gradient_checkpointing()
+                pipe.unet.train()
+            attached.training_loss(batch, pipe, generator=torch.Generator().manual_seed(0))["loss"].backward()
+            grads.append([p.grad.clone() for p in attached.trainable_parameters()])
+    finally:
+        pipe.unet.disable_gradient_checkpointing()
+        pipe.unet.eval()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

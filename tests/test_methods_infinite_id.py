@@ -226,3 +226,23 @@ def test_identity_gap_sees_the_identity(pipes, attached):
     assert gap.match > 0 and abs(gap.gap) > 1e-5
     same = identity_gap(attached, pipe, batch, batch, repeats=1)  # "mismatch" with itself: no gap at all
     assert same.gap == 0.0
+
+
+def test_gradients_are_the_same_with_gradient_checkpointing(pipes, attached):
+    """Checkpointed UNet blocks re-run the processors during backward: the identity must still be there."""
+    pipe = pipes["sd15"]
+    batch = synthetic_batch(pipe, 2)
+    grads = []
+    try:
+        for checkpointing in (False, True):
+            for p in attached.trainable_parameters():
+                p.grad = None
+            if checkpointing:
+                pipe.unet.enable_gradient_checkpointing()
+                pipe.unet.train()
+            attached.training_loss(batch, pipe, generator=torch.Generator().manual_seed(0))["loss"].backward()
+            grads.append([p.grad.clone() for p in attached.trainable_parameters()])
+    finally:
+        pipe.unet.disable_gradient_checkpointing()
+        pipe.unet.eval()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -550,6 +550,14 @@ class BaseMethod(abc.ABC):
         finally:
             self.state.context = previous
 
+    def set_training_context(self, tensors: Mapping[str, Tensor]) -> None:
+        """Make ``tensors`` the identity context for a training forward AND its backward.
+
+        Unlike ``conditioning`` it is not undone on exit: with gradient checkpointing the UNet re-runs the
+        processors during ``backward()``, and they must see the same identity then. The next call replaces it.
+        """
+        self.state.context = dict(tensors)
+
     # -- state dicts --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -270,9 +270,9 @@ class IDAdapter(BaseMethod):
         tokens = self.vision_tokens(batch.face_embeds, batch.clip_patch_tokens)
         text = self._text(pipe, batch, tokens)
         sched = self._scheduler
-        with self.conditioning({"tokens": tokens}):
-            out = diffusion_loss(lambda x, t: unet_call(pipe, x, t, text, batch.add_time_ids), batch.latents, sched,
-                                 noise=batch.noise, timesteps=batch.timesteps, generator=generator)
+        self.set_training_context({"tokens": tokens})  # kept for backward: checkpointed blocks recompute through it
+        out = diffusion_loss(lambda x, t: unet_call(pipe, x, t, text, batch.add_time_ids), batch.latents, sched,
+                             noise=batch.noise, timesteps=batch.timesteps, generator=generator)
         loss = out.loss
         face = torch.zeros((), device=loss.device)
         if cfg.face_loss_weight > 0 and batch.target_kps is not None:

@@ -273,9 +273,9 @@ class InfiniteID(BaseMethod):
         batch.require("latents", "face_embeds", "clip_patch_tokens")
         c_id = self.identity_tokens(batch.face_embeds, batch.clip_patch_tokens)
         text = self._training_text(pipe, batch)
-        with self.conditioning({"c_id": c_id}):
-            out = diffusion_loss(lambda x, t: unet_call(pipe, x, t, text, batch.add_time_ids), batch.latents,
-                                 self._scheduler, noise=batch.noise, timesteps=batch.timesteps, generator=generator)
+        self.set_training_context({"c_id": c_id})  # kept for backward: checkpointed blocks recompute through it
+        out = diffusion_loss(lambda x, t: unet_call(pipe, x, t, text, batch.add_time_ids), batch.latents,
+                             self._scheduler, noise=batch.noise, timesteps=batch.timesteps, generator=generator)
         return {"loss": out.loss, "diffusion": out.loss.detach()}
 
 
