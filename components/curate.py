@@ -23,7 +23,10 @@ def curate(
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
     with start_run(cfg.tracking, run_name="curate", parent_run_id=parent_run_id or None):
         report = curate_dataset(raw_uri, dataset.path, cfg=cfg, labels=labels_uri or None)
-        counts = report.metrics()
+        counts = {
+            "files": report.files, "faces_accepted": report.faces_accepted, "identities": report.identities,
+            "rejected_rows": report.counts.get("rejected", 0), **report.metrics,
+        }  # fmt: skip
         log_metrics(counts)
         log_artifact(f"{dataset.path}/report.json")
     for key, value in counts.items():

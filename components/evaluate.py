@@ -21,7 +21,7 @@ def generate(
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
     result = generate_images(method, model.path, dataset.path, None, None, base_model, generated.path, cfg)
-    generated.metadata.update({"method": method, "images": result.count})
+    generated.metadata.update({"method": method, "images": len(result.index)})
 
 
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
@@ -44,27 +44,26 @@ def evaluate(
     result = evaluate_generated(generated.path, dataset.path, table.path, cfg, run_name="evaluate",
                                 parent_run_id=parent_run_id or None)
     for key, value in result.summary.items():
-        metrics.log_metric(key, float(value))
-    shutil.copyfile(result.report_path, report.path)
+        if value == value:  # KFP metrics reject NaN (e.g. similarity when no face was found)
+            metrics.log_metric(key, float(value))
+    shutil.copyfile(result.report, report.path)
     return result.run_id or ""
 
 
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
-def register(
-    eval_run_id: str,
-    model: Input[Model],
-    method: str,
-    base_model: str,
-    config_yaml: str,
-    gates_yaml: str,
-    compare_to_champion: bool = False,
-) -> str:
-    """Register the model; alias ``champion`` only when every gate passes (and, for retraining, it beats
-    the current champion). Returns the registered version, or "" when a gate failed."""
+def register(eval_run_id: str, config_yaml: str, gates_yaml: str, compare_to_champion: bool = False) -> str:
+    """Register the evaluated model; alias ``champion`` only when every gate passes (and, with
+    ``compare_to_champion``, it beats the current champion). Returns the registry's summary line."""
+    import tempfile
+    from pathlib import Path
+
     from idforge.config import load_config_text
     from idforge.evaluate.register import register_run
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
-    result = register_run(eval_run_id, gates_yaml, cfg=cfg, artifact=model.path, method=method,
-                          base_model=base_model, compare_to_champion=compare_to_champion)
-    return str(result.version or "")
+    with tempfile.TemporaryDirectory() as tmp:
+        gates = Path(tmp) / "gates.yaml"
+        gates.write_text(gates_yaml)
+        result = register_run(eval_run_id, gates, cfg, compare_to_champion=compare_to_champion)
+    print(result.summary())
+    return result.summary()

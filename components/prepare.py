@@ -17,4 +17,4 @@ def prepare(dataset: Input[Dataset], base_model: str, config_yaml: str, prepared
         dataset.path, base_model, prepared.path, cfg.prepare,
         clip_model=cfg.model.clip, local_files_only=cfg.model.local_files_only,
     )  # fmt: skip
-    prepared.metadata.update({"base_model": base_model, "items": index.count})
+    prepared.metadata.update({"base_model": base_model, "items": len(index.items), "computed": index.computed})

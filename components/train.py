@@ -21,18 +21,26 @@ def train_adapter(
     init_from: str = "",
 ):
     """Run ``idforge train`` for ``method``; with ``ray_address`` the job is submitted to that cluster."""
+    import contextlib
+
     from idforge.config import load_config_text
+    from idforge.track import start_run
     from idforge.train.population import train_population
 
     cfg = load_config_text(
         config_yaml, [f"train.method={method}"] + ([f"train.init_from={init_from}"] if init_from else []),
         source="pipeline parameter config_yaml",
     )
-    result = train_population(
-        cfg, prepared.path, base_model, workers=workers, gpus_per_worker=gpus_per_worker,
-        output_dir=model.path, ray_address=ray_address or None, parent_run_id=parent_run_id or None,
-    )  # fmt: skip
+    # With the parent run active, the training run nests under it.
+    parent = start_run(cfg.tracking, run_id=parent_run_id) if parent_run_id else contextlib.nullcontext()
+    with parent:
+        result = train_population(
+            cfg, prepared.path, base_model, workers=workers, gpus_per_worker=gpus_per_worker,
+            output_dir=model.path, ray_address=ray_address or None,
+            local_files_only=cfg.model.local_files_only,
+        )  # fmt: skip
     for key, value in result.metrics.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(key, float(value))
-    model.metadata.update({"method": method, "base_model": base_model, "run_id": result.run_id or ""})
+    model.metadata.update({"method": method, "base_model": base_model, "steps": result.steps,
+                           "mlflow_run_id": result.mlflow_run_id or ""})

@@ -59,8 +59,8 @@ def _evaluate_and_register(
                         config_yaml=config_yaml), images)
     ev = _cpu(evaluate(generated=gen.outputs["generated"], dataset=dataset, config_yaml=config_yaml,
                        parent_run_id=parent), images, cpu="2", memory="8Gi")
-    reg = register(eval_run_id=ev.outputs["Output"], model=model, method=method, base_model=base_model, config_yaml=config_yaml,
-                   gates_yaml=gates_yaml, compare_to_champion=compare_to_champion)
+    reg = register(eval_run_id=ev.outputs["Output"], config_yaml=config_yaml, gates_yaml=gates_yaml,
+                   compare_to_champion=compare_to_champion)
     _cpu(reg, images, memory="2Gi").set_caching_options(False)
     return ev
 

@@ -59,8 +59,12 @@ def run_demo(
         clip = str(clip_dir)
 
     files = config_files if config_files is not None else [repo_root / "configs" / "demo.yaml"]
-    cfg = load_config(files, [f"model.base={model}", f"model.clip={clip}", *(overrides or [])])
+    cfg = load_config(files, [f"model.base={model}", f"model.clip={clip}", f"evaluate.clip_model={clip}",
+                              *(overrides or [])])
     cfg.tracking.uri = tracking_uri(cfg.tracking)
+    # Steps run as subprocesses: every relative path they read must not depend on their working directory.
+    for section in (cfg.generate, cfg.evaluate):
+        section.protocol = str((repo_root / section.protocol).resolve())
     arguments = {
         "raw_uri": str(samples),
         "labels_uri": str(samples / "labels.csv"),
