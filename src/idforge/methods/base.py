@@ -383,7 +383,10 @@ class Method(Protocol):
     def attach(self, pipe: Any) -> None: ...
     def detach(self, pipe: Any | None = None) -> None: ...
     def trainable_parameters(self) -> Iterable[nn.Parameter]: ...
-    def training_loss(self, batch: TrainBatch, pipe: Any) -> dict[str, Tensor]: ...
+    def training_loss(self, batch: TrainBatch, pipe: Any) -> dict[str, Tensor]:
+        """{"loss": scalar to backpropagate, "diffusion": the plain denoising MSE (detached), other detached parts}."""
+        ...
+
     def identity_condition(self, refs: IdentityRefs, pipe: Any) -> Condition: ...
     def generate(self, pipe: Any, prompts: Sequence[str], cond: Condition, **sampling: Any) -> list[Image]: ...
     def state_dict(self) -> dict[str, Tensor]: ...
@@ -514,9 +517,15 @@ class BaseMethod(abc.ABC):
         return sum(p.numel() for p in self.trainable_parameters())
 
     def train(self, mode: bool = True) -> BaseMethod:
-        """Training mode for the method's modules and its processors (``state.mode``)."""
+        """Training mode for the method's modules and its processors (``state.mode``).
+
+        Switching to inference also drops the identity left by the last ``training_loss`` (see
+        ``set_training_context``), so a later plain UNet call does not see a stale identity.
+        """
         self.modules.train(mode)
         self.state.mode = "train" if mode else "infer"
+        if not mode:
+            self.state.context = {}
         return self
 
     def eval(self) -> BaseMethod:
@@ -645,7 +654,8 @@ class TrainingModule(nn.Module):
     """An ``nn.Module`` whose forward is ``method.training_loss`` (for DDP: wrap this, not the UNet).
 
     Only ``method.modules`` is registered as a submodule, so DDP broadcasts and all-reduces just the method's
-    weights; the frozen pipeline is referenced, not owned.
+    weights; the frozen pipeline is referenced, not owned. Build it after ``method.attach(pipe)`` (the modules are
+    created there).
     """
 
     def __init__(self, method: BaseMethod, pipe: Any) -> None:
