@@ -56,6 +56,9 @@ class DreamBoothLoRA(PersonalizedMethod):
         from peft.tuners.lora import LoraLayer
 
         unet = pipe.unet
+        if ADAPTER in getattr(unet, "peft_config", {}):
+            # A previous (detached) LoRA of ours on this UNet: replace it, one identity at a time.
+            unet.delete_adapters(ADAPTER)
         unet.add_adapter(self._lora_config(), adapter_name=ADAPTER)
         layers = nn.ModuleDict()
         for name, module in unet.named_modules():
@@ -72,6 +75,7 @@ class DreamBoothLoRA(PersonalizedMethod):
 
     def on_attach(self, pipe: Any) -> None:
         super().on_attach(pipe)
+        pipe.unet.enable_adapters()
         pipe.unet.set_adapter(ADAPTER)
         self._apply_scale()
 

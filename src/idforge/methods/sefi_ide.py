@@ -6,8 +6,9 @@
   to form the KEYS and with P_i^V to form the VALUES (each through the frozen text encoder, all 2S variants in one
   batched call). The other prompt words are untouched.
 - Face-wise attention loss: the cross-attention maps of the identity token(s), averaged over heads and layers of
-  each resolution, are normalised to [0, 1] and pulled towards the face mask from curation (MSE), so the identity
-  attends to the face and not to layout/background; weight ``attn_loss_weight``.
+  every layer, are pushed inside the face mask from curation: the loss is the share of that attention falling on
+  the background (averaged over layers), so the identity attends to the face and not to layout/background;
+  weight ``attn_loss_weight``.
 
 The per-stage contexts reach the processors through ``encoder_hidden_states`` itself: ``encode_prompts`` returns
 ``[base | K_1 | V_1 | ... | K_S | V_S]`` concatenated along the sequence (each L tokens); every cross-attention
@@ -42,16 +43,18 @@ class SeFiIDEConfig(PersonalizedConfig):
 
 
 def face_attention_loss(attn_map: Tensor, mask: Tensor) -> Tensor:
-    """Face-wise attention loss: MSE between the max-normalised identity attention and the face mask.
+    """Face-wise attention loss: the share of the identity token's attention that falls outside the face.
 
     attn_map: (B, h, w) non-negative attention of the identity token(s) over the spatial positions.
-    mask:     (B, h, w) in [0, 1], 1 = face. Returns a scalar; 0 when the attention is the mask's shape.
+    mask:     (B, h, w) in [0, 1], 1 = face. Returns a scalar in [0, 1] (mean over the batch): 0 when all attention
+    is on the face, 1 when all of it is on the background; scale-free, so it moves WHERE the token attends, not how
+    much (the diffusion loss decides that).
     """
     if attn_map.shape != mask.shape:
         raise ValueError(f"attention map {tuple(attn_map.shape)} and mask {tuple(mask.shape)} differ in shape")
-    a = attn_map.float()
-    a = a / a.flatten(1).amax(1).clamp_min(1e-8)[:, None, None]
-    return ((a - mask.float()) ** 2).mean()
+    a = attn_map.float().flatten(1)
+    outside = (a * (1 - mask.float().flatten(1))).sum(1) / a.sum(1).clamp_min(1e-8)
+    return outside.mean()
 
 
 def stage_of_sites(sites: list[AttnSite], num_stages: int) -> dict[str, int]:

@@ -119,14 +119,14 @@ def load_wplus_encoder(path: str | os.PathLike[str] | None = None, image_size: i
     """
     from idforge.methods.base import check_state_keys
 
+    p = Path(path) if path is not None else None
+    if p is not None and not p.is_file():
+        raise FileNotFoundError(f"W+ encoder checkpoint {p} does not exist (set pidiff encoder_path to a "
+                                "checkpoint of idforge.methods.wplus_encoder.WPlusEncoder, or leave it empty)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         enc = WPlusEncoder(image_size=image_size, width=width)
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"W+ encoder checkpoint {p} does not exist (set pidiff encoder_path to a "
-                                    "checkpoint of idforge.methods.wplus_encoder.WPlusEncoder, or leave it empty)")
+    if p is not None:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
