@@ -67,6 +67,9 @@ class TrainConfig(Section):
 
     method: str = Field(default="infinite-id", description="method name (idforge.methods.available_methods())")
     method_config: dict[str, Any] = Field(default_factory=dict, description="the method's own typed config")
+    init_from: str | None = Field(
+        default=None, description="method.safetensors to start from (fine-tune/retrain); ignored when resuming"
+    )
     # optimisation
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -100,6 +103,11 @@ class TrainConfig(Section):
     )
     flip_prob: float = Field(default=0.5, ge=0, le=1)
     loader_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per training worker")
+    holdout_per_identity: int = Field(
+        default=0, ge=0, description="images per identity kept out of training (targets and references) for "
+        "the held-out identity-gap validation; identities with no more images than this are all trained on"
+    )
+    validate_every: int = Field(default=0, ge=0, description="steps between held-out identity-gap checks; 0 = off")
     # bookkeeping
     checkpoint_every: int = Field(default=500, ge=1, description="optimizer steps between Ray checkpoints")
     report_every: int = Field(default=50, ge=1, description="optimizer steps between metric reports (costly)")

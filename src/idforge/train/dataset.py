@@ -74,20 +74,22 @@ class PreparedDataset:
             raise DataError(f"refs_per_item must be >= 1, got {refs_per_item}")
         self.root = Path(prepared_dir)
         index, self.info = read_prepared(self.root)
-        self.all_items = index.reset_index(drop=True)  # references may come from any item of the identity
-        targets = self.all_items
+        # ``identities``/``keys`` restrict the whole universe: targets AND references (a held-out image must
+        # never be seen in training, not even as a reference).
         if identities is not None:
-            targets = targets[targets["identity"].isin(list(identities))]
+            index = index[index["identity"].isin(list(identities))]
         if keys is not None:
-            targets = targets[targets["key"].isin(list(keys))]
-        if targets.empty:
+            index = index[index["key"].isin(list(keys))]
+        if index.empty:
             raise DataError(f"no prepared item of {self.root} matches the requested identities/keys")
-        self.targets = targets.index.to_numpy()
+        self.all_items = index.reset_index(drop=True)
+        self.targets = self.all_items.index.to_numpy()
         self.refs_per_item = refs_per_item
         self.ref_includes_target = ref_includes_target
         self.flip_prob = flip_prob
         self.seed = seed
         self.members = {ident: grp.index.to_numpy() for ident, grp in self.all_items.groupby("identity", sort=True)}
+        # identity ids index the full prepared list, so they agree between subsets of one prepared dataset
         self.identity_names = list(self.info.get("identities") or sorted(self.members))
         self.resolution = int(self.info["resolution"])
         text = load_file(str(self.root / self.info["text_file"]))
@@ -137,16 +139,25 @@ class PreparedDataset:
         return [int(r) for r in rng.choice(pool, size=self.refs_per_item, replace=replace)]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        import torch
-
         index, position = (key if isinstance(key, tuple) else (key, 0))
         row = int(self.targets[int(index)])
         rng = self._rng(row, position)
-        target = self.item(row)
-        flip = "latents_flip" in target and rng.random() < self.flip_prob
+        flip = "latents_flip" in self.item(row) and rng.random() < self.flip_prob
         noun = self.class_nouns[self.all_items.at[row, "identity"]]
         caption = int(rng.choice(self.caption_rows[noun]))
-        refs = [self.item(r) for r in self.reference_rows(row, rng)]
+        return self.compose(row, self.reference_rows(row, rng), flip=flip, caption=caption)
+
+    def compose(self, row: int, ref_rows: Sequence[int], flip: bool = False, caption: int | None = None
+                ) -> dict[str, torch.Tensor]:
+        """One sample from explicit choices: target ``row`` (of the full index), its reference rows, flip and
+        caption (an index into ``info["captions"]``; None = the identity's first caption)."""
+        import torch
+
+        target = self.item(row)
+        if caption is None:
+            caption = self.caption_rows[self.class_nouns[self.all_items.at[row, "identity"]]][0]
+        refs = [self.item(int(r)) for r in ref_rows]
+        flip = flip and "latents_flip" in target
         latents = target["latents_flip"] if flip else target["latents"]
         h, w = latents.shape[-2:]
         kps = target["target_kps"]

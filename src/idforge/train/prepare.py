@@ -1,7 +1,8 @@
 """The ``prepare`` stage: cache what every training epoch would otherwise recompute.
 
-From a curated dataset (``manifest.parquet``, ``identities.parquet``, ``embeddings.npy``, ``crops/``, ``masks/``) it
-writes, under ``output_dir``::
+From a curated dataset (``manifest.parquet`` accepted rows: ``aligned`` ArcFace 112 crop, ``aligned_ffhq`` FFHQ-style
+crop, ``mask`` face mask in the FFHQ crop's frame, ``matted``, ``embedding_row``; ``identities.parquet``;
+``embeddings.npy``) it writes, under ``output_dir``::
 
     items/<k[:2]>/<k>.safetensors   one file per accepted face, named by its content key k (below):
         latents            (4, h, w)   VAE latents of the aligned crop at the training resolution, x scaling_factor
@@ -156,29 +157,8 @@ def _resolve(root: Path, value: Any) -> Path | None:
     return p if p.is_absolute() else root / p
 
 
-def _size_variant(path: Path, size: int) -> Path | None:
-    """The sibling crop of another size, by the curation layout's naming (``..._512.png`` <-> ``..._112.png``,
-    or ``crops/512/x.png`` <-> ``crops/112/x.png``)."""
-    other = "112" if size == 112 else "512"
-    this = "512" if size == 112 else "112"
-    for cand in (
-        path.with_name(path.name.replace(f"_{this}", f"_{other}")),
-        path.parent.parent / other / path.name if path.parent.name == this else None,
-    ):
-        if cand is not None and cand != path and cand.is_file():
-            return cand
-    return None
-
-
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value)
-
-
-def _pick(row: Any, names: Sequence[str]) -> Any:
-    for n in names:
-        if n in row and not _missing(row[n]):
-            return row[n]
-    return None
 
 
 def _as_kps(value: Any) -> np.ndarray | None:
@@ -199,14 +179,13 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
         DataError: a required file or column is missing, no face is accepted, an embedding row or crop is missing.
     """
     import pandas as pd
-    from PIL import Image
 
     root = Path(dataset_dir)
     manifest_path = root / "manifest.parquet"
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path} does not exist: point --dataset at the output of `idforge curate`")
     manifest = pd.read_parquet(manifest_path)
-    need = {"status", "identity", "sha256", "embedding_row"}
+    need = {"status", "identity", "sha256", "embedding_row", "aligned", "aligned_ffhq"}
     missing = sorted(need - set(manifest.columns))
     if missing:
         raise DataError(f"{manifest_path} lacks columns {missing}: re-run `idforge curate` to rewrite it")
@@ -228,19 +207,13 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
                         "(check the curation report for the rejection reasons)")
     rows: list[_Row] = []
     for rec in acc.to_dict("records"):
-        crop = _resolve(root, _pick(rec, ("aligned_512", "aligned")))
+        crop = _resolve(root, rec.get("aligned_ffhq"))
         if crop is None or not crop.is_file():
             raise DataError(f"aligned crop {crop} of {rec.get('source')} is missing: the dataset at {root} is "
                             "incomplete, re-run `idforge curate`")
-        with Image.open(crop) as im:
-            side = im.size[0]
-        crop112 = _resolve(root, rec.get("aligned_112"))
-        if side == 112:  # `aligned` named the ArcFace crop: find the large one beside it
-            crop112, crop = crop, _size_variant(crop, 512) or crop
-        elif crop112 is None:
-            crop112 = _size_variant(crop, 112)
+        crop112 = _existing(_resolve(root, rec.get("aligned")))
         row_idx = rec["embedding_row"]
-        if row_idx is None or not 0 <= int(row_idx) < embeddings.shape[0]:
+        if _missing(row_idx) or not 0 <= int(row_idx) < embeddings.shape[0]:
             raise DataError(f"embedding_row {row_idx} of {rec.get('source')} is outside {emb_path} "
                             f"({embeddings.shape[0]} rows): the dataset is inconsistent, re-run `idforge curate`")
         landmarks = _as_kps(rec.get("landmarks5"))
@@ -252,7 +225,7 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
             sha256=str(rec["sha256"]),
             face_index=int(rec.get("face_index", 0) or 0),
             crop512=crop,
-            crop112=crop112 if crop112 is not None and crop112.is_file() else None,
+            crop112=crop112,
             mask=_existing(_resolve(root, rec.get("mask"))),
             matted=_existing(_resolve(root, rec.get("matted"))),
             landmarks5=landmarks,

@@ -1,13 +1,13 @@
 """Small curated datasets in the ``idforge curate`` output schema, for tests, demos and benchmarks of training.
 
-- ``write_curated_from_photos``: real photos -> detect, align (ArcFace 112 + FFHQ 512), embed and mask with
-  ``idforge.faces`` (the same code curation uses), one identity label per photo given by the caller.
-- ``write_curated_synthetic``: drawn "faces" whose colours and proportions depend on the identity, with identity
-  embeddings clustered per identity; no face model needed (benchmarks, fast tests).
+``write_curated_synthetic`` draws "faces" whose colours and proportions depend on the identity, with identity
+embeddings clustered per identity: no face model and no photo needed (benchmarks, fast tests). Real photos go
+through ``idforge curate`` instead.
 
-Both write ``manifest.parquet`` (accepted rows only: source, sha256, status, reason, face_index, bbox, landmarks5,
-det_score, identity, aligned (512 crop), aligned_112, mask, embedding_row), ``identities.parquet``,
-``embeddings.npy`` (N, D) float32 L2-normalised, ``crops/`` and ``masks/``.
+It writes what ``idforge.curate`` writes (``idforge.curate.manifest``): ``manifest.parquet`` (accepted rows: source,
+sha256, status, reason, face_index, bbox, landmarks5, det_score, identity, aligned (ArcFace 112 crop), aligned_ffhq
+(512 crop), mask (face mask in the 512 crop's frame), embedding_row), ``identities.parquet``, ``embeddings.npy``
+(N, D) float32 L2-normalised, ``crops/`` and ``masks/``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,10 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], embeddings: np.ndarray)
     ids = manifest.groupby("identity", sort=True)
     identities = pd.DataFrame({
         "identity": list(ids.groups),
-        "count": [len(g) for _, g in ids],
+        "members": [len(g) for _, g in ids],
         "centroid_row": [int(g["embedding_row"].iloc[0]) for _, g in ids],
         "label": list(ids.groups),
+        "embedding_dim": [int(embeddings.shape[1])] * len(ids.groups),
     })
     with atomic_path(out / "manifest.parquet") as tmp:
         manifest.to_parquet(tmp, index=False)
@@ -52,49 +52,6 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], embeddings: np.ndarray)
     np.save(buf, embeddings.astype(np.float32))
     atomic_write_bytes(out / "embeddings.npy", buf.getvalue())
     return out
-
-
-def write_curated_from_photos(photos: Sequence[tuple[str | os.PathLike[str], str]], out_dir: str | os.PathLike[str],
-                              analyzer: Any) -> Path:
-    """Curate ``(photo path, identity)`` pairs with ``analyzer`` (an ``idforge.faces.FaceAnalyzer``): largest face.
-
-    Raises ``DataError`` naming a photo in which no face is found.
-    """
-    from PIL import Image, ImageOps
-
-    from idforge.faces.align import align_face, alignment_matrix
-    from idforge.faces.masks import face_mask_in_crop
-
-    out = Path(out_dir)
-    (out / "crops").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    rows, crops112 = [], []
-    for path, identity in photos:
-        data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-        faces = analyzer.detect(rgb)
-        if not faces:
-            raise DataError(f"no face found in {path}")
-        face = faces[0]
-        sha = hashlib.sha256(data).hexdigest()
-        stem = f"{identity}_{sha[:12]}"
-        c112 = align_face(rgb, face.kps, 112)
-        c512 = align_face(rgb, face.kps, 512, border="reflect")
-        mask = face_mask_in_crop(face, alignment_matrix(face.kps, 512), 512)
-        atomic_write_bytes(out / "crops" / f"{stem}_112.png", _png(c112))
-        atomic_write_bytes(out / "crops" / f"{stem}_512.png", _png(c512))
-        atomic_write_bytes(out / "masks" / f"{stem}_512.png", _png(mask))
-        crops112.append(c112)
-        rows.append({
-            "source": str(path), "sha256": sha, "status": "accepted", "reason": "", "face_index": 0,
-            "bbox": [float(v) for v in face.bbox], "landmarks5": np.asarray(face.kps, np.float64).tolist(),
-            "det_score": float(face.det_score), "identity": identity,
-            "aligned": f"crops/{stem}_512.png", "aligned_112": f"crops/{stem}_112.png",
-            "mask": f"masks/{stem}_512.png", "embedding_row": len(rows),
-        })
-    embeddings = analyzer.embed_aligned(np.stack(crops112))
-    return _write_tables(out, rows, embeddings)
 
 
 def _draw_face(rng: np.random.Generator, palette: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,14 +130,14 @@ def write_curated_synthetic(out_dir: str | os.PathLike[str], identities: int = 4
             mask = cv2.GaussianBlur(mask, (0, 0), 3)
             atomic_write_bytes(out / "crops" / f"{stem}_112.png", _png(c112))
             atomic_write_bytes(out / "crops" / f"{stem}_512.png", _png(c512))
-            atomic_write_bytes(out / "masks" / f"{stem}_512.png", _png(mask))
+            atomic_write_bytes(out / "masks" / f"{stem}_face.png", _png(mask))
             e = direction + rng.normal(scale=0.5 / np.sqrt(embedding_dim), size=embedding_dim)  # |noise| ~ 0.5
             embeddings.append(e / np.linalg.norm(e))
             rows.append({
                 "source": f"photos/{stem}.png", "sha256": sha, "status": "accepted", "reason": "", "face_index": 0,
                 "bbox": [float(v) for v in (*kps.min(0) - 40, *kps.max(0) + 40)], "landmarks5": kps.tolist(),
                 "det_score": 0.99, "identity": identity,
-                "aligned": f"crops/{stem}_512.png", "aligned_112": f"crops/{stem}_112.png",
-                "mask": f"masks/{stem}_512.png", "embedding_row": len(rows),
+                "aligned": f"crops/{stem}_112.png", "aligned_ffhq": f"crops/{stem}_512.png",
+                "mask": f"masks/{stem}_face.png", "embedding_row": len(rows),
             })
     return _write_tables(out, rows, np.stack(embeddings))

@@ -1,0 +1,432 @@
+"""The population training loop, written once and run by Ray Train workers (``population.train_fn``) or in-process.
+
+One flat loop: load the frozen base pipeline, attach the method, wrap ``TrainingModule`` in DDP when there is more
+than one worker, AdamW on the method's parameters, gradient accumulation, optional EMA, bf16 autocast on GPU.
+Every random draw is reproducible: the data stream is a pure function of (seed, position) and each rank's noise
+comes from its own generator, checkpointed with the rest, so a resumed run continues bit-for-bit (on CPU).
+
+The environment (``LoopEnv``) supplies rank, world size, device, the checkpoint to resume from and ``report``;
+the loop never imports Ray itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from idforge.train import checkpoint as ckpt
+from idforge.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# method defaults for the data sampling: (references per item, may the target be a reference)
+_SAMPLING = {"infinite-id": (1, False), "id-adapter": (None, True)}
+# prepared shapes -> method config fields that must match them (filled in when the user did not set them)
+_DATA_DIMS = {
+    "face_dim": ("face_embed", -1),
+    "clip_dim": ("clip_patch_tokens", -1),
+    "clip_embed_dim": ("clip_image_embed", -1),
+    "clip_tokens": ("clip_patch_tokens", 0),
+}
+
+
+class LoopSpec(BaseModel):
+    """Everything a worker needs, as plain data (it crosses process boundaries)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: dict[str, Any]
+    data_dir: str
+    model: str
+    model_kind: str = "auto"
+    local_files_only: bool = True
+    tracking: dict[str, Any] | None = None  # TrackingConfig with the URI resolved by the driver
+    mlflow_run_id: str | None = None
+    fault_step: int | None = None  # tests/drills: raise once after this optimizer step ...
+    fault_marker: str | None = None  # ... on each rank whose marker file (suffixed .rank<r>) does not exist yet
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.train)
+
+
+class LoopEnv(Protocol):
+    rank: int
+    world_size: int
+    device: Any
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+
+    def report(self, metrics: dict[str, Any], write: Callable[[Path], None] | None) -> None: ...
+
+
+class LocalEnv:
+    """Single-process environment: checkpoints in ``<dir>/checkpoint_<step>``, the newest ``keep`` kept."""
+
+    def __init__(self, checkpoint_root: str | Path, device: str = "cpu", keep: int = 2) -> None:
+        import torch
+
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device(device)
+        self.root = Path(checkpoint_root)
+        self.keep = keep
+        self.reports: list[dict[str, Any]] = []
+
+    def _dirs(self) -> list[Path]:
+        return sorted(self.root.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[1]))
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        dirs = self._dirs()
+        yield dirs[-1] if dirs else None
+
+    def report(self, metrics: dict[str, Any], write: Callable[[Path], None] | None) -> None:
+        self.reports.append(dict(metrics))
+        if write is None:
+            return
+        from idforge.io.atomic import atomic_path
+
+        with atomic_path(self.root / f"checkpoint_{int(metrics['step']):08d}") as tmp:
+            tmp.mkdir(parents=True)
+            write(tmp)
+        for old in self._dirs()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sampling_defaults(method: Any, cfg: TrainConfig) -> tuple[int, bool]:
+    """(refs per item, may the target be a reference): the config's, else the method's."""
+    n, include = _SAMPLING.get(method.name, (1, False))
+    if n is None:
+        n = int(getattr(method.config, "num_refs", 1))
+    return (cfg.refs_per_item or n, include if cfg.ref_includes_target is None else cfg.ref_includes_target)
+
+
+def method_config_for_data(name: str, user: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """The user's method config plus the feature sizes of the prepared data for fields the user left unset."""
+    from idforge.methods.registry import method_class
+
+    fields = method_class(name).Config.model_fields
+    shapes = info.get("shapes", {})
+    out = dict(user)
+    for fname, (tensor, axis) in _DATA_DIMS.items():
+        if fname in fields and fname not in out and tensor in shapes:
+            out[fname] = int(shapes[tensor][axis])
+    return out
+
+
+def weight_checksum(params: list[Any]) -> str:
+    """sha256 of the parameters' float32 bytes, in order: equal on two ranks iff their weights are identical."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _precision(cfg: TrainConfig, device: Any) -> tuple[Any, str]:
+    """(autocast dtype or None, frozen weights dtype name). CPU always computes in float32."""
+    import torch
+
+    if device.type != "cuda" or cfg.mixed_precision == "no":
+        return None, "float32" if cfg.frozen_dtype == "auto" else cfg.frozen_dtype
+    amp = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+    frozen = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[amp] if cfg.frozen_dtype == "auto" \
+        else cfg.frozen_dtype
+    return amp, frozen
+
+
+def load_frozen_pipeline(model: str, kind: str, dtype: str, device: Any, local_files_only: bool,
+                         cfg: TrainConfig) -> Any:
+    """The base pipeline with every base weight frozen (before the method attaches its own modules)."""
+    import torch
+
+    from idforge.diffusion.loading import load_pipeline
+
+    pipe = load_pipeline(model, kind=kind, dtype=dtype, device=str(device), local_files_only=local_files_only)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mod = getattr(pipe, name, None)
+        if mod is not None:
+            mod.requires_grad_(False).eval()
+    if device.type == "cuda":
+        if cfg.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class _Tracker:
+    """Rank 0's MLflow logging into the driver's run (no-op without one); all MLflow calls of the loop go here."""
+
+    def __init__(self, spec: LoopSpec, rank: int) -> None:
+        self.enabled = rank == 0 and spec.mlflow_run_id is not None and spec.tracking is not None
+        self._stack = contextlib.ExitStack()
+        if self.enabled:
+            from idforge.config import TrackingConfig
+            from idforge.track import start_run
+
+            self._stack.enter_context(start_run(TrackingConfig.model_validate(spec.tracking),
+                                                run_id=spec.mlflow_run_id))
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.enabled:
+            from idforge.track import log_metrics
+
+            log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def grid(self, images: list[Any], step: int) -> None:
+        if self.enabled and images:
+            from idforge.track import log_image_grid
+
+            cols = min(len(images), 4)
+            log_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols,
+                           artifact_file=f"samples/step_{step:08d}.png")
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if exc is None:
+            self._stack.close()
+        else:
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def run_loop(spec: LoopSpec, env: LoopEnv) -> dict[str, Any]:
+    """Train ``spec.train.method`` on ``spec.data_dir``; returns the last reported metrics."""
+    tracker = _Tracker(spec, env.rank)
+    try:
+        result = _run(spec, env, tracker)
+    except BaseException as exc:
+        tracker.close(exc)
+        raise
+    tracker.close()
+    return result
+
+
+def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from idforge.methods.base import TrainBatch, TrainingModule, get_method
+    from idforge.train.dataset import PreparedDataset, make_loader, read_prepared
+    from idforge.train.validation import identity_gap, split_holdout
+
+    cfg = spec.train_config()
+    rank, world, device = env.rank, env.world_size, env.device
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    # Same seed on every rank for the method's initial weights (DDP broadcasts rank 0's anyway); a per-rank
+    # generator for the noise and timesteps, so ranks draw different noise.
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank)
+
+    amp_dtype, frozen_dtype = _precision(cfg, device)
+    pipe = load_frozen_pipeline(spec.model, spec.model_kind, frozen_dtype, device, spec.local_files_only, cfg)
+    _, info = read_prepared(spec.data_dir)
+    method = get_method(cfg.method, method_config_for_data(cfg.method, cfg.method_config, info))
+    method.attach(pipe)
+    method.train()
+    params = method.trainable_parameters()
+    if not params:
+        raise ValueError(f"method {cfg.method!r} has no trainable parameters")
+    if cfg.compile_unet and device.type == "cuda":
+        pipe.unet = torch.compile(pipe.unet)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+    warmup = cfg.warmup_steps
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    ema = [p.detach().clone() for p in params] if cfg.ema else None
+
+    step = 0
+    with env.latest_checkpoint() as resume_dir:  # noqa: SIM117
+        if resume_dir is not None:
+            state = ckpt.read_state(resume_dir)
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            if ema is not None and state.get("ema") is not None:
+                for e, saved in zip(ema, state["ema"]):
+                    e.copy_(saved.to(e.device))
+            step = int(state["step"])
+            rng = ckpt.read_rng(resume_dir, rank)
+            if rng is not None:
+                ckpt.restore_rng(rng, generator)
+            else:  # the world size changed: a fresh but deterministic stream for this rank
+                generator.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * step)
+            log.info("rank %d resumed from %s at step %d", rank, resume_dir, step)
+        elif cfg.init_from:
+            _init_from(method, cfg.init_from)
+
+    resumed_from = step  # 0 for a fresh start; reported so a recovery is visible in the metrics
+    module = TrainingModule(method, pipe)
+    model = module
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=cfg.find_unused_parameters)
+
+    refs, include_target = sampling_defaults(method, cfg)
+    index, _ = read_prepared(spec.data_dir)
+    train_keys, heldout_keys = split_holdout(index, cfg.holdout_per_identity, cfg.seed)
+    dataset = PreparedDataset(spec.data_dir, refs_per_item=refs, ref_includes_target=include_target,
+                              flip_prob=cfg.flip_prob, seed=cfg.seed, keys=train_keys)
+    heldout = (PreparedDataset(spec.data_dir, keys=heldout_keys, ref_includes_target=True)
+               if heldout_keys and cfg.validate_every else None)
+    per_step = cfg.batch_size * cfg.grad_accum
+    loader = make_loader(dataset, cfg.batch_size, rank, world, cfg.seed, start_sample=step * per_step,
+                         num_workers=cfg.loader_workers)
+    batches = iter(loader)
+    if rank == 0:
+        log.info("training %s (%d trainable parameters) on %d items, %d worker(s), from step %d to %d",
+                 cfg.method, sum(p.numel() for p in params), len(dataset), world, step, cfg.steps)
+
+    window: dict[str, float] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    last: dict[str, Any] = {}
+    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    while step < cfg.steps:
+        for micro in range(cfg.grad_accum):
+            batch = TrainBatch.from_dict(next(batches)).to(device)
+            sync = micro == cfg.grad_accum - 1
+            no_sync = model.no_sync() if (distributed and not sync) else contextlib.nullcontext()
+            with no_sync:
+                with autocast:
+                    out = model(batch, generator=generator)
+                loss = out["loss"] / cfg.grad_accum
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            for k, v in out.items():
+                window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+                     else torch.zeros(()))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.ema_decay)
+        step += 1
+        window_steps += 1
+        window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
+
+        if spec.fault_step is not None and step == spec.fault_step and spec.fault_marker:
+            marker = Path(f"{spec.fault_marker}.rank{rank}")
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+
+        checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
+        if step % cfg.report_every == 0 or checkpoint_now:
+            elapsed = time.perf_counter() - window_start
+            metrics = {k: v / window_steps for k, v in window.items()}
+            if distributed:
+                keys = sorted(metrics)
+                t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                metrics = dict(zip(keys, (t / world).tolist()))
+            checksum = weight_checksum(params)
+            checksums = [checksum]
+            if distributed:
+                checksums = [None] * world
+                dist.all_gather_object(checksums, checksum)
+            metrics.update(step=step, resumed_from=resumed_from, lr=lr_schedule.get_last_lr()[0], world_size=world,
+                           samples_per_s=window_steps * per_step * world / max(elapsed, 1e-9),
+                           weight_checksum=checksum, weight_checksums=checksums)
+            if heldout is not None and rank == 0 and (step % cfg.validate_every == 0 or step == cfg.steps):
+                gap = identity_gap(method, pipe, heldout, dataset, refs_per_item=refs, seed=cfg.seed)
+                metrics.update(val_matched=gap.match, val_mismatched=gap.mismatch, val_identity_gap=gap.gap)
+            writer = None
+            if checkpoint_now:
+                state = None
+                if rank == 0:
+                    state = {
+                        "method": {k: v.detach().cpu() for k, v in method.state_dict().items()},
+                        "optimizer": optimizer.state_dict(),
+                        "lr_schedule": lr_schedule.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "ema": [e.detach().cpu() for e in ema] if ema is not None else None,
+                        "step": step,
+                        "samples_per_rank": step * per_step,
+                        "world_size": world,
+                        "config": json.dumps(spec.train, sort_keys=True, default=str),
+                    }
+                export = None
+                if ema is not None and cfg.export_ema:
+                    names = [n for n, p in method.modules.named_parameters() if p.requires_grad]
+                    export = {**method.state_dict(), **{n: e.detach() for n, e in zip(names, ema)}}
+
+                def writer(d: Path, state=state, export=export) -> None:
+                    ckpt.write_rank_files(d, rank, generator, state, method if rank == 0 else None, export)
+
+            env.report(metrics, writer)
+            tracker.metrics({k: v for k, v in metrics.items() if k not in ("weight_checksum", "weight_checksums")},
+                            step)
+            if rank == 0:
+                log.info("step %d/%d loss %.4f (%.2f samples/s)", step, cfg.steps, metrics.get("loss", float("nan")),
+                         metrics["samples_per_s"])
+            last = metrics
+            window, window_steps, window_start = {}, 0, time.perf_counter()
+
+        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
+            tracker.grid(_sample_grid(method, pipe, dataset, cfg, refs), step)
+    return last
+
+
+def _init_from(method: Any, path: str) -> None:
+    """Load a previous ``method.safetensors`` of the same method (strict keys) as the starting weights."""
+    from safetensors.torch import load_file
+
+    from idforge.errors import ConfigError
+    from idforge.methods.base import read_method_metadata
+
+    if not Path(path).is_file():
+        raise ConfigError(f"train.init_from={path} does not exist: give the method.safetensors of an earlier run")
+    meta = read_method_metadata(path)
+    if meta["method"] != method.name:
+        raise ConfigError(f"train.init_from={path} holds method {meta['method']!r}, not {method.name!r}")
+    method.load_state_dict(load_file(path))
+    log.info("initialised %s from %s", method.name, path)
+
+
+def _sample_grid(method: Any, pipe: Any, dataset: Any, cfg: TrainConfig, refs: int) -> list[Any]:
+    """Images of the first identity for each sample prompt (one seed), generated with the live weights."""
+    identity = sorted(dataset.members)[0]
+    id_refs = dataset.identity_refs(identity, n=refs)
+    prompts = [p.format(class_noun=id_refs.class_noun) for p in cfg.sample_prompts]
+    try:
+        cond = method.identity_condition(id_refs.to(pipe.unet.device), pipe)
+        return method.generate(pipe, prompts, cond, seeds=[cfg.seed], num_inference_steps=cfg.sample_steps)
+    finally:
+        method.train()

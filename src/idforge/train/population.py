@@ -1,0 +1,299 @@
+"""Population training with Ray Train: ``train_population`` (driver) and ``train_fn`` (each worker).
+
+The driver starts (or joins) Ray, opens the MLflow run, builds a ``TorchTrainer`` (Train V2) with
+``ScalingConfig(num_workers=N, use_gpu=...)`` and ``FailureConfig(max_failures=...)``, and after training copies
+the final ``method.safetensors`` out of the last checkpoint next to the resolved config and a metrics JSON.
+Workers run ``idforge.train.loop.run_loop``; a failed worker group restarts from the latest checkpoint.
+
+Re-running with the same output directory resumes that run (Ray restores its checkpoint history from
+``storage_path``); ``resume=False`` starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idforge.errors import ConfigError, DataError
+from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.train.config import TrainConfig
+from idforge.train.loop import LocalEnv, LoopSpec, run_loop
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "train"
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    output_dir: Path
+    method_path: Path  # method.safetensors (load with idforge.methods.base.load_method)
+    steps: int
+    metrics: dict[str, Any]  # last reported metrics of rank 0 (loss, lr, samples_per_s, weight_checksums, ...)
+    checkpoint: Path | None = None  # the last training checkpoint (full state)
+    mlflow_run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _RayEnv:
+    """``LoopEnv`` over Ray Train's worker context."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict[str, Any], write: Any) -> None:
+        import tempfile
+
+        import ray.train
+
+        if write is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="idforge-ckpt-") as d:
+            write(Path(d))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_fn(config: dict[str, Any]) -> None:
+    """The Ray Train worker entry point: a pure function of ``config`` (a ``LoopSpec`` as a dict)."""
+    run_loop(LoopSpec.model_validate(config), _RayEnv())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def _split_config(cfg: Any) -> tuple[TrainConfig, Any, Any]:
+    """(train section, tracking section or None, root config or None) from a root config or a TrainConfig."""
+    if isinstance(cfg, TrainConfig):
+        return cfg, None, None
+    train = getattr(cfg, "train", None)
+    if not isinstance(train, TrainConfig):
+        raise ConfigError("train_population needs a TrainConfig or a root config with a `train:` section")
+    return train, getattr(cfg, "tracking", None), cfg
+
+
+def _resolved_tracking(tracking: Any) -> dict[str, Any] | None:
+    """The tracking section with its URI made absolute here, so workers (other CWDs, other nodes) log to it."""
+    if tracking is None or not getattr(tracking, "enabled", True):
+        return None
+    from idforge.track import tracking_uri
+
+    return tracking.model_copy(update={"uri": tracking_uri(tracking)}).model_dump(mode="json")
+
+
+@contextlib.contextmanager
+def _mlflow_run(tracking: dict[str, Any] | None, output_dir: Path, run_name: str, train_cfg: TrainConfig,
+                root_cfg: Any, resume: bool) -> Iterator[str | None]:
+    """The driver's MLflow run (resumed when the output directory recorded one); yields its id or None."""
+    if tracking is None:
+        yield None
+        return
+    from idforge.config import TrackingConfig
+    from idforge.track import log_config, start_run
+
+    id_file = output_dir / "mlflow_run_id"
+    run_id = id_file.read_text().strip() if (resume and id_file.is_file()) else None
+    with start_run(TrackingConfig.model_validate(tracking), run_name=run_name, run_id=run_id,
+                   tags={"idforge.stage": "train", "idforge.method": train_cfg.method}) as run:
+        if run is None:
+            yield None
+            return
+        if run_id is None:
+            log_config(root_cfg if root_cfg is not None else train_cfg)
+            atomic_write_text(id_file, run.info.run_id)
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None, num_cpus: int, num_gpus: int) -> Iterator[None]:
+    """Use a running Ray, connect to ``address``, or start a local one (stopped again afterwards)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus or None, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _check_data(data_dir: Path) -> dict[str, Any]:
+    from idforge.train.dataset import read_prepared
+
+    _, info = read_prepared(data_dir)
+    return info
+
+
+def train_population(
+    cfg: Any,
+    data_dir: str | os.PathLike[str],
+    model: str,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    *,
+    output_dir: str | os.PathLike[str],
+    resume: bool = True,
+    ray_address: str | None = None,
+    run_name: str | None = None,
+    model_kind: str = "auto",
+    local_files_only: bool = True,
+    fault_step: int | None = None,
+    fault_marker: str | os.PathLike[str] | None = None,
+) -> TrainResult:
+    """Train a population method with Ray Train ``TorchTrainer`` on ``workers`` workers.
+
+    Args:
+        cfg: a ``TrainConfig``, or the root config (its ``train`` and ``tracking`` sections are used).
+        data_dir: a ``prepare`` output directory.
+        model: base model id or directory (the one the data was prepared with).
+        workers: Ray Train workers (DDP ranks); gloo on CPU, NCCL on GPU.
+        gpus_per_worker: 0 = CPU workers; 1 = one GPU each (fractions share a GPU).
+        output_dir: where ``method.safetensors``, ``config.resolved.yaml`` and ``metrics.json`` go.
+        resume: continue the run recorded in ``output_dir`` (if any) from its latest checkpoint.
+        ray_address: a Ray cluster address ("ray://host:10001", "auto"); None starts a local Ray.
+        fault_step, fault_marker: inject one failure per rank after that step (tests and recovery drills).
+    Raises:
+        DataError: ``data_dir`` is not a prepared dataset. ConfigError: bad settings.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train_cfg, tracking_cfg, root = _split_config(cfg)
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    data_dir = Path(data_dir).resolve()
+    info = _check_data(data_dir)
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = train_cfg.storage_path or str(out / "ray")
+    name = run_name or RUN_NAME
+    local_run = Path(storage) / name
+    if not resume and "://" not in storage and local_run.exists():
+        log.warning("resume=False: removing the previous run state at %s", local_run)
+        shutil.rmtree(local_run)
+        (out / "mlflow_run_id").unlink(missing_ok=True)
+    use_gpu = gpus_per_worker > 0
+    tracking = _resolved_tracking(tracking_cfg)
+    model_arg = str(Path(model).resolve()) if Path(model).exists() else model
+    with _mlflow_run(tracking, out, f"train-{train_cfg.method}", train_cfg, root, resume) as mlflow_run_id:
+        spec = LoopSpec(
+            train=train_cfg.model_dump(mode="json"), data_dir=str(data_dir), model=model_arg, model_kind=model_kind,
+            local_files_only=local_files_only, tracking=tracking, mlflow_run_id=mlflow_run_id,
+            fault_step=fault_step, fault_marker=str(fault_marker) if fault_marker else None,
+        )
+        resources = {"CPU": train_cfg.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = gpus_per_worker
+        with _ray_session(ray_address, num_cpus=max(workers * train_cfg.cpus_per_worker, 1),
+                          num_gpus=int(workers * gpus_per_worker + 0.999) if use_gpu else 0):
+            trainer = TorchTrainer(
+                train_fn,
+                train_loop_config=spec.model_dump(mode="json"),
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+                run_config=RunConfig(
+                    name=name, storage_path=storage,
+                    failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
+                ),
+            )
+            result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise DataError(f"training at {local_run} ended without a checkpoint")
+        with result.checkpoint.as_directory() as d:
+            final = _export(Path(d), out, train_cfg, root, result.metrics, info)
+        if mlflow_run_id is not None:
+            from idforge.track import log_artifact
+
+            for f in ("method.safetensors", "metrics.json"):
+                log_artifact(out / f)
+    return TrainResult(output_dir=out, method_path=out / "method.safetensors", steps=int(result.metrics["step"]),
+                       metrics=dict(result.metrics), checkpoint=Path(result.checkpoint.path),
+                       mlflow_run_id=mlflow_run_id, extra=final)
+
+
+def train_local(
+    cfg: TrainConfig,
+    data_dir: str | os.PathLike[str],
+    model: str,
+    *,
+    output_dir: str | os.PathLike[str],
+    device: str = "cpu",
+    local_files_only: bool = True,
+    fault_step: int | None = None,
+    fault_marker: str | os.PathLike[str] | None = None,
+) -> TrainResult:
+    """The same loop in this process on one device (no Ray, no DDP): quick experiments, tests, benchmarks.
+
+    Checkpoints go to ``<output_dir>/checkpoints``; calling it again on the same output resumes from the latest.
+    """
+    out = Path(output_dir).resolve()
+    info = _check_data(Path(data_dir))
+    env = LocalEnv(out / "checkpoints", device=device, keep=cfg.keep_checkpoints)
+    spec = LoopSpec(train=cfg.model_dump(mode="json"), data_dir=str(Path(data_dir).resolve()), model=str(model),
+                    local_files_only=local_files_only, fault_step=fault_step,
+                    fault_marker=str(fault_marker) if fault_marker else None)
+    metrics = run_loop(spec, env)
+    with env.latest_checkpoint() as d:
+        assert d is not None
+        final = _export(d, out, cfg, None, metrics, info)
+        ckpt_dir = d
+    return TrainResult(output_dir=out, method_path=out / "method.safetensors", steps=int(metrics["step"]),
+                       metrics=metrics, checkpoint=ckpt_dir, extra=final)
+
+
+def _export(checkpoint_dir: Path, out: Path, cfg: TrainConfig, root: Any, metrics: dict[str, Any],
+            info: dict[str, Any]) -> dict[str, Any]:
+    """Copy the final method out of the checkpoint; write the resolved config and metrics (all atomically)."""
+    from idforge.config import write_resolved_config
+    from idforge.train.checkpoint import METHOD_FILE
+
+    src = checkpoint_dir / METHOD_FILE
+    if not src.is_file():
+        raise DataError(f"checkpoint {checkpoint_dir} has no {METHOD_FILE}")
+    with atomic_path(out / METHOD_FILE) as tmp:
+        shutil.copyfile(src, tmp)
+    write_resolved_config(root if root is not None else cfg, out)
+    summary = {
+        "method": cfg.method,
+        "steps": int(metrics.get("step", 0)),
+        "metrics": {k: v for k, v in metrics.items()},
+        "data": {"dir": info.get("dataset"), "fingerprint": info.get("fingerprint"), "model": info.get("model")},
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return summary
