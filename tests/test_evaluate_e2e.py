@@ -19,21 +19,13 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
-from pydantic import Field
 
 from idforge.config import IdforgeConfig
-from idforge.evaluate.config import EvaluateConfig, GenerateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITIES = ["obama", "macron"]
 pytestmark = pytest.mark.slow
 
-
-class Cfg(IdforgeConfig):
-    """The root config with the two sections this stage adds (until the lead wires them into IdforgeConfig)."""
-
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def e2e(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir, samples_dir):
 
     root = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{(root / 'mlruns.db').as_posix()}"
-    cfg = Cfg.model_validate({
+    cfg = IdforgeConfig.model_validate({
         "model": {"base": str(tiny_sd15_dir), "clip": str(tiny_clip_dir)},
         "tracking": {"uri": uri, "experiment": "e2e"},
         "generate": {"protocol": str(REPO / "configs/protocols/smoke.yaml"), "batch_size": 2},
@@ -284,3 +276,33 @@ def test_compare_runs(e2e, tmp_path):
 
     with pytest.raises(ConfigError, match="does not exist"):
         compare_runs([e2e["eval"].run_id, "0" * 32], e2e["cfg"])
+
+
+def test_register_as_pipelines_do_and_champion_rule(e2e, tmp_path, tiny_sd15_dir):
+    """Gates as YAML text, explicit artifact/method/base model, 'beats the champion' rule, champion download."""
+    import mlflow
+
+    from idforge.evaluate.register import download_champion, register_run
+
+    gates = yaml.safe_dump({"model_name": "e2e-pipe", "gates": [{"metric": "clip_t", "op": ">=", "value": -1.0}]})
+    kw = {"artifact": e2e["artifact"], "method": "test-no-identity", "base_model": str(tiny_sd15_dir),
+          "compare_to_champion": True}
+    assert download_champion("test-no-identity", e2e["cfg"], tmp_path / "none", model_name="e2e-pipe") is None
+    first = register_run(e2e["eval"].run_id, gates, e2e["cfg"], **kw)
+    assert first.promoted and first.worse_than_champion == []  # no champion yet: the gates decide
+    got = download_champion("test-no-identity", e2e["cfg"], tmp_path / "champ", model_name="e2e-pipe")
+    assert got is not None and got.read_bytes() == Path(e2e["artifact"]).read_bytes()
+
+    # a candidate that passes the gate but scores lower CLIP-T than the champion is registered, not promoted
+    mlflow.set_tracking_uri(e2e["uri"])
+    exp = mlflow.get_run(e2e["eval"].run_id).info.experiment_id
+    with mlflow.start_run(experiment_id=exp) as worse:
+        mlflow.log_metric("clip_t", e2e["eval"].summary["clip_t"] - 0.1)
+    second = register_run(worse.info.run_id, gates, e2e["cfg"], **kw)
+    assert not second.promoted and all(g.passed for g in second.gates)
+    assert len(second.worse_than_champion) == 1 and second.worse_than_champion[0].startswith("clip_t ")
+    assert "worse than the champion on: clip_t" in second.summary()
+    from mlflow import MlflowClient
+
+    alias = MlflowClient(tracking_uri=e2e["uri"]).get_model_version_by_alias("e2e-pipe", "champion")
+    assert str(alias.version) == first.version

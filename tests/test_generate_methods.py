@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from pydantic import Field
 
 from idforge.config import IdforgeConfig
-from idforge.evaluate.config import GenerateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,9 +20,6 @@ TINY = {
     "id-adapter": {"clip_dim": 32, "mff_dim": 32, "mff_heads": 4, "num_tokens": 4, "num_refs": 2},
 }
 
-
-class Cfg(IdforgeConfig):
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def test_driver_generates_with_builtin_method(name, pipe, tiny_sd15_dir, tiny_cl
             p.add_(0.2 * torch.randn_like(p))
     artifact = save_method(method, tmp_path / "method.safetensors")
     method.detach(pipe)
-    cfg = Cfg.model_validate({
+    cfg = IdforgeConfig.model_validate({
         "model": {"base": str(tiny_sd15_dir), "clip": str(tiny_clip_dir)},
         "generate": {"protocol": str(one_prompt), "clip_features": "on"},
     })
@@ -89,7 +84,7 @@ def test_wrong_method_name_for_artifact(pipe, tiny_sd15_dir, tiny_clip_dir, samp
     method.attach(pipe)
     artifact = save_method(method, tmp_path / "m.safetensors")
     method.detach(pipe)
-    cfg = Cfg.model_validate({"model": {"base": str(tiny_sd15_dir), "clip": str(tiny_clip_dir)},
+    cfg = IdforgeConfig.model_validate({"model": {"base": str(tiny_sd15_dir), "clip": str(tiny_clip_dir)},
                               "generate": {"protocol": str(REPO / "configs/protocols/smoke.yaml")}})
     with pytest.raises(ConfigError, match="holds method 'infinite-id', not 'id-adapter'"):
         generate_images("id-adapter", artifact, samples_dir, None, [0], None, tmp_path / "gen", cfg,

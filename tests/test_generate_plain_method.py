@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 import torch
 from torch import nn
 
@@ -67,6 +69,7 @@ class PlainNoIdentity(BaseMethod):
                          {"class_noun": refs.class_noun, "num_refs": refs.num_refs})
 
 
+@pytest.mark.slow
 def test_plain_method_implements_the_protocol(tiny_sd15_dir):
     from idforge.diffusion.loading import load_pipeline
 

@@ -116,6 +116,11 @@ class GenerationResult:
     skipped: int
     seconds: float
 
+    @property
+    def count(self) -> int:
+        """Images in the index (generated now or before)."""
+        return len(self.index)
+
     def summary(self) -> str:
         n_ids = self.index["identity"].nunique() if len(self.index) else 0
         return (

@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,21 +51,36 @@ class Gates(BaseModel):
     gates: list[Gate] = Field(min_length=1)
 
 
-def load_gates(path: str | os.PathLike[str]) -> Gates:
-    """Read a gates file. Raises ConfigError naming the file and the bad key."""
+DEFAULT_GATES = "configs/gates.yaml"
+
+
+def load_gates(path_or_text: str | os.PathLike[str]) -> Gates:
+    """Read gates from a file path, or from YAML text (how pipelines pass them; "" = ``configs/gates.yaml``).
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key or bad value (naming the source and the key).
+    """
     from idforge.config import format_validation_error
 
-    p = Path(path)
+    if isinstance(path_or_text, str) and not path_or_text.strip():
+        path_or_text = Path(DEFAULT_GATES)
+    text_given = isinstance(path_or_text, str) and ("\n" in path_or_text or path_or_text.lstrip().startswith(
+        ("gates:", "alias:", "model_name:", "{")))
+    source = "gates YAML text" if text_given else f"gates file {path_or_text}"
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = str(path_or_text) if text_given else Path(path_or_text).read_text()
     except FileNotFoundError:
-        raise ConfigError(f"gates file {p} does not exist (see configs/gates.yaml)") from None
+        raise ConfigError(f"{source} does not exist (see configs/gates.yaml)") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"gates file {p} is not valid YAML: {exc}".replace("\n", " ")) from None
+        raise ConfigError(f"{source} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping with a 'gates' list")
     try:
         return Gates.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, Gates, f"gates {p}")) from None
+        raise ConfigError(format_validation_error(exc, Gates, source)) from None
 
 
 @dataclass
@@ -87,6 +102,8 @@ class RegistrationResult:
     promoted: bool
     gates: list[GateResult]
     model_uri: str
+    # with compare_to_champion: gate metrics where the candidate is worse than the current champion
+    worse_than_champion: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[GateResult]:
@@ -96,8 +113,12 @@ class RegistrationResult:
         head = f"registered {self.model_name} version {self.version} ({self.model_uri})"
         if self.promoted:
             return f"{head}; all {len(self.gates)} gates passed: alias {self.alias!r} -> version {self.version}"
-        return (f"{head}; alias {self.alias!r} left unchanged, failed gates: "
-                + "; ".join(str(g) for g in self.failed))
+        why = []
+        if self.failed:
+            why.append("failed gates: " + "; ".join(str(g) for g in self.failed))
+        if self.worse_than_champion:
+            why.append("worse than the champion on: " + "; ".join(self.worse_than_champion))
+        return f"{head}; alias {self.alias!r} left unchanged, " + "; ".join(why)
 
 
 def check_gates(metrics: dict[str, float], gates: Gates) -> list[GateResult]:
@@ -105,12 +126,20 @@ def check_gates(metrics: dict[str, float], gates: Gates) -> list[GateResult]:
 
 
 def register_run(run_id: str, gates_path: str | os.PathLike[str], cfg: Any = None,
-                 *, model_name: str | None = None) -> RegistrationResult:
+                 *, model_name: str | None = None, artifact: str | os.PathLike[str] | None = None,
+                 method: str | None = None, base_model: str | None = None,
+                 compare_to_champion: bool = False) -> RegistrationResult:
     """Register the method evaluated in MLflow run ``run_id`` and set the alias when every gate passes.
 
+    ``gates_path``: a gates file, or its YAML text. What to package comes from the run's ``generate.json``
+    (method, artifact, base model, sampling); ``artifact``/``method``/``base_model`` override it (pipelines pass
+    them, since the generation step's local paths do not exist in the registering container).
+    ``compare_to_champion``: additionally require the candidate to be no worse than the current alias holder on
+    every gate metric (the retrain pipeline's rule); without a champion only the gates apply.
+
     Raises:
-        ConfigError: unknown run, bad gates file. DataError: the run has no generation record (generate.json) or
-            the method artifact / base model it names no longer exists.
+        ConfigError: unknown run, bad gates. DataError: no generation record and no overrides, or the method
+            artifact / base model no longer exists.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -127,11 +156,19 @@ def register_run(run_id: str, gates_path: str | os.PathLike[str], cfg: Any = Non
     except MlflowException:
         raise ConfigError(f"MLflow run {run_id!r} does not exist at {uri}; pass an evaluation run id") from None
     results = check_gates(dict(run.data.metrics), gates)
-    gen = _generation_record(client, run_id)
+    gen = _generation_record(client, run_id, required=artifact is None)
+    if method:
+        gen["method"] = method
+    if base_model:
+        gen["base_model"] = base_model
+    if artifact is not None:
+        gen["artifacts"] = {"*": {"path": str(artifact)}}
+    gen.setdefault("base_model", getattr(getattr(cfg, "model", None), "base", None))
     method_name = gen.get("method")
     if not method_name:
-        raise DataError(f"run {run_id}: generate.json names no method")
+        raise DataError(f"run {run_id}: no method named (generate.json has none): pass method=")
     name = model_name or gates.model_name or f"idforge-{method_name}"
+    worse = _worse_than_champion(client, name, gates, dict(run.data.metrics)) if compare_to_champion else []
 
     with tempfile.TemporaryDirectory(prefix="idforge-register-") as tmp:
         artifacts, model_config = _model_parts(gen, Path(tmp), cfg)
@@ -147,26 +184,77 @@ def register_run(run_id: str, gates_path: str | os.PathLike[str], cfg: Any = Non
             )
             mv = mlflow.register_model(info.model_uri, name)
     version = str(mv.version)
-    passed = all(r.passed for r in results)
+    passed = all(r.passed for r in results) and not worse
     gate_text = "; ".join(str(r) for r in results)
     client.set_model_version_tag(name, version, "idforge.gates", gate_text[:5000])
     client.set_model_version_tag(name, version, "idforge.gates_passed", str(passed).lower())
     client.set_model_version_tag(name, version, "idforge.evaluation_run", run_id)
     if passed:
         client.set_registered_model_alias(name, gates.alias, version)
-    result = RegistrationResult(name, version, gates.alias, passed, results, info.model_uri)
+    result = RegistrationResult(name, version, gates.alias, passed, results, info.model_uri, worse)
     (log.info if passed else log.warning)("%s", result.summary())
     return result
 
 
-def _generation_record(client: Any, run_id: str) -> dict[str, Any]:
+def _generation_record(client: Any, run_id: str, required: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="idforge-gen-") as tmp:
         try:
             path = client.download_artifacts(run_id, "generate.json", tmp)
         except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+            if not required:
+                return {}
             raise DataError(f"run {run_id} has no generate.json artifact: register an evaluation run "
                             "(idforge evaluate logs the generation record)") from None
         return json.loads(Path(path).read_text())
+
+
+def _worse_than_champion(client: Any, name: str, gates: Gates, metrics: dict[str, float]) -> list[str]:
+    """Gate metrics on which the candidate is worse than the evaluation run of the current alias holder."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = client.get_model_version_by_alias(name, gates.alias)
+        champ_run = champ.tags.get("idforge.evaluation_run") or champ.run_id
+        theirs = client.get_run(champ_run).data.metrics
+    except MlflowException:
+        return []  # no champion yet: the gates alone decide
+    worse = []
+    for g in gates.gates:
+        ours, best = metrics.get(g.metric), theirs.get(g.metric)
+        if best is None or math.isnan(best):
+            continue
+        higher_is_better = g.op in (">=", ">")
+        if ours is None or math.isnan(ours) or (ours < best if higher_is_better else ours > best):
+            got = "not logged" if ours is None else f"{ours:.4f}"
+            worse.append(f"{g.metric} {got} vs champion {best:.4f}")
+    return worse
+
+
+def download_champion(method: str, cfg: Any = None, dest: str | os.PathLike[str] = ".",
+                      *, model_name: str | None = None, alias: str = "champion") -> Path | None:
+    """Download the method checkpoint (file or per-identity directory) of ``idforge-<method>@champion`` into
+    ``dest``; None when no version holds the alias yet. Only the method artifact is fetched, not the base model."""
+    import yaml as _yaml
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from idforge import track
+
+    uri = track.tracking_uri(getattr(cfg, "tracking", None))
+    client = MlflowClient(tracking_uri=uri)
+    name = model_name or f"idforge-{method}"
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    source = f"models:/{name}/{mv.version}"
+    dest = Path(dest)
+    mlmodel = Path(download_artifacts(artifact_uri=f"{source}/MLmodel", dst_path=str(dest / ".mlmodel"),
+                                      tracking_uri=uri))
+    spec = _yaml.safe_load(mlmodel.read_text())
+    rel = spec["flavors"]["python_function"]["artifacts"]["method"]["path"]
+    return Path(download_artifacts(artifact_uri=f"{source}/{rel}", dst_path=str(dest), tracking_uri=uri))
 
 
 def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, str], dict[str, Any]]:
@@ -181,11 +269,23 @@ def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, st
         "sampling": {k: v for k, v in gen.get("sampling", {}).items() if v is not None},
         "conditioning_backend": gen.get("conditioning_backend", "insightface"),
     }
-    gcfg = (gen.get("config") or {}).get("generate") or {}
+    if not config["sampling"] and getattr(cfg, "generate", None) is not None:
+        from idforge.evaluate.protocol import load_protocol
+
+        try:
+            s = load_protocol(cfg.generate.protocol).sampling
+            config["sampling"] = {k: v for k, v in s.model_dump().items() if v is not None}
+        except ConfigError:
+            config["sampling"] = {}
+    gcfg = dict((gen.get("config") or {}).get("generate") or {})
+    if not gcfg and getattr(cfg, "generate", None) is not None:
+        gcfg = cfg.generate.model_dump(mode="json")
     for key in ("subject", "class_noun", "clip_crop", "clip_hidden_layer"):
         if key in gcfg:
             config[key] = gcfg[key]
-    model_cfg = (gen.get("config") or {}).get("model") or {}
+    model_cfg = dict((gen.get("config") or {}).get("model") or {})
+    if not model_cfg and getattr(cfg, "model", None) is not None:
+        model_cfg = cfg.model.model_dump(mode="json")
     config["dtype"] = model_cfg.get("dtype", "float32")
     config["base_kind"] = model_cfg.get("kind", "auto")
     config["local_files_only"] = model_cfg.get("local_files_only", True)
@@ -206,9 +306,9 @@ def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, st
     unique = {p for p in paths.values() if p}
     if len(unique) == 1:
         p = Path(unique.pop())
-        if not p.is_file():
-            raise DataError(f"method artifact {p} named by the generation record does not exist anymore")
-        artifacts["method"] = str(p)
+        if not p.exists():
+            raise DataError(f"method artifact {p} does not exist (anymore)")
+        artifacts["method"] = str(p)  # a checkpoint file, or a directory of per-identity checkpoints
     elif unique:
         # per-identity checkpoints: one directory <identity>/method.safetensors that resolve_artifact understands
         d = tmp / "method"

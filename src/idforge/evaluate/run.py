@@ -47,6 +47,10 @@ class EvaluationResult:
     report: Path | None = None
     aggregates: dict[str, "pd.DataFrame"] = field(default_factory=dict)
 
+    @property
+    def report_path(self) -> Path | None:
+        return self.report
+
     def summary_text(self) -> str:
         keys = [k for k in ("id_sim", "id_sim_excl_missing", "face_det_rate", "clip_t", "clip_i") if k in self.summary]
         nums = ", ".join(f"{k}={self.summary[k]:.4f}" for k in keys)
