@@ -11,6 +11,15 @@ from idforge.methods.testing import identity_gap, load_frozen_pipeline, perturb_
 
 CFG = dict(num_refs=2, clip_dim=32, mff_dim=32, mff_heads=4, num_tokens=4, face_loss_weight=0.0)
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 @pytest.fixture(scope="module")
 def pipes(tiny_sd15_dir, tiny_sdxl_dir):
@@ -73,7 +82,6 @@ def test_attaches_trains_only_its_own_parameters_and_counts_match(pipes, kind):
         m.detach()
 
 
-@pytest.mark.slow
 def test_face_identity_loss_reaches_the_adapter_through_the_real_arcface(pipes):
     pipe = pipes["sd15"]
     m = get_method("id-adapter", **{**CFG, "face_loss_weight": 1.0, "face_loss_t_max": 1000})
@@ -138,7 +146,6 @@ def test_save_load_round_trips_bit_exactly(pipes, attached, tmp_path):
         attached.attach(pipe)  # the fixture detaches it
 
 
-@pytest.mark.slow
 def test_generation_is_deterministic_per_seed_and_depends_on_identity(pipes, attached):
     pipe = pipes["sd15"]
     cond = attached.identity_condition(_refs(1), pipe)
@@ -157,7 +164,6 @@ def test_generation_is_deterministic_per_seed_and_depends_on_identity(pipes, att
     assert not np.array_equal(np.array(other[0]), np.array(a[1]))
 
 
-@pytest.mark.slow
 def test_scale_zero_and_detach_give_the_base_model_exactly(pipes, attached):
     pipe = pipes["sd15"]
     cond = attached.identity_condition(_refs(1), pipe)
@@ -177,7 +183,6 @@ def test_scale_zero_and_detach_give_the_base_model_exactly(pipes, attached):
     assert not np.array_equal(with_id, stock)
 
 
-@pytest.mark.slow
 def test_sdxl_generation_and_its_off_switch(pipes):
     pipe = pipes["sdxl"]
     m = get_method("id-adapter", **CFG)

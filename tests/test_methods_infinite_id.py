@@ -17,6 +17,15 @@ from idforge.methods.testing import identity_gap, load_frozen_pipeline, perturb_
 CFG = dict(clip_dim=32)
 OFF = dict(mixed_attention=False, cross_attention_merging=False, adain_mean=False)
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 @pytest.fixture(scope="module")
 def pipes(tiny_sd15_dir, tiny_sdxl_dir):
@@ -106,7 +115,6 @@ def test_save_load_round_trips_bit_exactly(pipes, attached, tmp_path):
         attached.attach(pipe)
 
 
-@pytest.mark.slow
 def test_generation_is_deterministic_per_seed_and_depends_on_identity(pipes, attached):
     pipe = pipes["sd15"]
     cond = attached.identity_condition(_refs(1), pipe)
@@ -119,7 +127,6 @@ def test_generation_is_deterministic_per_seed_and_depends_on_identity(pipes, att
     assert not np.array_equal(np.array(a[0]), np.array(c[0]))
 
 
-@pytest.mark.slow
 def test_scale_zero_and_detach_give_the_base_model_exactly(pipes, attached):
     pipe = pipes["sd15"]
     cond = attached.identity_condition(_refs(1), pipe)
@@ -200,7 +207,6 @@ def test_all_options_off_equals_a_plain_image_cross_attention_pass(pipes, attach
     torch.testing.assert_close(training_mode, reference, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_sdxl_sampling_with_mixed_attention_and_its_off_switch(pipes):
     pipe = pipes["sdxl"]
     m = get_method("infinite-id", **CFG)
