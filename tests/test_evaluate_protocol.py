@@ -170,5 +170,12 @@ def test_resolve_artifact(tmp_path):
     assert resolve_artifact(per, "bob") == per / "bob.safetensors"
     with pytest.raises(DataError, match="no checkpoint for identity 'carol'"):
         resolve_artifact(per, "carol")
+    # finetune --all layout: artifact.json names the weights file
+    (per / "dave").mkdir()
+    (per / "dave" / "learned_embeds.safetensors").write_bytes(b"x")
+    (per / "dave" / "artifact.json").write_text('{"method": "id-ea", "file": "learned_embeds.safetensors"}')
+    assert resolve_artifact(per, "dave") == per / "dave" / "learned_embeds.safetensors"
+    # one identity's artifact directory given directly
+    assert resolve_artifact(per / "dave", "whoever") == per / "dave" / "learned_embeds.safetensors"
     with pytest.raises(DataError, match="does not exist"):
         resolve_artifact(tmp_path / "nope.safetensors", "a")

@@ -90,3 +90,36 @@ def test_wrong_method_name_for_artifact(pipe, tiny_sd15_dir, tiny_clip_dir, samp
         generate_images("id-adapter", artifact, samples_dir, None, [0], None, tmp_path / "gen", cfg,
                         identities=["obama"], pipe=pipe)
     assert not (tmp_path / "gen" / "index.parquet").exists()
+
+
+@pytest.mark.slow
+def test_driver_per_identity_artifacts(pipe, tiny_sd15_dir, tiny_clip_dir, samples_dir, one_prompt, tmp_path):
+    """A per-identity method (textual inversion): one artifact directory per identity, as `finetune --all`
+    writes them; the prompt carries the method's pseudo-word, and each identity gets its own weights."""
+    import torch
+
+    from idforge.evaluate.generate import generate_images
+    from idforge.methods.base import get_method
+    from idforge.methods.personalized import register_per_identity_methods
+
+    register_per_identity_methods()
+    arts = tmp_path / "finetuned"
+    for i, ident in enumerate(["obama", "macron"]):
+        m = get_method("textual-inversion")
+        m.attach(pipe)
+        with torch.no_grad():
+            m.vectors.add_(torch.randn(m.vectors.shape, generator=torch.Generator().manual_seed(i)))
+        m.save_artifact(arts / ident)
+        m.detach(pipe)
+    cfg = IdforgeConfig.model_validate({"model": {"base": str(tiny_sd15_dir), "clip": str(tiny_clip_dir)},
+                                        "generate": {"protocol": str(one_prompt)}})
+    res = generate_images(None, arts, samples_dir, None, [0], None, tmp_path / "gen", cfg,
+                          identities=["obama", "macron"], pipe=pipe)
+    idx = res.index.set_index("identity")
+    assert set(idx["method"]) == {"textual-inversion"}
+    assert idx.loc["obama", "prompt"] == "a photo of <idf>" and idx.loc["obama", "prompt_eval"] == "a photo of a person"
+    assert idx.loc["obama", "artifact"].endswith("obama/method.safetensors")
+    assert idx.loc["macron", "artifact"].endswith("macron/method.safetensors")
+    a = np.asarray(Image.open(tmp_path / "gen" / idx.loc["obama", "image"])).astype(int)
+    b = np.asarray(Image.open(tmp_path / "gen" / idx.loc["macron", "image"])).astype(int)
+    assert np.abs(a - b).max() > 0

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 ARTIFACT_NAMES = ("method.safetensors", "learned_embeds.safetensors")
+ARTIFACT_META = "artifact.json"  # written beside a per-identity checkpoint by the per-identity training loop
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,9 +77,10 @@ def save_png(path: Path, image: Any) -> None:
 def resolve_artifact(artifact: str | os.PathLike[str] | None, identity: str) -> Path | None:
     """The method checkpoint for ``identity``.
 
-    ``artifact`` is one checkpoint file (population methods: every identity), or a directory holding one
-    checkpoint per identity (per-identity methods: ``<dir>/<identity>/method.safetensors`` or
-    ``<dir>/<identity>.safetensors``), or a directory holding a single ``method.safetensors``. None = no artifact.
+    ``artifact`` is one checkpoint file (population methods: every identity); or a directory of per-identity
+    artifacts as ``idforge finetune --all`` writes them (``<dir>/<identity>/artifact.json`` naming the weights file,
+    or ``<dir>/<identity>/method.safetensors``, or ``<dir>/<identity>.safetensors``); or one identity's artifact
+    directory (``artifact.json`` / ``method.safetensors`` directly inside). None = no artifact.
     """
     if artifact is None:
         return None
@@ -86,16 +88,46 @@ def resolve_artifact(artifact: str | os.PathLike[str] | None, identity: str) -> 
     if a.is_file():
         return a
     if a.is_dir():
-        candidates = [a / identity / n for n in ARTIFACT_NAMES] + [a / f"{identity}.safetensors"]
-        candidates += [a / n for n in ARTIFACT_NAMES]
-        for c in candidates:
-            if c.is_file():
-                return c
+        for d in (a / identity, a):
+            meta = d / ARTIFACT_META
+            if meta.is_file():
+                try:
+                    return d / json.loads(meta.read_text())["file"]
+                except (ValueError, KeyError):
+                    raise DataError(f"{meta} is not a valid artifact record (needs a 'file' key)") from None
+            for n in ARTIFACT_NAMES:
+                if (d / n).is_file():
+                    return d / n
+            if d is a and (a / f"{identity}.safetensors").is_file():
+                return a / f"{identity}.safetensors"
         raise DataError(
-            f"artifact directory {a} has no checkpoint for identity {identity!r} "
-            f"(looked for {identity}/method.safetensors, {identity}.safetensors, method.safetensors)"
+            f"artifact directory {a} has no checkpoint for identity {identity!r} (looked for "
+            f"{identity}/{ARTIFACT_META}, {identity}/method.safetensors, {identity}.safetensors, method.safetensors)"
         )
-    raise DataError(f"method artifact {a} does not exist; pass the method.safetensors a training run wrote")
+    raise DataError(f"method artifact {a} does not exist; pass the checkpoint (or artifact directory) training wrote")
+
+
+def artifact_record(path: Path | None) -> dict[str, Any]:
+    """The ``artifact.json`` beside a per-identity checkpoint (class noun, identity phrase...), or {}."""
+    if path is None or not (path.parent / ARTIFACT_META).is_file():
+        return {}
+    try:
+        return json.loads((path.parent / ARTIFACT_META).read_text())
+    except ValueError:
+        return {}
+
+
+def ensure_method_registered(name: str | None) -> None:
+    """Make ``name`` resolvable by the registry: per-identity methods register when their modules import."""
+    from idforge.methods.registry import available_methods
+
+    if name is None or name in available_methods():
+        return
+    try:
+        from idforge.methods.personalized import register_per_identity_methods
+    except ImportError:
+        return
+    register_per_identity_methods()
 
 
 def device_of(name: str) -> str:
@@ -149,6 +181,7 @@ class _MethodCache:
         if path is None:
             if not self.method_name:
                 raise ConfigError("generate: give --method or an --artifact to load the method from")
+            ensure_method_registered(self.method_name)
             method = get_method(self.method_name, **self.overrides)
             method.attach(self.pipe)
         else:
@@ -158,6 +191,7 @@ class _MethodCache:
                     f"artifact {path} holds method {meta['method']!r}, not {self.method_name!r}; "
                     "pass the matching --method (or leave it out)"
                 )
+            ensure_method_registered(meta["method"])
             method = load_method(path, self.pipe, **self.overrides)
         method.eval()
         self.method, self.path = method, path
@@ -261,7 +295,7 @@ def generate_images(
                 if not p.exists():
                     save_png(p, crop)
             (out / "refs" / PREALIGNED_MARKER).touch()
-            subject = _subject(method, gcfg.subject)
+            subject = _subject(method, gcfg.subject, artifact_record(art_path).get("class_noun", gcfg.class_noun))
             prompts = [
                 rp for rp in pset.items(subject)
                 if rp.category in categories and (protocol.prompts_per_category is None
@@ -335,11 +369,12 @@ def _configs(cfg: Any) -> tuple[Any, "GenerateConfig"]:
     return cfg, gcfg if gcfg is not None else GenerateConfig()
 
 
-def _subject(method: Any, default: str) -> str:
-    """The words that stand for the identity in a prompt. A method that needs its own (a learned pseudo-token)
-    exposes ``prompt_subject(default) -> str``; the others get the configured plain phrase (e.g. "a person")."""
-    hook = getattr(method, "prompt_subject", None)
-    return str(hook(default)) if callable(hook) else default
+def _subject(method: Any, default: str, class_noun: str = "person") -> str:
+    """The words that stand for the identity in a prompt. A method whose identity lives in the prompt (learned
+    pseudo-words) says which through ``identity_phrase(class_noun)``; the others get the plain phrase
+    ("a person"), the class noun of which IDAdapter's textual injection finds."""
+    hook = getattr(method, "identity_phrase", None)
+    return str(hook(class_noun)) if callable(hook) else default
 
 
 def _recipe(method: str, art: dict[str, Any], base_model: str, overrides: dict[str, Any], sampling: dict[str, Any],

@@ -67,7 +67,7 @@ class IdentityGenerator(mlflow.pyfunc.PythonModel):
         self.pipe = load_pipeline(base, kind=cfg.get("base_kind", "auto"), dtype=cfg.get("dtype", "float32"),
                                   device=device, local_files_only=cfg.get("local_files_only", True))
         if cfg.get("method_module"):
-            importlib.import_module(cfg["method_module"])  # registers a method defined outside idforge
+            importlib.import_module(cfg["method_module"])  # registers a method defined outside the registry
         self.artifact = arts.get("method")
         self.analyzer = load_analyzer(cfg.get("conditioning_backend", "insightface"))
         clip_src = arts.get("clip") or cfg.get("clip_model_id")
@@ -106,7 +106,7 @@ class IdentityGenerator(mlflow.pyfunc.PythonModel):
         for row in df.to_dict("records"):
             identity = row.get("identity") or None
             method = self._method_for(identity)
-            subject = _subject(method, self.cfg.get("subject", "a person"))
+            subject = _subject(method, self.cfg.get("subject", "a person"), self.cfg.get("class_noun", "person"))
             prompt = str(row["prompt"])
             prompt = prompt.replace("{}", subject) if "{}" in prompt else prompt
             photos = row.get("reference_images")

@@ -259,8 +259,10 @@ def download_champion(method: str, cfg: Any = None, dest: str | os.PathLike[str]
 
 def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, str], dict[str, Any]]:
     """The pyfunc model's artifacts (local files MLflow copies) and its config."""
+    from idforge.evaluate.generate import ensure_method_registered
     from idforge.methods.base import method_class
 
+    ensure_method_registered(gen["method"])
     artifacts: dict[str, str] = {}
     config: dict[str, Any] = {
         "method": gen["method"],
@@ -310,13 +312,18 @@ def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, st
             raise DataError(f"method artifact {p} does not exist (anymore)")
         artifacts["method"] = str(p)  # a checkpoint file, or a directory of per-identity checkpoints
     elif unique:
-        # per-identity checkpoints: one directory <identity>/method.safetensors that resolve_artifact understands
+        # per-identity checkpoints: one directory <identity>/<file> (+ artifact.json) that resolve_artifact reads
         d = tmp / "method"
         for ident, p in paths.items():
             if not p or not Path(p).is_file():
                 raise DataError(f"method artifact for identity {ident!r} ({p}) does not exist anymore")
             (d / ident).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, d / ident / "method.safetensors")
+            shutil.copy2(p, d / ident / Path(p).name)
+            meta = Path(p).parent / "artifact.json"
+            if meta.is_file():
+                shutil.copy2(meta, d / ident / "artifact.json")
+            elif Path(p).name != "method.safetensors":
+                (d / ident / "artifact.json").write_text(json.dumps({"file": Path(p).name}))
         artifacts["method"] = str(d)
     else:
         raise DataError("the generation record names no method artifact (an untrained method cannot be registered)")
