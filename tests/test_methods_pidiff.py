@@ -37,7 +37,7 @@ def _refs(seed):
     return IdentityRefs(face_crops=torch.rand(2, 3, 112, 112, generator=g))
 
 
-def test_wplus_encoder_shapes_and_checkpoint_loader(tmp_path):
+def test_wplus_encoder_shapes_and_checkpoint_loader(tmp_path, one_torch_thread):
     from safetensors.torch import save_file
 
     from idforge.methods.wplus_encoder import load_wplus_encoder

@@ -41,17 +41,18 @@ class _Block(nn.Module):
 
 
 class _Map2Style(nn.Module):
-    """(B, C, s, s) -> (B, style_dim): log2(s) strided convs to 1x1, then a linear (e4e's GradualStyleBlock)."""
+    """(B, C, s, s) -> (B, style_dim): log2(s) strided convs (``channels`` wide) to 1x1, then a linear
+    (e4e's GradualStyleBlock, where channels = 512)."""
 
-    def __init__(self, cin: int, style_dim: int, spatial: int) -> None:
+    def __init__(self, cin: int, style_dim: int, spatial: int, channels: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(cin, style_dim, 3, 2, 1), nn.LeakyReLU(0.2)]
+        layers: list[nn.Module] = [nn.Conv2d(cin, channels, 3, 2, 1), nn.LeakyReLU(0.2)]
         s = spatial // 2
         while s > 1:
-            layers += [nn.Conv2d(style_dim, style_dim, 3, 2, 1), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(channels, channels, 3, 2, 1), nn.LeakyReLU(0.2)]
             s //= 2
         self.convs = nn.Sequential(*layers)
-        self.linear = nn.Linear(style_dim, style_dim)
+        self.linear = nn.Linear(channels, style_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.convs(x).flatten(1))
@@ -61,7 +62,7 @@ class WPlusEncoder(nn.Module):
     """Aligned face RGB (B, 3, H, W) in [0, 1] -> w+ (B, 18, 512).
 
     ``image_size`` (default 256, e4e's input) is what images are resized to; ``width`` the backbone's base
-    channels (e4e's IR-SE50 uses 64..512; smaller widths make cheap test encoders).
+    channels (e4e's IR-SE50 uses 64..512, map2style heads 8 * width = 512; smaller widths make cheap test encoders).
     """
 
     def __init__(self, image_size: int = 256, width: int = 64, style_dim: int = STYLE_DIM, n_styles: int = N_STYLES
@@ -80,7 +81,7 @@ class WPlusEncoder(nn.Module):
         self.lat_mid = nn.Conv2d(w * 4, w * 8, 1)
         self.lat_fine = nn.Conv2d(w * 2, w * 8, 1)
         self.styles = nn.ModuleList(
-            _Map2Style(w * 8, style_dim, s_coarse if i in COARSE else s_mid if i in MIDDLE else s_fine)
+            _Map2Style(w * 8, style_dim, s_coarse if i in COARSE else s_mid if i in MIDDLE else s_fine, w * 8)
             for i in range(n_styles))
 
     def forward(self, images: Tensor) -> Tensor:

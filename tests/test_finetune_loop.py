@@ -1,0 +1,138 @@
+"""The per-identity loop: every method trains one identity of a curated dataset, leaves an atomic artifact and an
+MLflow run, and the artifact generates the same images in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures.dataset import curated_tiny_dataset, one_torch_thread  # noqa: F401 - fixtures
+
+METHODS = ["textual-inversion", "dreambooth-lora", "id-ea", "sefi-ide", "pidiff"]
+SMALL = {"pidiff": {"encoder_image_size": 64, "encoder_width": 8, "mapping_hidden": 64}}
+
+
+def _cfg(method: str, **kw):
+    from idforge.train.finetune_config import FinetuneConfig
+
+    return FinetuneConfig(method_config=SMALL.get(method, {}), steps=3, batch_size=2, sample_steps=2,
+                          sample_seeds=[0], num_threads=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, curated_tiny_dataset, tiny_sd15_dir, _mlflow_template_db, one_torch_thread):
+    """Each method trained on identity id00 (3 steps), one MLflow store for all."""
+    from idforge.config import TrackingConfig
+    from idforge.train.per_identity import finetune_identity
+
+    root = tmp_path_factory.mktemp("finetune")
+    db = root / "mlruns.db"
+    shutil.copyfile(_mlflow_template_db, db)
+    tracking = TrackingConfig(uri=f"sqlite:///{db}")
+    results = {m: finetune_identity(m, "id00", curated_tiny_dataset, tiny_sd15_dir, root / m, _cfg(m),
+                                    tracking=tracking) for m in METHODS}
+    return root, tracking, results
+
+
+@pytest.mark.slow
+def test_every_method_leaves_a_complete_artifact_and_status(trained):
+    root, _, results = trained
+    for method, res in results.items():
+        art = Path(res.artifact_dir)
+        assert res.status == "done" and art == root / method / "id00"
+        assert (art / "DONE").is_file() and (art / "artifact.json").is_file()
+        assert not list((root / method).glob(".id00.tmp-*"))  # no temp dir left behind
+        meta = json.loads((art / "finetune.json").read_text())
+        assert meta["method"] == method and len(meta["losses"]) == 3
+        assert set(res.timings) == {"load", "train", "sample", "save", "total"}
+        assert all(v >= 0 for v in res.timings.values()) and res.timings["total"] >= res.timings["train"]
+        status = json.loads((root / method / "_status" / "id00.json").read_text())
+        assert status["status"] == "done" and status["run_id"] == res.run_id
+    assert (root / "id-ea" / "id00" / "learned_embeds.safetensors").is_file()
+    assert (root / "dreambooth-lora" / "id00" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_one_mlflow_run_per_identity_with_loss_curve_images_and_timings(trained):
+    from mlflow import MlflowClient
+
+    _, tracking, results = trained
+    client = MlflowClient(tracking_uri=tracking.uri)
+    for method, res in results.items():
+        run = client.get_run(res.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["idforge.identity"] == "id00" and run.data.tags["idforge.method"] == method
+        assert [m.step for m in client.get_metric_history(res.run_id, "train/loss")] == [0, 2]
+        assert {"time/load_s", "time/train_s", "time/save_s", "time/sample_s"} <= set(run.data.metrics)
+        assert "samples" in {a.path for a in client.list_artifacts(res.run_id)}
+
+
+@pytest.mark.slow
+def test_artifacts_generate_the_same_images_in_a_fresh_process(trained, tiny_sd15_dir, tmp_path):
+    root, _, _ = trained
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, torch
+        torch.set_num_threads(1)
+        from idforge.diffusion.loading import load_pipeline
+        from idforge.train.per_identity import load_finetuned
+        out = {{}}
+        for method in {METHODS!r}:
+            pipe = load_pipeline({str(tiny_sd15_dir)!r})
+            m, meta = load_finetuned({str(root)!r} + "/" + method + "/id00", pipe)
+            imgs = m.generate(pipe, meta["sample_prompts"], m.sample_condition(pipe), **meta["sampling"])
+            out[method] = np.stack([np.asarray(i) for i in imgs])
+        np.savez(sys.argv[1], **out)
+    """)
+    npz = tmp_path / "fresh.npz"
+    proc = subprocess.run([sys.executable, "-c", script, str(npz)], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = np.load(npz)
+    from PIL import Image
+
+    for method in METHODS:
+        saved = np.asarray(Image.open(root / method / "id00" / "samples" / "000.png").convert("RGB"))
+        assert fresh[method].shape == (1, *saved.shape)
+        assert np.array_equal(fresh[method][0], saved), method
+
+
+def test_bad_inputs_fail_clearly_without_leaving_an_artifact(curated_tiny_dataset, tiny_sd15_dir, tmp_path,
+                                                             one_torch_thread):
+    from idforge.config import TrackingConfig
+    from idforge.errors import ConfigError, DataError
+    from idforge.train.per_identity import finetune_identity, load_finetuned, read_status
+
+    off = TrackingConfig(enabled=False)
+    with pytest.raises(DataError, match="identity 'nobody' has no accepted images"):
+        finetune_identity("textual-inversion", "nobody", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg("x"),
+                          tracking=off)
+    assert not (tmp_path / "nobody").exists()
+    status = read_status(tmp_path, "nobody")
+    assert status["status"] == "failed" and "DataError" in status["error"]
+    with pytest.raises(ConfigError, match="population method"):
+        finetune_identity("id-adapter", "id00", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg("x"), tracking=off)
+    with pytest.raises(ConfigError, match="unknown method"):
+        finetune_identity("textual-inversio", "id00", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg("x"),
+                          tracking=off)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(DataError, match="no DONE marker"):
+        load_finetuned(tmp_path / "half", pipe=None)
+
+
+def test_recipe_defaults_come_from_the_method_and_overrides_win():
+    from idforge.methods.id_ea import IDEA
+    from idforge.train.finetune_config import FinetuneConfig
+    from idforge.train.per_identity import recipe
+
+    m = IDEA.from_config({})
+    r = recipe(m, FinetuneConfig())
+    assert (r["steps"], r["batch_size"], r["effective_lr"]) == (320, 8, pytest.approx(0.012))
+    r = recipe(m, FinetuneConfig(steps=5, batch_size=2, scale_lr=False))
+    assert (r["steps"], r["batch_size"], r["effective_lr"]) == (5, 2, 0.0015)
