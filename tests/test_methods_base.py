@@ -35,6 +35,21 @@ def test_registry_lists_and_builds_methods_with_typed_configs():
         B.get_method("id-adapter", mff_dim="big")
 
 
+def test_every_listed_method_resolves_in_a_fresh_interpreter():
+    """A checkpoint names its method; load_method must find it without the caller importing anything first."""
+    import subprocess
+    import sys
+
+    code = ("from idforge.methods import available_methods, method_class\n"
+            "for n in available_methods():\n"
+            "    c = method_class(n)\n"
+            "    assert c.name == n and c.regime in ('population', 'per-identity'), n\n"
+            "print(len(available_methods()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) >= 7
+
+
 def test_train_batch_from_dict_to_and_require():
     d = {"latents": torch.zeros(2, 4, 8, 8), "input_ids": torch.ones(2, 77, dtype=torch.long), "caption": ["a", "b"]}
     b = B.TrainBatch.from_dict(d)

@@ -16,6 +16,11 @@ from idforge.errors import ConfigError
 _BUILTIN: dict[str, str] = {
     "id-adapter": "idforge.methods.id_adapter:IDAdapter",
     "infinite-id": "idforge.methods.infinite_id:InfiniteID",
+    "id-ea": "idforge.methods.id_ea:IDEA",
+    "sefi-ide": "idforge.methods.sefi_ide:SeFiIDE",
+    "pidiff": "idforge.methods.pidiff:PIDiff",
+    "textual-inversion": "idforge.methods.textual_inversion:TextualInversion",
+    "dreambooth-lora": "idforge.methods.dreambooth_lora:DreamBoothLoRA",
 }
 _REGISTERED: dict[str, type] = {}
 
