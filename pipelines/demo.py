@@ -72,6 +72,9 @@ def run_demo(
         "method": method,
         "config_yaml": dump_config(cfg),
         "gates_yaml": (repo_root / "configs" / "gates.yaml").read_text(),
+        # Embedded default: local Ray with CPU workers (the pipeline's default asks for GPUs, as on a cluster).
+        "workers": 1,
+        "gpus_per_worker": 0.0,
     }
     root = (repo_root / pipeline_root).resolve()
     run = run_local("end-to-end", arguments, pipeline_root=root, enable_caching=cache)

@@ -143,15 +143,18 @@ def status(run_id: str, host: str, wait: bool = False, timeout_s: float = 3600.0
 
 
 def find_outputs(pipeline_root: str | os.PathLike[str]) -> dict[str, Path]:
-    """The newest evaluation outputs under a local pipeline root: ``report`` (HTML) and ``table`` (metrics dir).
+    """The newest evaluation outputs under a local pipeline root: ``report`` (report.html) and ``table``
+    (the directory with metrics.parquet).
 
     Cached steps point at the outputs of the run that computed them, so "newest on disk" is also right when the
     whole pipeline came from the cache.
     """
     root = Path(pipeline_root)
-    found: dict[str, Path] = {}
-    for name in ("report", "table"):
-        candidates = [p for p in root.rglob(name) if p.parent.name.startswith("evaluate")]
-        if candidates:
-            found[name] = max(candidates, key=lambda p: p.stat().st_mtime)
+    tables = [p for p in root.rglob("metrics.parquet") if p.parent.name == "table"]
+    if not tables:
+        return {}
+    table = max(tables, key=lambda p: p.stat().st_mtime).parent
+    found = {"table": table}
+    if (table / "report.html").is_file():
+        found["report"] = table / "report.html"
     return found
