@@ -27,6 +27,17 @@ IDENTITIES = ["obama", "macron"]
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir, samples_dir):
@@ -231,7 +242,7 @@ def test_register_pyfunc_in_fresh_process_and_gates(e2e, tmp_path):
     # the registered model, loaded by alias in a fresh process, generates from a prompt and reference photos
     out = tmp_path / "pred.png"
     photos = [str(e2e["samples"] / "obama" / f) for f in ("1.jpg", "2.jpg")]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": e2e["uri"], "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": e2e["uri"], "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _FRESH, "e2e-plain", str(out), *photos], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
