@@ -1,0 +1,83 @@
+"""``finetune --all``: one Ray task, artifact and nested MLflow run per identity; a failed identity does not stop
+the others, is reported, and a re-run redoes only it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.fixtures.dataset import curated_tiny_dataset  # noqa: F401 - fixture
+
+
+@pytest.mark.slow
+def test_all_identities_fan_out_failure_is_isolated_and_rerun_redoes_only_it(curated_tiny_dataset, tiny_sd15_dir,
+                                                                              mlflow_uri, tmp_path):
+    import pandas as pd
+
+    from idforge.config import TrackingConfig
+    from idforge.train.finetune_config import FinetuneConfig
+
+    ds = tmp_path / "ds"
+    shutil.copytree(curated_tiny_dataset, ds)
+    manifest = pd.read_parquet(ds / "manifest.parquet")
+    broken = ds / manifest.loc[manifest["identity"] == "id01", "aligned"].iloc[0]
+    good_bytes = broken.read_bytes()
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    cfg = FinetuneConfig(steps=2, batch_size=1, sample_steps=1, sample_seeds=[0], num_threads=1, gpus_per_task=0)
+    tracking = TrackingConfig(uri=mlflow_uri)
+
+    import ray
+
+    # One local Ray for both passes (finetune_all joins a running instance and leaves it running).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        _check_fanout(ds, broken, good_bytes, out, cfg, tracking, tiny_sd15_dir, mlflow_uri)
+    finally:
+        ray.shutdown()
+
+
+def _check_fanout(ds, broken, good_bytes, out, cfg, tracking, tiny_sd15_dir, mlflow_uri):
+    import json
+
+    from mlflow import MlflowClient
+
+    from idforge.train.fanout import finetune_all, format_status
+
+    results = finetune_all("textual-inversion", ds, tiny_sd15_dir, out, cfg, tracking=tracking)
+    assert [(r.identity, r.status) for r in results] == [("id00", "done"), ("id01", "failed"), ("id02", "done")]
+    assert "cannot be decoded" in results[1].error and str(broken.name) in results[1].error
+    assert (out / "id00" / "DONE").is_file() and (out / "id02" / "DONE").is_file() and not (out / "id01").exists()
+    table = json.loads((out / "status.json").read_text())
+    assert table["counts"] == {"done": 2, "failed": 1, "skipped": 0}
+    assert "failed" in format_status(results)
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    parent = client.get_run(table["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_identity = {r.data.tags["idforge.identity"]: r.info.status for r in children}
+    assert by_identity == {"id00": "FINISHED", "id01": "FAILED", "id02": "FINISHED"}
+
+    done_mtime = (out / "id00" / "DONE").stat().st_mtime_ns
+    broken.write_bytes(good_bytes)
+    again = finetune_all("textual-inversion", ds, tiny_sd15_dir, out, cfg, tracking=tracking)
+    assert [(r.identity, r.status) for r in again] == [("id00", "skipped"), ("id01", "done"), ("id02", "skipped")]
+    assert (out / "id01" / "DONE").is_file()
+    assert (out / "id00" / "DONE").stat().st_mtime_ns == done_mtime  # not re-trained
+    assert json.loads((out / "status.json").read_text())["counts"] == {"done": 1, "failed": 0, "skipped": 2}
+
+
+def test_unknown_identities_and_population_methods_are_refused(curated_tiny_dataset, tiny_sd15_dir, tmp_path):
+    from idforge.config import TrackingConfig
+    from idforge.errors import ConfigError
+    from idforge.train.fanout import finetune_all
+
+    off = TrackingConfig(enabled=False)
+    with pytest.raises(ConfigError, match="not in"):
+        finetune_all("textual-inversion", curated_tiny_dataset, tiny_sd15_dir, tmp_path, identities=["zz"],
+                     tracking=off)
+    with pytest.raises(ConfigError, match="population method"):
+        finetune_all("id-adapter", curated_tiny_dataset, tiny_sd15_dir, tmp_path, tracking=off)
