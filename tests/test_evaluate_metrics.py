@@ -124,7 +124,8 @@ def test_pairwise_diversity(lpips_model, photos):
     per = M.pairwise_lpips(lpips_model, imgs)
     assert per.shape == (4,) and (per > 0).all()
     # mean of per-image values == mean over unordered pairs
-    pairs = [float(M.lpips_pairs(lpips_model, imgs[i : i + 1], imgs[j : j + 1])[0]) for i in range(4) for j in range(i + 1, 4)]
+    pairs = [float(M.lpips_pairs(lpips_model, imgs[i : i + 1], imgs[j : j + 1])[0])
+             for i in range(4) for j in range(i + 1, 4)]
     assert per.mean() == pytest.approx(np.mean(pairs), rel=1e-5)
     same = M.pairwise_lpips(lpips_model, imgs[:1].repeat(3, 1, 1, 1))
     np.testing.assert_allclose(same, 0.0, atol=1e-6)

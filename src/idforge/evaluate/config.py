@@ -14,7 +14,7 @@ from idforge.config_section import Section
 
 
 class GenerateConfig(Section):
-    protocol: str = Field(default="configs/protocols/default.yaml", description="protocol file (prompts, seeds, sampling)")
+    protocol: str = Field(default="configs/protocols/default.yaml", description="protocol (prompts, seeds, sampling)")
     batch_size: int = Field(default=4, ge=1, description="images per method.generate call")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Optional overrides of the protocol's sampling (they are recorded per image, so runs stay auditable).

@@ -227,7 +227,6 @@ def generate_images(
         method_overrides: inference-time method config (e.g. Infinite-ID switches), recorded per image.
         pipe: an already loaded pipeline to reuse (must be ``base_model``'s).
     """
-    import pandas as pd
 
     from idforge.diffusion.loading import load_pipeline
     from idforge.evaluate.protocol import load_protocol

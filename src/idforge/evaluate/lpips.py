@@ -73,7 +73,9 @@ def _build_shift_tolerant_alexnet() -> "torch.nn.Module":
             super().__init__()
             self.slice1 = seq(0, [nn.Conv2d(3, 64, 11, stride=1, padding=2), BlurPool(64), nn.ReLU()])
             self.slice2 = seq(3, [nn.MaxPool2d(3, stride=1), BlurPool(64), nn.Conv2d(64, 192, 5, padding=2), nn.ReLU()])
-            self.slice3 = seq(7, [nn.MaxPool2d(3, stride=1), BlurPool(192), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU()])
+            self.slice3 = seq(
+                7, [nn.MaxPool2d(3, stride=1), BlurPool(192), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU()]
+            )
             self.slice4 = seq(11, [nn.Conv2d(384, 256, 3, padding=1), nn.ReLU()])
             self.slice5 = seq(13, [nn.Conv2d(256, 256, 3, padding=1), nn.ReLU()])
 
@@ -164,7 +166,8 @@ def load_lpips(backend: LpipsBackend = "auto", device: str = "cpu") -> LpipsMode
     """Load the perceptual metric.
 
     ``auto``: plain LPIPS when available offline, else shift-tolerant LPIPS from stlpips-pytorch's shipped weights.
-    ``lpips`` fails with :class:`ModelNotFoundError` when it cannot load offline; ``stlpips`` always uses the shipped weights.
+    ``lpips`` fails with :class:`ModelNotFoundError` when it cannot load offline; ``stlpips`` always uses the
+    shipped weights.
     """
     if backend in ("auto", "lpips"):
         model = _try_load_plain_lpips(device)
@@ -172,7 +175,8 @@ def load_lpips(backend: LpipsBackend = "auto", device: str = "cpu") -> LpipsMode
             return model
         if backend == "lpips":
             raise ModelNotFoundError(
-                "LPIPS backend 'lpips': the lpips package or its torchvision AlexNet weights are not available offline; "
+                "LPIPS backend 'lpips': the lpips package or its torchvision AlexNet weights are not available "
+                "offline; "
                 "use --set evaluate.lpips_backend=stlpips (shift-tolerant LPIPS, weights ship with stlpips-pytorch)"
             )
         log.info("plain LPIPS not available offline: using shift-tolerant LPIPS (stlpips-pytorch weights)")

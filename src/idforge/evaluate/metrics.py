@@ -190,7 +190,8 @@ class ClipScorer:
                 list(texts[s]), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
             ).to(self.device)
             with torch.inference_mode():
-                f = _as_tensor(self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+                out = self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+                f = _as_tensor(out)
             feats.append(torch.nn.functional.normalize(f.float(), dim=-1))
         return torch.cat(feats) if feats else torch.zeros(0, self.model.config.projection_dim)
 

@@ -41,7 +41,7 @@ class Sampling(Section):
 
 class Protocol(Section):
     name: str
-    prompt_set: str = Field(description="prompt-set YAML (idforge.io.prompts), relative to the protocol file or the CWD")
+    prompt_set: str = Field(description="prompt-set YAML (idforge.io.prompts), relative to the protocol or the CWD")
     categories: list[str] | None = Field(default=None, description="subset of the set's categories; None = all")
     prompts_per_category: int | None = Field(default=None, ge=1, description="first N prompts of each category")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)

@@ -163,8 +163,9 @@ def render_report(data: ReportData) -> str:
         f'<tr><td class="l">{html.escape(str(k))}</td><td class="l">{html.escape(str(v))}</td></tr>'
         for k, v in data.info.items()
     )
+    url = html.escape(data.mlflow_url or "")
     link = (
-        f'<p>MLflow run: <a id="mlflow-link" href="{html.escape(data.mlflow_url)}">{html.escape(data.mlflow_url)}</a></p>'
+        f'<p>MLflow run: <a id="mlflow-link" href="{url}">{url}</a></p>'
         if data.mlflow_url
         else '<p class="muted">not logged to MLflow</p>'
     )
@@ -185,7 +186,8 @@ def render_report(data: ReportData) -> str:
             f'<img class="ref" alt="reference {html.escape(ident)} #{i}" src="{data_uri(c, data.thumb_px, "JPEG")}">'
             for i, c in enumerate(crops)
         )
-        refs_html.append(f'<figure id="refs-{_slug(ident)}"><figcaption>{html.escape(ident)}</figcaption>{figs}</figure>')
+        cap = f"<figcaption>{html.escape(ident)}</figcaption>"
+        refs_html.append(f'<figure id="refs-{_slug(ident)}">{cap}{figs}</figure>')
 
     grids = []
     for ident, grp in data.images.groupby("identity", sort=True):
