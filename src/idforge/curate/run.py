@@ -99,7 +99,8 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
 
     Args:
         cfg: an ``IdforgeConfig`` (its ``curate`` and ``storage`` sections are used), a ``CurateConfig``, or None.
-        labels: optional CSV (columns ``identity`` and ``source``/``file``/``path``) naming the person in photos.
+        labels: optional CSV, local or ``s3://`` (columns ``identity`` and ``file``/``path``/``source``) naming the
+            person in photos.
     Returns:
         the :class:`CurateReport` (also written as ``report.json``).
     Raises:
@@ -135,7 +136,8 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     if labels:
         from idforge.curate.group import read_labels
 
-        label_map = read_labels(labels)
+        # labels may live beside the photos on S3: localize() returns local paths unchanged
+        label_map = read_labels(localize(str(labels), work / "labels", storage_cfg) if is_s3_uri(str(labels)) else labels)
     if ccfg.matte.backend == "mediapipe":
         from idforge.curate.matte import check_matte_env, matte_python
 
