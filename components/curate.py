@@ -10,25 +10,23 @@ from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
 def curate(
     raw_uri: str,
     config_yaml: str,
-    parent_run_id: str,
     dataset: Output[Dataset],
     metrics: Output[Metrics],
     labels_uri: str = "",
 ):
-    """Detect, gate, align, matte, dedup and group the photos; every input lands in the manifest."""
+    """Detect, gate, align, matte, dedup and group the photos; every input lands in the manifest.
+
+    Its counts go to the artifact's metadata; the parent MLflow run records them (see open_parent_run).
+    """
     from idforge.config import load_config_text
     from idforge.curate.run import curate_dataset
-    from idforge.track import log_artifact, log_metrics, start_run
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
-    with start_run(cfg.tracking, run_name="curate", parent_run_id=parent_run_id or None):
-        report = curate_dataset(raw_uri, dataset.path, cfg=cfg, labels=labels_uri or None)
-        counts = {
-            "files": report.files, "faces_accepted": report.faces_accepted, "identities": report.identities,
-            "rejected_rows": report.counts.get("rejected", 0), **report.metrics,
-        }  # fmt: skip
-        log_metrics(counts)
-        log_artifact(f"{dataset.path}/report.json")
+    report = curate_dataset(raw_uri, dataset.path, cfg=cfg, labels=labels_uri or None)
+    counts = {
+        "files": report.files, "faces_accepted": report.faces_accepted, "identities": report.identities,
+        "rejected_rows": report.counts.get("rejected", 0), **report.metrics,
+    }  # fmt: skip
     for key, value in counts.items():
-        metrics.log_metric(key, value)
+        metrics.log_metric(key, float(value))
     dataset.metadata.update({"raw_uri": raw_uri, **counts})

@@ -1,17 +1,31 @@
-"""Open the pipeline's parent MLflow run; every later step logs into it as a nested run."""
+"""Open the pipeline's parent MLflow run; every later step that logs does so as a nested run under it."""
 
 from kfp import dsl
+from kfp.dsl import Dataset, Input
 
 from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
 
 
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
-def open_parent_run(config_yaml: str, pipeline_name: str) -> str:
-    """Create the parent run (params = the resolved config) and return its id."""
+def open_parent_run(config_yaml: str, pipeline_name: str, dataset: Input[Dataset]) -> str:
+    """Create the parent run: params = the resolved config; the dataset it runs on (its curation counts and
+    report.json). Returns the run id.
+
+    It runs after curation, not before, so that curation (cached) takes no run id: a per-run input would
+    change its cache key every time.
+    """
+    import os
+
     from idforge.config import load_config_text
-    from idforge.track import log_config, start_run
+    from idforge.track import log_artifact, log_config, log_metrics, start_run
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
-    with start_run(cfg.tracking, run_name=pipeline_name, tags={"idforge.pipeline": pipeline_name}) as run:
+    tags = {"idforge.pipeline": pipeline_name, "idforge.dataset": dataset.uri}
+    with start_run(cfg.tracking, run_name=pipeline_name, tags=tags) as run:
         log_config(cfg)
+        counts = {f"dataset_{k}": v for k, v in dataset.metadata.items() if isinstance(v, (int, float))}
+        log_metrics(counts)
+        report = os.path.join(dataset.path, "report.json")
+        if os.path.isfile(report):
+            log_artifact(report, "dataset")
         return run.info.run_id if run is not None else ""

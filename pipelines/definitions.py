@@ -40,14 +40,14 @@ def _gpu(task: Any, images: Images, gpus: int = 1, cpu: str = "4", memory: str =
     return task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
 
 
-def _open_run(images: Images, config_yaml: Any, name: str) -> Any:
-    run = _cpu(open_parent_run(config_yaml=config_yaml, pipeline_name=name), images, memory="1Gi")
-    return run.set_caching_options(False)
+def _open_run(images: Images, config_yaml: Any, name: str, dataset: Any) -> Any:
+    run = open_parent_run(config_yaml=config_yaml, pipeline_name=name, dataset=dataset)
+    return _cpu(run, images, memory="1Gi").set_caching_options(False)
 
 
-def _curate(images: Images, raw_uri: Any, config_yaml: Any, parent: Any, labels_uri: Any) -> Any:
-    task = curate(raw_uri=raw_uri, config_yaml=config_yaml, parent_run_id=parent, labels_uri=labels_uri)
-    # The parent run id changes every run; it only routes logging, so it must not defeat the cache.
+def _curate(images: Images, raw_uri: Any, config_yaml: Any, labels_uri: Any) -> Any:
+    # No MLflow run id goes in: it changes every run and would defeat the cache of the costliest CPU step.
+    task = curate(raw_uri=raw_uri, config_yaml=config_yaml, labels_uri=labels_uri)
     return _cpu(task, images, cpu="2", memory="8Gi")
 
 
@@ -98,8 +98,8 @@ def _import_dataset(uri: Any) -> Any:
 def build_curation(images: Images) -> Callable[..., Any]:
     @dsl.pipeline(name="curation", description="Raw photos -> audited, identity-grouped dataset.")
     def curation(raw_uri: str, config_yaml: str = "", labels_uri: str = ""):
-        parent = _open_run(images, config_yaml, "curation")
-        _curate(images, raw_uri, config_yaml, parent.output, labels_uri)
+        cur = _curate(images, raw_uri, config_yaml, labels_uri)
+        _open_run(images, config_yaml, "curation", cur.outputs["dataset"])
 
     return curation
 
@@ -111,8 +111,8 @@ def build_train_adapter(images: Images) -> Callable[..., Any]:
         dataset_uri: str, base_model: str, method: str = DEFAULT_METHOD_POPULATION, config_yaml: str = "",
         gates_yaml: str = "", workers: int = 1, gpus_per_worker: float = 1.0, ray_address: str = "",
     ):
-        parent = _open_run(images, config_yaml, "train-adapter")
         dataset = _import_dataset(dataset_uri)
+        parent = _open_run(images, config_yaml, "train-adapter", dataset.output)
         train = _train_population(images, dataset.output, method, base_model, config_yaml, parent.output,
                                   workers, gpus_per_worker, ray_address)
         _evaluate_and_register(images, train.outputs["model"], dataset.output, method, base_model, config_yaml,
@@ -128,8 +128,8 @@ def build_personalize(images: Images) -> Callable[..., Any]:
         dataset_uri: str, base_model: str, method: str = DEFAULT_METHOD_PER_IDENTITY, config_yaml: str = "",
         gates_yaml: str = "", max_identities: int = 0,
     ):
-        parent = _open_run(images, config_yaml, "personalize")
         dataset = _import_dataset(dataset_uri)
+        parent = _open_run(images, config_yaml, "personalize", dataset.output)
         gathered = _finetune_all(images, dataset.output, method, base_model, config_yaml, parent.output,
                                  max_identities)
         _evaluate_and_register(images, gathered.outputs["model"], dataset.output, method, base_model, config_yaml,
@@ -146,9 +146,9 @@ def build_end_to_end(images: Images) -> Callable[..., Any]:
         labels_uri: str = "", gates_yaml: str = "", workers: int = 1, gpus_per_worker: float = 1.0,
         ray_address: str = "", max_identities: int = 0,
     ):
-        parent = _open_run(images, config_yaml, "end-to-end")
-        cur = _curate(images, raw_uri, config_yaml, parent.output, labels_uri)
+        cur = _curate(images, raw_uri, config_yaml, labels_uri)
         dataset = cur.outputs["dataset"]
+        parent = _open_run(images, config_yaml, "end-to-end", dataset)
         regime = _cpu(method_regime(method=method), images, memory="1Gi")
         with dsl.If(regime.output == "population", name="population-method"):
             train = _train_population(images, dataset, method, base_model, config_yaml, parent.output, workers,
@@ -173,8 +173,8 @@ def build_retrain(images: Images) -> Callable[..., Any]:
         labels_uri: str = "", gates_yaml: str = "", workers: int = 1, gpus_per_worker: float = 1.0,
         ray_address: str = "",
     ):
-        parent = _open_run(images, config_yaml, "retrain")
-        cur = _curate(images, raw_uri, config_yaml, parent.output, labels_uri)
+        cur = _curate(images, raw_uri, config_yaml, labels_uri)
+        parent = _open_run(images, config_yaml, "retrain", cur.outputs["dataset"])
         champion = _cpu(champion_artifact(method=method, config_yaml=config_yaml), images, memory="1Gi")
         champion.set_caching_options(False)  # the champion moves between runs
         train = _train_population(images, cur.outputs["dataset"], method, base_model, config_yaml, parent.output,

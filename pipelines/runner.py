@@ -114,6 +114,7 @@ def submit(
     run_name: str | None = None,
     images: Images | None = None,
     service_account: str | None = None,
+    pipeline_root: str | None = None,
 ) -> str:
     """Compile ``name`` with ``images`` and submit it to the KFP endpoint ``host``; return the run id."""
     from kfp import compiler
@@ -128,6 +129,7 @@ def submit(
             run_name=run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             experiment_name=experiment,
             service_account=service_account,
+            pipeline_root=pipeline_root,
         )
     return run.run_id
 

@@ -331,6 +331,10 @@ def pipeline_submit(
     service_account: Annotated[
         Optional[str], typer.Option(help="Kubernetes service account the run's pods use (k8s/: idforge-pipeline).")
     ] = "idforge-pipeline",
+    pipeline_root: Annotated[
+        Optional[str],
+        typer.Option(envvar="IDFORGE_PIPELINE_ROOT", help="Where artifacts go (k8s bucket layout: s3://idforge/kfp)."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -345,7 +349,7 @@ def pipeline_submit(
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
     run_id = submit(name, host, arguments, experiment=experiment, images=Images.load(registry, tag),
-                    service_account=service_account)
+                    service_account=service_account, pipeline_root=pipeline_root)
     typer.echo(run_id)
 
 
