@@ -107,7 +107,8 @@ def test_lambda_zero_is_the_base_model_exactly_and_style_mixing_changes_output(p
 
     mixed = m.style_mix(cond_a, cond_b)
     w = mixed.tensors["wplus"]
-    assert torch.equal(w[:, :7], cond_a.tensors["wplus"][:, :7]) and torch.equal(w[:, 7:], cond_b.tensors["wplus"][:, 7:])
+    assert torch.equal(w[:, :7], cond_a.tensors["wplus"][:, :7])
+    assert torch.equal(w[:, 7:], cond_b.tensors["wplus"][:, 7:])
     assert torch.equal(mix_wplus(cond_a.tensors["wplus"], cond_b.tensors["wplus"], 0), cond_b.tensors["wplus"])
     kw = {"num_inference_steps": 2, "seeds": [0]}
     img_b = m.generate(pipe, ["a photo of a person"], cond_b, **kw)[0]

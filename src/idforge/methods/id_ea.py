@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from idforge.diffusion.attention import context_of, finish, prepare, route, sdpa
 from idforge.methods.base import Condition, IdentityRefs, MethodConfig, TrainBatch, diffusion_loss
-from idforge.methods.personalized import PersonalizedConfig, PersonalizedMethod, PlaceholderTokens, TrainRecipe, token_embedding
+from idforge.methods.personalized import (
+    PersonalizedConfig,
+    PersonalizedMethod,
+    PlaceholderTokens,
+    TrainRecipe,
+    token_embedding,
+)
 from idforge.methods.registry import register_method
 from idforge.methods.textual_inversion import TokenVectors, placeholder_words
 

@@ -194,12 +194,15 @@ class PIDiff(PersonalizedMethod):
                            ) -> Condition:
         """{"wplus": (1, 18, 512) mean w+ of the reference crops, "keep": (1,)}.
 
+        Without ``refs.face_crops`` the trained identity's stored w+ is used (see ``sample_condition``).
+
         ``style_refs``: style mixing, coarse layers from ``style_refs`` and fine layers from ``refs``.
         """
-        if refs is None:
-            raise ValueError("PIDiff needs reference face crops for its visual prompt (IdentityRefs.face_crops)")
-        refs.require("face_crops")
-        w = self.wplus(refs.face_crops).mean(0, keepdim=True)
+        if refs is None or refs.face_crops is None:
+            # No photos given: the trained identity's own w+ (saved in the artifact by prepare_identity).
+            w = self.sample_condition(pipe).tensors["wplus"]
+        else:
+            w = self.wplus(refs.face_crops).mean(0, keepdim=True)
         if style_refs is not None:
             style_refs.require("face_crops")
             w = mix_wplus(self.wplus(style_refs.face_crops).mean(0, keepdim=True), w, self.config.coarse_layers)

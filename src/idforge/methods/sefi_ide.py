@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 from idforge.diffusion.attention import AttnSite, finish, heads, merge_heads, prepare
 from idforge.methods.base import Condition, MethodConfig, TrainBatch, diffusion_loss
-from idforge.methods.personalized import PersonalizedConfig, PersonalizedMethod, PlaceholderTokens, TrainRecipe, token_embedding
+from idforge.methods.personalized import (
+    PersonalizedConfig,
+    PersonalizedMethod,
+    PlaceholderTokens,
+    TrainRecipe,
+    token_embedding,
+)
 from idforge.methods.registry import register_method
 
 

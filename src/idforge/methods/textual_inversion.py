@@ -16,7 +16,13 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from idforge.methods.base import MethodConfig, TrainBatch, diffusion_loss
-from idforge.methods.personalized import PersonalizedConfig, PersonalizedMethod, PlaceholderTokens, TrainRecipe, token_embedding
+from idforge.methods.personalized import (
+    PersonalizedConfig,
+    PersonalizedMethod,
+    PlaceholderTokens,
+    TrainRecipe,
+    token_embedding,
+)
 from idforge.methods.registry import register_method
 
 
