@@ -20,4 +20,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.tracking",
     "tests.fixtures.faces",
+    "tests.fixtures.ray",
 ]

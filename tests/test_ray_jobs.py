@@ -1,100 +1,20 @@
-"""The Ray Jobs client against a real local Ray head (``ray start --head`` on 127.0.0.1, dashboard included).
-
-The head runs with ``--block`` in its own session: teardown sends SIGTERM to that one process, which drains and
-stops every Ray process it started. ``ray stop`` is not used because it kills every Ray process on the machine by
-name, including heads other tests or people run beside this one.
-"""
+"""The Ray Jobs client against a real local Ray head (the session fixture ``ray_head`` of tests/fixtures/ray.py:
+``ray start --head`` on 127.0.0.1, dashboard included)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from idforge.errors import ConfigError
 from idforge.ops import ray_jobs
 from idforge.ops.ray_jobs import JobStatus, RayJobError, RayJobTimeoutError, RayUnreachableError
+from tests.fixtures.ray import free_ports
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _stop_head(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    # Whatever outlived the graceful stop is in the head's own process group (start_new_session), and only there.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """The Jobs API URL of a fresh one-CPU Ray head on 127.0.0.1 (every port chosen free, own temp dir)."""
-    gcs, dash, agent_http, agent_grpc, runtime_env, metrics, client = _free_ports(7)
-    # Short path on purpose: Ray's unix sockets live under it and must stay below 107 characters.
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [
-        str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=1",
-        "--num-gpus=0", f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", "--disable-usage-stats",
-    ]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        env.pop(name, None)
-    log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                ray_jobs.connect(url, connect_timeout_s=2)
-                break
-            except RayUnreachableError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ray head did not come up:\n{log_path.read_text()[-3000:]}") from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        _stop_head(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def _no_ray_address_env(monkeypatch):
-    # An outer RAY_ADDRESS would silently redirect every call (Ray's rule, which normalize_address follows).
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+pytestmark = pytest.mark.usefixtures("no_ray_address_env")
 
 
 TRAIN_SCRIPT = textwrap.dedent(
@@ -193,7 +113,7 @@ def test_unknown_job_id_is_a_clear_error(ray_head):
 
 
 def test_unreachable_head_fails_fast_with_the_address():
-    (port,) = _free_ports(1)  # closed again: nothing listens there
+    (port,) = free_ports(1)  # closed again: nothing listens there
     start = time.monotonic()
     with pytest.raises(RayUnreachableError, match=f"127.0.0.1:{port} is unreachable.*ray start --head"):
         ray_jobs.submit_ray_job(f"127.0.0.1:{port}", "echo hi", connect_timeout_s=2)
