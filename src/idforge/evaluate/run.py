@@ -169,20 +169,25 @@ def evaluate_generated(
         lp = load_lpips(ecfg.lpips_backend or protocol.lpips_backend, device=device)
         lpips_label = lp.label
         size = int(min(256, min(min(im.shape[:2]) for im in images)))
-        gen_t = to_tensor(images, size=size, device=device)
-        if m.lpips and ref_faces:
-            vals = np.full(len(rows), np.nan, np.float32)
-            for ident, idx in rows.groupby(rows["identity"].astype(str)).indices.items():
+        ref_lp = np.full(len(rows), np.nan, np.float32)
+        div_lp = np.full(len(rows), np.nan, np.float32)
+        div_id = np.full(len(rows), np.nan, np.float32)
+        prompt_col = rows["prompt_template"] if "prompt_template" in rows else rows["prompt"]
+        # one identity at a time: both LPIPS uses compare images within an identity, and memory stays bounded
+        for ident, idx in rows.groupby(rows["identity"].astype(str)).indices.items():
+            gen_t = to_tensor([images[i] for i in idx], size=size, device=device)
+            if m.lpips and ident in ref_faces:
                 ref_t = to_tensor(list(ref_faces[ident].crops512[:4]), size=size, device=device)
-                vals[idx] = lpips_to_references(lp, gen_t[idx], ref_t, ecfg.batch_size)
-            rows[lp.label] = vals
+                ref_lp[idx] = lpips_to_references(lp, gen_t, ref_t, ecfg.batch_size)
+            if m.diversity:
+                for _, sub in pd.Series(np.arange(len(idx))).groupby(prompt_col.iloc[idx].to_numpy()).groups.items():
+                    sub = np.asarray(sub)
+                    div_lp[idx[sub]] = pairwise_lpips(lp, gen_t[sub], ecfg.batch_size)
+                    if primary_emb is not None:
+                        div_id[idx[sub]] = pairwise_embedding_distance(primary_emb[idx[sub]])
+        if m.lpips and ref_faces:
+            rows[lp.label] = ref_lp
         if m.diversity:
-            div_lp = np.full(len(rows), np.nan, np.float32)
-            div_id = np.full(len(rows), np.nan, np.float32)
-            for _, idx in rows.groupby([rows["identity"].astype(str), rows["prompt_template"]]).indices.items():
-                div_lp[idx] = pairwise_lpips(lp, gen_t[idx], ecfg.batch_size)
-                if primary_emb is not None:
-                    div_id[idx] = pairwise_embedding_distance(primary_emb[idx])
             rows[f"div_{lp.label}"] = div_lp
             if primary_emb is not None:
                 rows["div_id"] = div_id
