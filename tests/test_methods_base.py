@@ -60,7 +60,8 @@ def test_train_batch_from_dict_to_and_require():
         b.require("latents", "face_embeds", "clip_patch_tokens")
     with pytest.raises(ValueError, match="latents"):
         B.TrainBatch.from_dict({"input_ids": d["input_ids"]})
-    other = B.TrainBatch(latents=torch.ones(2, 4, 8, 8), face_embeds=torch.ones(2, 1, 512), identity=torch.tensor([7, 8]))
+    other = B.TrainBatch(latents=torch.ones(2, 4, 8, 8), face_embeds=torch.ones(2, 1, 512),
+                         identity=torch.tensor([7, 8]))
     mixed = b.with_identity_of(other)
     assert torch.equal(mixed.latents, b.latents) and torch.equal(mixed.identity, other.identity)
 

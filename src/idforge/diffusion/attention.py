@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_NAME = re.compile(r"^(?P<block>down_blocks|mid_block|up_blocks)(?:\.(?P<index>\d+))?\..*\.(?P<attn>attn\d)\.processor$")
+_NAME = re.compile(
+    r"^(?P<block>down_blocks|mid_block|up_blocks)(?:\.(?P<index>\d+))?\..*\.(?P<attn>attn\d)\.processor$")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ class IdentityRefs:
     class_noun: str = "person"
 
     def __post_init__(self) -> None:
-        counts = {f.name: getattr(self, f.name).shape[0] for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        counts = {f.name: getattr(self, f.name).shape[0] for f in fields(self)
+                  if isinstance(getattr(self, f.name), Tensor)}
         if not counts:
             raise ValueError("IdentityRefs needs at least one feature tensor (face_embeds, clip_image_embeds, ...)")
         if len(set(counts.values())) != 1:
@@ -329,7 +330,8 @@ def diffusion_loss(
     """
     if noise is None:
         gen_device = generator.device if generator is not None else latents.device
-        noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=latents.dtype).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=latents.dtype)
+        noise = noise.to(latents.device)
     if timesteps is None:
         timesteps = sample_timesteps(scheduler, latents.shape[0], latents.device, generator, t_min, t_max)
     timesteps = timesteps.to(latents.device).long()

@@ -51,7 +51,8 @@ def negative_text(method: BaseMethod, pipe: Any, negative_prompt: str, batch: in
     from idforge.diffusion.text import TextCondition
 
     if not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-        return TextCondition(torch.zeros_like(like.hidden), None if like.pooled is None else torch.zeros_like(like.pooled))
+        pooled = None if like.pooled is None else torch.zeros_like(like.pooled)
+        return TextCondition(torch.zeros_like(like.hidden), pooled)
     return method.encode_prompts(pipe, [negative_prompt] * batch, None)
 
 
