@@ -50,7 +50,7 @@ METRIC_HELP = {
     "lpips_shift_tolerant": "shift-tolerant LPIPS to the reference faces (lower = closer)",
     "div_lpips": "mean pairwise LPIPS within identity x prompt (higher = more varied)",
     "div_lpips_shift_tolerant": "mean pairwise shift-tolerant LPIPS within identity x prompt",
-    "div_id": "mean pairwise identity distance (1 - cos) within identity x prompt",
+    "div_id": "mean pairwise identity-embedding distance (1 - cos) among an identity's images (pose/expression)",
 }
 
 

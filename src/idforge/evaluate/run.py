@@ -180,11 +180,13 @@ def evaluate_generated(
                 ref_t = to_tensor(list(ref_faces[ident].crops512[:4]), size=size, device=device)
                 ref_lp[idx] = lpips_to_references(lp, gen_t, ref_t, ecfg.batch_size)
             if m.diversity:
+                # image diversity within identity x prompt (seeds only differ); identity-embedding spread
+                # (pose/expression) over all of the identity's images
                 for _, sub in pd.Series(np.arange(len(idx))).groupby(prompt_col.iloc[idx].to_numpy()).groups.items():
                     sub = np.asarray(sub)
                     div_lp[idx[sub]] = pairwise_lpips(lp, gen_t[sub], ecfg.batch_size)
-                    if primary_emb is not None:
-                        div_id[idx[sub]] = pairwise_embedding_distance(primary_emb[idx[sub]])
+                if primary_emb is not None:
+                    div_id[idx] = pairwise_embedding_distance(primary_emb[idx])
         if m.lpips and ref_faces:
             rows[lp.label] = ref_lp
         if m.diversity:
