@@ -81,3 +81,13 @@ def test_untrained_identity_off_is_the_init_word(pipe):
     off = m.encode_prompts(pipe, ["a photo of <idf>"], None).hidden
     m.detach()
     torch.testing.assert_close(off, encode_prompts(pipe, ["a photo of person"]).hidden)
+
+
+def test_pseudo_tokens_refuse_two_text_encoder_pipelines_clearly():
+    from types import SimpleNamespace
+
+    from idforge.errors import ConfigError
+
+    sdxl_like = SimpleNamespace(text_encoder_2=object(), tokenizer=None, text_encoder=None)
+    with pytest.raises(ConfigError, match="use dreambooth-lora or pidiff for SDXL"):
+        _method().tokens.install(sdxl_like)

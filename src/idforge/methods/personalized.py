@@ -107,7 +107,9 @@ class PlaceholderTokens:
 
     def install(self, pipe: Any) -> None:
         if getattr(pipe, "text_encoder_2", None) is not None:
-            raise ValueError("pseudo-token methods support single-text-encoder pipelines (SD1.5 / SD2.x); "
+            from idforge.errors import ConfigError
+
+            raise ConfigError("pseudo-token methods support single-text-encoder pipelines (SD1.5 / SD2.x); "
                              "this pipeline has two text encoders (SDXL): use dreambooth-lora or pidiff for SDXL")
         tok = pipe.tokenizer
         tok.add_tokens([w for w in self.words if w not in tok.get_vocab()])
