@@ -1,5 +1,7 @@
-"""IDAdapter (Cui et al., 2024): mixed facial features from N references, adapters on self-attention, textual
-injection into the class-noun token, and a face identity loss.
+"""IDAdapter (Cui et al., 2024): mixed facial features, self-attention adapters, textual injection, face loss.
+
+Mixed facial features from N references, adapters on self-attention, textual injection into the class-noun token,
+and a face identity loss:
 
 - MFF (``modules["mff"]``): a small transformer of ``mff_blocks`` (2 in the paper) attention blocks. Learned
   queries (plus the mean projected face-ID feature) attend to the face-ID features and CLIP patch features of all
