@@ -152,6 +152,7 @@ class IDEA(PersonalizedMethod):
         super().__init__(config)
         self.tokens = PlaceholderTokens(placeholder_words(self.config.placeholder, self.config.num_tokens))
         self.enhancer: IDEnhancer | None = None
+        self._identity_face: Tensor | None = None  # (1, face_dim) mean face of the identity, set by prepare_identity
 
     def identity_phrase(self, class_noun: str = "person") -> str:
         return self.tokens.phrase
@@ -202,8 +203,9 @@ class IDEA(PersonalizedMethod):
         if self.enhancer is None:
             raise ValueError("attach the method to a pipeline before prepare_identity")
         face = torch.nn.functional.normalize(refs.face_embeds.float().mean(0, keepdim=True), dim=-1)
+        self._identity_face = face.to(self.device)
         with torch.no_grad():
-            e = self.enhancer(face.to(self.device))[0]
+            e = self.enhancer(self._identity_face)[0]
             self.vectors.copy_(e)
             self.modules["id_tokens"].tokens.copy_(e)
 
@@ -228,7 +230,9 @@ class IDEA(PersonalizedMethod):
         face = torch.nn.functional.normalize(batch.face_embeds.float().mean(1), dim=-1).to(self.device)
         e = self.enhancer(face)  # (B, n, D)
         with torch.no_grad():
-            self.modules["id_tokens"].tokens.copy_(e.mean(0))
+            # What inference reads: the enhanced embedding of the identity's mean face (of this batch without one).
+            ident = self.enhancer(self._identity_face)[0] if self._identity_face is not None else e.mean(0)
+            self.modules["id_tokens"].tokens.copy_(ident)
         text = self.tokens.encode_ids(pipe, batch.input_ids, self.vectors)
         with self.conditioning({"id": e}):
             out = diffusion_loss(self.denoise_fn(pipe, text, batch), batch.latents, self._scheduler,
