@@ -114,3 +114,49 @@ def test_adain_mean_moves_the_token_mean_and_keeps_the_deviations():
     assert out.shape == x.shape
     torch.testing.assert_close(out.mean(dim=1), y.mean(dim=1))
     torch.testing.assert_close(out - out.mean(dim=1, keepdim=True), x - x.mean(dim=1, keepdim=True))
+
+
+def _sdxl_layout_pipe(base):
+    """The tiny SDXL pipeline with a UNet laid out like the real SDXL one: no attention in the first down block,
+    several transformer blocks per attention (transformer_layers_per_block), text_time added conditioning."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=base.unet.config.cross_attention_dim,
+        attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=base.unet.config.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=base.unet.config.projection_class_embeddings_input_dim,
+    ).requires_grad_(False).eval()
+    return StableDiffusionXLPipeline(**{**base.components, "unet": unet})
+
+
+def test_sdxl_layout_routes_every_transformer_block_and_methods_train_on_it(pipes):
+    from idforge.methods.base import get_method
+    from idforge.methods.testing import synthetic_batch
+
+    pipe = _sdxl_layout_pipe(pipes["sdxl"])
+    sites = A.attention_sites(pipe.unet)
+    names = [s.name for s in sites]
+    assert not any(n.startswith("down_blocks.0.") or n.startswith("up_blocks.1.") for n in names)
+    assert "down_blocks.1.attentions.0.transformer_blocks.1.attn2.processor" in names
+    assert "mid_block.attentions.0.transformer_blocks.1.attn1.processor" in names
+    for s in sites:
+        assert s.hidden_size == A.attention_module(pipe.unet, s).to_q.in_features == 64
+    before = _unet_out(pipe)
+    for name, cfg in {"id-adapter": dict(num_refs=1, clip_dim=32, mff_dim=32, mff_heads=4, num_tokens=4,
+                                         face_loss_weight=0.0),
+                      "infinite-id": dict(clip_dim=32)}.items():
+        m = get_method(name, **cfg)
+        m.attach(pipe)
+        try:
+            assert len(m.processors) == (len(sites) // 2 if name == "id-adapter" else len(sites))
+            out = m.training_loss(synthetic_batch(pipe, 2), pipe)
+            out["loss"].backward()
+            assert all(p.grad is not None for p in m.trainable_parameters())
+            assert all(p.grad is None for p in pipe.unet.parameters())
+        finally:
+            m.detach()
+        assert torch.equal(_unet_out(pipe), before)
