@@ -123,8 +123,12 @@ def finetune_all(
                 refs = [remote.remote(method, i, str(dataset_dir), str(base_model), str(out),
                                       cfg.model_dump(mode="json"), parent_id, tracking.model_dump(mode="json"))
                         for i in todo]
-                for res in ray.get(refs):
-                    results.append(FinetuneResult(**res))
+                for identity, ref in zip(todo, refs):
+                    try:
+                        results.append(FinetuneResult(**ray.get(ref)))
+                    except Exception as exc:  # noqa: BLE001 - a crashed worker (OOM, killed) fails one identity
+                        results.append(FinetuneResult(identity=identity, method=method, status="failed",
+                                                      error=f"worker died: {type(exc).__name__}: {exc}"[:500]))
             finally:
                 if started:
                     ray.shutdown()
