@@ -6,7 +6,8 @@ shift-tolerant variant (Ghildyal & Liu, ECCV 2022), but its modules import torch
 here in plain torch with the same module names and loaded with a strict key check. Its numbers differ from plain
 LPIPS: the metric is therefore labelled ``lpips_shift_tolerant`` wherever it is reported.
 
-The stlpips weights are derived from the LPIPS/antialiased-CNN work (Adobe, CC BY-NC-SA 4.0): research use.
+stlpips-pytorch is BSD-2-Clause (Ghildyal & Liu); its blur-pool code derives from Adobe's antialiased-cnns
+(CC BY-NC-SA 4.0), which this rebuild does not copy (a [1, 2, 1] binomial filter, reflect padding).
 """
 
 from __future__ import annotations
