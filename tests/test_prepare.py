@@ -100,7 +100,7 @@ def test_changed_input_recomputes_only_that_item(curated, prepared, tiny_sd15_di
     out = tmp_path / "p"
     shutil.copytree(prepared.output_dir, out)
     manifest = pd.read_parquet(ds / "manifest.parquet")
-    crop = ds / manifest["aligned"][0]
+    crop = ds / manifest["aligned_ffhq"][0]
     arr = np.asarray(Image.open(crop)).copy()
     arr[:, :, 0] = 255 - arr[:, :, 0]
     Image.fromarray(arr).save(crop)
@@ -142,7 +142,7 @@ def test_bad_inputs_raise_data_errors(curated, tiny_sd15_dir, tiny_clip_dir, tmp
     ds = tmp_path / "ds"
     shutil.copytree(curated, ds)
     manifest = pd.read_parquet(ds / "manifest.parquet")
-    os.remove(ds / manifest["aligned"][1])
+    os.remove(ds / manifest["aligned_ffhq"][1])
     with pytest.raises(DataError, match="aligned crop .* is missing"):
         prepare_dataset(ds, str(tiny_sd15_dir), tmp_path / "o", clip_model=str(tiny_clip_dir))
     manifest.loc[:, "status"] = "rejected"

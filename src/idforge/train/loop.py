@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +47,8 @@ class LoopSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     train: dict[str, Any]
-    data_dir: str
+    data_dir: str  # a local directory, or an s3:// prefix each worker localizes (cluster nodes share no disk)
+    storage: dict[str, Any] | None = None  # StorageConfig for s3:// data
     model: str
     model_kind: str = "auto"
     local_files_only: bool = True
@@ -100,6 +102,17 @@ class LocalEnv:
             write(tmp)
         for old in self._dirs()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def local_data(data_dir: str, storage: dict[str, Any] | None = None) -> Path:
+    """``data_dir`` itself, or for an ``s3://`` prefix its local copy (downloaded once per content, cached)."""
+    if "://" not in data_dir:
+        return Path(data_dir)
+    from idforge.config import StorageConfig
+    from idforge.io.storage import localize
+
+    cache = Path(os.environ.get("IDFORGE_CACHE", Path.home() / ".cache" / "idforge")) / "prepared"
+    return localize(data_dir, cache, StorageConfig.model_validate(storage) if storage else None)
 
 
 def sampling_defaults(method: Any, cfg: TrainConfig) -> tuple[int, bool]:
@@ -204,6 +217,81 @@ class _Tracker:
             self._stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
+class TrainStep:
+    """One optimizer step of a method: micro-batches -> forward/backward (DDP no_sync until the last), gradient
+    clipping, AdamW (fused on GPU), LR schedule, EMA. The loop and ``bench/train_throughput.py`` both use it.
+
+    Calling it returns the mean of each loss part over the micro-batches plus ``grad_norm`` (floats).
+    """
+
+    def __init__(self, method: Any, pipe: Any, cfg: TrainConfig, amp_dtype: Any = None) -> None:
+        import torch
+
+        from idforge.methods.base import TrainingModule
+
+        self.method, self.cfg, self.amp_dtype = method, cfg, amp_dtype
+        self.params = method.trainable_parameters()
+        if not self.params:
+            raise ValueError(f"method {method.name!r} has no trainable parameters")
+        cuda = self.params[0].device.type == "cuda"
+        self.device_type = self.params[0].device.type
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+        warmup = cfg.warmup_steps
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema else None
+        self.module = TrainingModule(method, pipe)
+        self.model: Any = self.module
+        self.distributed = False
+
+    def wrap_ddp(self, device: Any) -> None:
+        """Wrap in DistributedDataParallel (the process group must exist): only the method's weights are synced."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model = DistributedDataParallel(self.module,
+                                             device_ids=[device.index] if device.type == "cuda" else None,
+                                             find_unused_parameters=self.cfg.find_unused_parameters)
+        self.distributed = True
+
+    def __call__(self, micro_batches: list[Any], generator: Any = None) -> dict[str, float]:
+        import torch
+
+        parts: dict[str, float] = {}
+        n = len(micro_batches)
+        autocast = (torch.autocast(device_type=self.device_type, dtype=self.amp_dtype)
+                    if self.amp_dtype is not None else contextlib.nullcontext())
+        for i, batch in enumerate(micro_batches):
+            no_sync = self.model.no_sync() if (self.distributed and i < n - 1) else contextlib.nullcontext()
+            with no_sync:
+                with autocast:
+                    out = self.model(batch, generator=generator)
+                loss = out["loss"] / n
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            for k, v in out.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / n
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if max_norm else torch.zeros(())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - self.cfg.ema_decay)
+        parts["grad_norm"] = float(grad_norm)
+        return parts
+
+
 def run_loop(spec: LoopSpec, env: LoopEnv) -> dict[str, Any]:
     """Train ``spec.train.method`` on ``spec.data_dir``; returns the last reported metrics."""
     tracker = _Tracker(spec, env.rank)
@@ -221,11 +309,12 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from idforge.methods.base import TrainBatch, TrainingModule, get_method
+    from idforge.methods.base import TrainBatch, get_method
     from idforge.train.dataset import PreparedDataset, make_loader, read_prepared
     from idforge.train.validation import identity_gap, split_holdout
 
     cfg = spec.train_config()
+    spec = spec.model_copy(update={"data_dir": str(local_data(spec.data_dir, spec.storage))})
     rank, world, device = env.rank, env.world_size, env.device
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     if device.type == "cpu":
@@ -238,23 +327,16 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
 
     amp_dtype, frozen_dtype = _precision(cfg, device)
     pipe = load_frozen_pipeline(spec.model, spec.model_kind, frozen_dtype, device, spec.local_files_only, cfg)
-    _, info = read_prepared(spec.data_dir)
+    index, info = read_prepared(spec.data_dir)
     method = get_method(cfg.method, method_config_for_data(cfg.method, cfg.method_config, info))
     method.attach(pipe)
     method.train()
-    params = method.trainable_parameters()
-    if not params:
-        raise ValueError(f"method {cfg.method!r} has no trainable parameters")
     if cfg.compile_unet and device.type == "cuda":
         pipe.unet = torch.compile(pipe.unet)
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
-    warmup = cfg.warmup_steps
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    ema = [p.detach().clone() for p in params] if cfg.ema else None
+    stepper = TrainStep(method, pipe, cfg, amp_dtype)
+    params = stepper.params
+    optimizer, lr_schedule, scaler, ema = stepper.optimizer, stepper.lr_schedule, stepper.scaler, stepper.ema
 
     step = 0
     with env.latest_checkpoint() as resume_dir:  # noqa: SIM117
@@ -279,16 +361,10 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
             _init_from(method, cfg.init_from)
 
     resumed_from = step  # 0 for a fresh start; reported so a recovery is visible in the metrics
-    module = TrainingModule(method, pipe)
-    model = module
     if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=cfg.find_unused_parameters)
+        stepper.wrap_ddp(device)
 
     refs, include_target = sampling_defaults(method, cfg)
-    index, _ = read_prepared(spec.data_dir)
     train_keys, heldout_keys = split_holdout(index, cfg.holdout_per_identity, cfg.seed)
     dataset = PreparedDataset(spec.data_dir, refs_per_item=refs, ref_includes_target=include_target,
                               flip_prob=cfg.flip_prob, seed=cfg.seed, keys=train_keys)
@@ -305,40 +381,15 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
     last: dict[str, Any] = {}
-    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
+    if step >= cfg.steps:  # resumed a finished run: nothing to train; say so through the usual channel
+        last = {"step": step, "resumed_from": step, "world_size": world}
+        env.report(last, None)
     while step < cfg.steps:
-        for micro in range(cfg.grad_accum):
-            batch = TrainBatch.from_dict(next(batches)).to(device)
-            sync = micro == cfg.grad_accum - 1
-            no_sync = model.no_sync() if (distributed and not sync) else contextlib.nullcontext()
-            with no_sync:
-                with autocast:
-                    out = model(batch, generator=generator)
-                loss = out["loss"] / cfg.grad_accum
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            for k, v in out.items():
-                window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
-                     else torch.zeros(()))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.ema_decay)
+        parts = stepper([TrainBatch.from_dict(next(batches)).to(device) for _ in range(cfg.grad_accum)], generator)
+        for k, v in parts.items():
+            window[k] = window.get(k, 0.0) + v
         step += 1
         window_steps += 1
-        window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
 
         if spec.fault_step is not None and step == spec.fault_step and spec.fault_marker:
             marker = Path(f"{spec.fault_marker}.rank{rank}")
@@ -399,7 +450,7 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
             last = metrics
             window, window_steps, window_start = {}, 0, time.perf_counter()
 
-        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
+        if cfg.sample_every and step % cfg.sample_every == 0 and tracker.enabled:
             tracker.grid(_sample_grid(method, pipe, dataset, cfg, refs), step)
     return last
 

@@ -24,7 +24,7 @@ from typing import Any
 from idforge.errors import ConfigError, DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
 from idforge.train.config import TrainConfig
-from idforge.train.loop import LocalEnv, LoopSpec, run_loop
+from idforge.train.loop import LocalEnv, LoopSpec, local_data, run_loop
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def train_population(
     run_name: str | None = None,
     model_kind: str = "auto",
     local_files_only: bool = True,
+    tracking: Any = None,
     fault_step: int | None = None,
     fault_marker: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
@@ -177,13 +178,14 @@ def train_population(
 
     Args:
         cfg: a ``TrainConfig``, or the root config (its ``train`` and ``tracking`` sections are used).
-        data_dir: a ``prepare`` output directory.
+        data_dir: a ``prepare`` output directory, or its ``s3://`` copy (every worker localizes it).
         model: base model id or directory (the one the data was prepared with).
         workers: Ray Train workers (DDP ranks); gloo on CPU, NCCL on GPU.
         gpus_per_worker: 0 = CPU workers; 1 = one GPU each (fractions share a GPU).
         output_dir: where ``method.safetensors``, ``config.resolved.yaml`` and ``metrics.json`` go.
         resume: continue the run recorded in ``output_dir`` (if any) from its latest checkpoint.
         ray_address: a Ray cluster address ("ray://host:10001", "auto"); None starts a local Ray.
+        tracking: a ``TrackingConfig`` overriding the root config's (with a bare ``TrainConfig``: None = no MLflow).
         fault_step, fault_marker: inject one failure per rank after that step (tests and recovery drills).
     Raises:
         DataError: ``data_dir`` is not a prepared dataset. ConfigError: bad settings.
@@ -192,10 +194,16 @@ def train_population(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train_cfg, tracking_cfg, root = _split_config(cfg)
+    tracking_cfg = tracking if tracking is not None else tracking_cfg
+    storage_cfg = getattr(root, "storage", None)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
-    data_dir = Path(data_dir).resolve()
-    info = _check_data(data_dir)
+    remote_data = "://" in str(data_dir)
+    data_arg = str(data_dir) if remote_data else str(Path(data_dir).resolve())
+    info = _check_data(local_data(data_arg, storage_cfg.model_dump() if storage_cfg else None))
+    if ray_address and not train_cfg.storage_path:
+        log.warning("training on the Ray cluster %s with checkpoints under the local %s: on several nodes set "
+                    "train.storage_path to shared storage (s3://bucket/prefix or NFS)", ray_address, output_dir)
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage = train_cfg.storage_path or str(out / "ray")
@@ -210,7 +218,8 @@ def train_population(
     model_arg = str(Path(model).resolve()) if Path(model).exists() else model
     with _mlflow_run(tracking, out, f"train-{train_cfg.method}", train_cfg, root, resume) as mlflow_run_id:
         spec = LoopSpec(
-            train=train_cfg.model_dump(mode="json"), data_dir=str(data_dir), model=model_arg, model_kind=model_kind,
+            train=train_cfg.model_dump(mode="json"), data_dir=data_arg, model=model_arg, model_kind=model_kind,
+            storage=storage_cfg.model_dump(mode="json") if storage_cfg is not None else None,
             local_files_only=local_files_only, tracking=tracking, mlflow_run_id=mlflow_run_id,
             fault_step=fault_step, fault_marker=str(fault_marker) if fault_marker else None,
         )

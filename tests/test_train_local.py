@@ -1,0 +1,74 @@
+"""The training loop in-process (no Ray): bad inputs fail with clear errors, init_from, the bench's step runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from idforge.errors import ConfigError, DataError
+from idforge.train.config import PrepareConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
+    from idforge.train.prepare import prepare_dataset
+    from idforge.train.testdata import write_curated_synthetic
+
+    root = tmp_path_factory.mktemp("local-data")
+    ds = write_curated_synthetic(root / "curated", identities=2, images_per_identity=2, size=128)
+    return prepare_dataset(ds, str(tiny_sd15_dir), root / "prepared", PrepareConfig(),
+                           clip_model=str(tiny_clip_dir)).output_dir
+
+
+def test_train_local_then_init_from(prepared_dir, tiny_sd15_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from idforge.train.population import train_local
+
+    cfg = TrainConfig(method="infinite-id", steps=2, batch_size=2, checkpoint_every=1, report_every=1, lr=1e-3,
+                      keep_checkpoints=1)
+    first = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "a")
+    assert first.steps == 2 and len(list((tmp_path / "a" / "checkpoints").iterdir())) == 1  # only the newest kept
+    # a second call on the same output resumes: nothing left to do, same weights
+    again = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "a")
+    assert again.steps == 2 and again.metrics["resumed_from"] == 2
+    # init_from starts a new run from those weights (a vanishing learning rate keeps them)
+    cfg2 = cfg.model_copy(update={"init_from": str(first.method_path), "lr": 1e-12, "steps": 1,
+                                  "weight_decay": 0.0})
+    second = train_local(cfg2, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "b")
+    a, b = load_file(first.method_path), load_file(second.method_path)
+    assert a.keys() == b.keys()
+    assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
+    with pytest.raises(ConfigError, match="init_from"):
+        train_local(cfg.model_copy(update={"init_from": str(tmp_path / "missing.safetensors")}), prepared_dir,
+                    str(tiny_sd15_dir), output_dir=tmp_path / "c")
+
+
+def test_bad_inputs(prepared_dir, tiny_sd15_dir, tmp_path):
+    from idforge.train.population import train_local, train_population
+
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        train_local(TrainConfig(steps=1), tmp_path / "nope", str(tiny_sd15_dir), output_dir=tmp_path / "o")
+    with pytest.raises(ConfigError, match="workers"):
+        train_population(TrainConfig(steps=1), prepared_dir, str(tiny_sd15_dir), workers=0, output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="unknown method"):
+        train_local(TrainConfig(method="no-such", steps=1), prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path)
+    with pytest.raises(ValueError):
+        TrainConfig(steps=0)
+
+
+@pytest.mark.slow
+def test_bench_runs_on_tiny(repo_root, tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "train_throughput.py"), "--model", "tiny",
+                           "--method", "infinite-id", "--steps", "1", "--warmup", "0", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["ours_samples_per_s"] > 0 and res["reference_samples_per_s"] > 0
+    assert res["ratio_ours_over_reference"] == pytest.approx(res["ours_samples_per_s"] / res["reference_samples_per_s"])
+    assert res["loader_samples_per_s"] > 0
