@@ -1,0 +1,167 @@
+"""Population training submitted through the Ray Jobs API to a real local Ray head (the ``ray_head`` fixture):
+the job trains, its log streams back, the exported method loads, a checkpoint sits under the output, and a
+retried step re-attaches to the job instead of training twice."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from idforge.config import IdforgeConfig, TrackingConfig
+from idforge.errors import ConfigError
+from idforge.ops.ray_jobs import JobStatus, RayUnreachableError
+from idforge.train import remote
+from idforge.train.config import PrepareConfig, TrainConfig
+from idforge.train.remote import RemoteTrainError, train_on_ray_cluster
+from tests.fixtures.ray import free_ports
+
+pytestmark = pytest.mark.usefixtures("no_ray_address_env")
+
+# Infinite-ID on the tiny SD1.5: 2 optimizer steps of 1 sample, a checkpoint after each.
+TRAIN = TrainConfig(method="infinite-id", steps=2, batch_size=1, lr=1e-3, checkpoint_every=1, report_every=1,
+                    keep_checkpoints=1, max_failures=0)
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
+    from idforge.train.prepare import prepare_dataset
+    from idforge.train.testdata import write_curated_synthetic
+
+    root = tmp_path_factory.mktemp("remote-data")
+    ds = write_curated_synthetic(root / "curated", identities=2, images_per_identity=2, size=128)
+    return prepare_dataset(ds, str(tiny_sd15_dir), root / "prepared", PrepareConfig(flip=False),
+                           clip_model=str(tiny_clip_dir)).output_dir
+
+
+def _cfg(tracking_uri: str | None) -> IdforgeConfig:
+    tracking = TrackingConfig(uri=tracking_uri, experiment="remote") if tracking_uri else TrackingConfig(enabled=False)
+    return IdforgeConfig(train=TRAIN, tracking=tracking)
+
+
+def _jobs(address: str) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address).list_jobs()
+
+
+@pytest.mark.slow
+def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir, mlflow_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    from idforge.methods.base import load_method
+    from idforge.methods.testing import load_frozen_pipeline
+    from idforge.track import start_run
+    from idforge.train.checkpoint import METHOD_FILE
+
+    cfg = _cfg(mlflow_uri)
+    with start_run(cfg.tracking, run_name="pipeline") as parent:
+        parent_id = parent.info.run_id
+    out = tmp_path / "checkpoints" / "run"
+    chunks: list[str] = []
+    args = (cfg, str(prepared_dir), str(tiny_sd15_dir), "infinite-id", str(out), ray_head)
+
+    start = time.monotonic()
+    result = train_on_ray_cluster(*args, workers=1, log_sink=chunks.append, timeout_s=240,
+                                  local_dir=tmp_path / "local", parent_run_id=parent_id, python=sys.executable)
+    first_s = time.monotonic() - start
+
+    assert result.status is JobStatus.SUCCEEDED and not result.attached
+    assert result.job_id.startswith("idforge-train-infinite-id-")
+    logs = "".join(chunks)
+    assert "idforge train job: infinite-id trained for 2 steps" in logs  # the job's last line, streamed back
+    assert result.steps == 2 and result.metrics["step"] == 2 and result.metrics["world_size"] == 1
+    # the outputs were copied to local_dir; the method loads onto the base model with a strict key check
+    assert sorted(p.name for p in result.local_dir.iterdir()) == sorted(remote.OUTPUT_FILES)
+    method = load_method(result.method_path, load_frozen_pipeline(tiny_sd15_dir))
+    assert method.name == "infinite-id"
+    assert json.loads((result.local_dir / "metrics.json").read_text())["steps"] == 2
+    # the full-state Ray Train checkpoint of the last step lies under the output location
+    ckpt = result.checkpoint_uri
+    assert ckpt is not None and ckpt.startswith(str(out / "ray")) and Path(ckpt, METHOD_FILE).is_file()
+    # the training run nested under the pipeline's parent run, in the same store
+    run = MlflowClient(mlflow_uri).get_run(result.mlflow_run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent_id and run.info.status == "FINISHED"
+
+    # A retried step (same arguments): re-attaches to the finished job, submits nothing, trains nothing.
+    start = time.monotonic()
+    again = train_on_ray_cluster(*args, workers=1, log_sink=lambda _c: None, local_dir=tmp_path / "again",
+                                 parent_run_id=parent_id, python=sys.executable)
+    assert again.attached and again.job_id == result.job_id and again.steps == 2
+    assert again.method_path.read_bytes() == result.method_path.read_bytes()
+    assert time.monotonic() - start < first_s / 2
+    assert [j.submission_id for j in _jobs(ray_head)].count(result.job_id) == 1
+    assert not any(j.submission_id.startswith(f"{result.job_id}-r") for j in _jobs(ray_head))
+
+
+@pytest.mark.slow
+def test_failed_job_raises_with_its_last_log_lines_and_a_retry_gets_a_new_id(ray_head, tiny_sd15_dir, tmp_path):
+    not_prepared = tmp_path / "empty"
+    not_prepared.mkdir()
+    with pytest.raises(RemoteTrainError, match="ended FAILED") as info:
+        train_on_ray_cluster(_cfg(None), str(not_prepared), str(tiny_sd15_dir), "infinite-id", str(tmp_path / "o"),
+                             ray_head, log_sink=lambda _c: None, timeout_s=120, python=sys.executable,
+                             job_id="idforge-test-fail")
+    message = str(info.value)
+    assert "last " in message and "| error: " in message and str(not_prepared) in message  # the job's own error
+    # the failed job is not re-attached to: a retry of the step would submit idforge-test-fail-r1
+    assert remote._pick_job_id(ray_head, "idforge-test-fail", 5) == ("idforge-test-fail-r1", False)
+
+
+def test_unreachable_head_fails_fast(tmp_path):
+    (port,) = free_ports(1)
+    start = time.monotonic()
+    with pytest.raises(RayUnreachableError, match=f"127.0.0.1:{port} is unreachable"):
+        train_on_ray_cluster(_cfg(None), str(tmp_path), "model", "infinite-id", str(tmp_path / "out"),
+                             f"http://127.0.0.1:{port}", connect_timeout_s=2)
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_is_named(tmp_path):
+    call = dict(cfg=_cfg(None), data_uri=str(tmp_path), model="m", method="infinite-id", output_uri=str(tmp_path),
+                address="http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
+        train_on_ray_cluster(**call, workers=0)
+    with pytest.raises(ConfigError, match=r"data_uri 'gs://b/x'.*s3://"):
+        train_on_ray_cluster(**{**call, "data_uri": "gs://b/x"})
+    with pytest.raises(ConfigError, match="model is empty"):
+        train_on_ray_cluster(**{**call, "model": " "})
+    with pytest.raises(ConfigError, match="needs the root config"):
+        train_on_ray_cluster(**{**call, "cfg": TRAIN})
+    with pytest.raises(ConfigError, match="not a ray:// address"):
+        train_on_ray_cluster(**{**call, "address": "ray://head:10001"})
+
+
+def test_entrypoint_and_job_id(tmp_path, monkeypatch):
+    entry = remote.build_entrypoint("s3://b/prepared v1", str(tmp_path / "o"), "runwayml/stable-diffusion-v1-5",
+                                    "id-adapter", 4, 1.0, python="/opt/venv/bin/python", parent_run_id="abc")
+    argv = shlex.split(entry)
+    assert argv[:3] == ["/opt/venv/bin/python", "-m", "idforge.train.remote"]
+    parsed = remote._parse_args(argv[3:])
+    assert (parsed.data, parsed.output, parsed.method, parsed.workers, parsed.gpus_per_worker) == (
+        "s3://b/prepared v1", str(tmp_path / "o"), "id-adapter", 4, 1.0)
+    assert parsed.config_env == remote.CONFIG_ENV and parsed.parent_run_id == "abc" and parsed.resume
+
+    key = ("infinite-id", "train: {}", "/d", "m", "/o", 2, 0.0)
+    assert remote.derive_job_id(*key) == remote.derive_job_id(*key)
+    assert remote.derive_job_id(*key) != remote.derive_job_id(*key[:4], "/other", 2, 0.0)
+    assert remote.derive_job_id(*key) != remote.derive_job_id(*key[:5], 4, 0.0)
+
+    monkeypatch.setenv("IDFORGE_CHECKPOINTS", "s3://idforge/checkpoints")
+    uri = remote.default_output_uri("s3://idforge/kfp/run-1/train/model", "id-adapter", tmp_path)
+    assert uri.startswith("s3://idforge/checkpoints/train/id-adapter/") and len(uri.rsplit("/", 1)[1]) == 16
+    assert uri != remote.default_output_uri("s3://idforge/kfp/run-2/train/model", "id-adapter", tmp_path)
+    monkeypatch.delenv("IDFORGE_CHECKPOINTS")
+    assert remote.default_output_uri("k", "id-adapter", tmp_path).startswith(f"{tmp_path}/train/id-adapter/")
+
+
+def test_job_side_needs_its_config(monkeypatch, capsys):
+    monkeypatch.delenv(remote.CONFIG_ENV, raising=False)
+    code = remote.main(["--config-env", remote.CONFIG_ENV, "--data", "/d", "--output", "/o", "--model", "m"])
+    assert code == 2
+    assert f"${remote.CONFIG_ENV} is not set in the job" in capsys.readouterr().err
