@@ -14,7 +14,7 @@ export RAY_AUTH_MODE := disabled
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install data demo test test-fast lint images clean
+.PHONY: install data browser demo test test-fast lint images clean
 
 install: $(STAMP)
 
@@ -32,17 +32,21 @@ $(STAMP): pyproject.toml constraints.txt
 data: install
 	$(BIN)/python -m idforge.io.samples
 
+# Headless Chromium (Debian's package) renders report.html in the report tests.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
 # The main job: the end-to-end pipeline on data/samples with embedded defaults (kfp local runner,
 # local Ray, SQLite MLflow, local DVC remote, a tiny base model unless MODEL= names a real one).
 MODEL ?=
 demo: install data
 	$(BIN)/idforge demo $(if $(MODEL),--model $(MODEL),)
 
-test: install data
+test: install data browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
-test-fast: install data
+test-fast: install data browser
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install

@@ -18,6 +18,8 @@ def curate(
 
     Its counts go to the artifact's metadata; the parent MLflow run records them (see open_parent_run).
     """
+    import json
+
     from idforge.config import load_config_text
     from idforge.curate.run import curate_dataset
 
@@ -29,4 +31,7 @@ def curate(
     }  # fmt: skip
     for key, value in counts.items():
         metrics.log_metric(key, float(value))
+    # The metrics live in the artifact's metadata; a file at its path lets caches see the artifact exists.
+    with open(metrics.path, "w") as fh:
+        json.dump(dict(metrics.metadata), fh)
     dataset.metadata.update({"raw_uri": raw_uri, **counts})

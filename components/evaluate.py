@@ -35,6 +35,7 @@ def evaluate(
     report: Output[HTML],
 ) -> str:
     """The protocol's metrics -> metrics.parquet, report.html and an MLflow run; returns that run's id."""
+    import json
     import shutil
 
     from idforge.config import load_config_text
@@ -46,6 +47,9 @@ def evaluate(
     for key, value in result.summary.items():
         if value == value:  # KFP metrics reject NaN (e.g. similarity when no face was found)
             metrics.log_metric(key, float(value))
+    # The metrics live in the artifact's metadata; a file at its path lets caches see the artifact exists.
+    with open(metrics.path, "w") as fh:
+        json.dump(dict(metrics.metadata), fh)
     shutil.copyfile(result.report, report.path)
     return result.run_id or ""
 

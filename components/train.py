@@ -23,6 +23,8 @@ def train_adapter(
     """Run ``idforge train`` for ``method``; with ``ray_address`` the job is submitted to that cluster."""
     import contextlib
 
+    import json
+
     from idforge.config import load_config_text
     from idforge.track import start_run
     from idforge.train.population import train_population
@@ -42,5 +44,8 @@ def train_adapter(
     for key, value in result.metrics.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(key, float(value))
+    # The metrics live in the artifact's metadata; a file at its path lets caches see the artifact exists.
+    with open(metrics.path, "w") as fh:
+        json.dump(dict(metrics.metadata), fh)
     model.metadata.update({"method": method, "base_model": base_model, "steps": result.steps,
                            "mlflow_run_id": result.mlflow_run_id or ""})

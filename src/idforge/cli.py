@@ -22,9 +22,12 @@ app = typer.Typer(
 models_app = typer.Typer(help="Base models: build tiny offline test models, check what loads.", no_args_is_help=True)
 pipeline_app = typer.Typer(help="Kubeflow pipelines: compile, run locally, submit, follow.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+methods_app = typer.Typer(help="Identity methods: list them, show their config keys, inspect a checkpoint.",
+                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(config_app, name="config")
+app.add_typer(methods_app, name="methods")
 
 ConfigOpt = Annotated[
     Optional[list[Path]],
@@ -89,6 +92,39 @@ def models_check(
     from idforge.diffusion.loading import describe_model
 
     typer.echo(describe_model(model, kind=kind))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods
+
+
+@methods_app.command("list")
+def methods_list() -> None:
+    """Every registered method with its regime (population / per-identity)."""
+    from idforge.methods.describe import method_summaries
+
+    for row in method_summaries():
+        typer.echo(f"{row['name']:<20} {row['regime']:<13} {row['summary']}")
+
+
+@methods_app.command("show")
+def methods_show(name: Annotated[str, typer.Argument(help="Method name, e.g. infinite-id.")]) -> None:
+    """The method's config keys with defaults."""
+    from idforge.methods.describe import describe_method
+
+    typer.echo(describe_method(name))
+
+
+@methods_app.command("inspect")
+def methods_inspect(path: Annotated[Path, typer.Argument(help="A method checkpoint (.safetensors).")]) -> None:
+    """Method, config, UNet signature and parameter counts stored in a checkpoint."""
+    from idforge.errors import DataError
+    from idforge.methods.describe import describe_checkpoint
+
+    try:
+        typer.echo(describe_checkpoint(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
