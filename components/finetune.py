@@ -11,9 +11,9 @@ from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
 def list_identities(dataset: Input[Dataset], max_identities: int = 0) -> List[str]:
     """Identity ids of a curated dataset, sorted (0 = all)."""
-    from idforge.curate.manifest import read_identities
+    from idforge.train.per_identity import list_identities as identities_of
 
-    ids = sorted(read_identities(dataset.path)["identity"].astype(str))
+    ids = identities_of(dataset.path)
     return ids[:max_identities] if max_identities > 0 else ids
 
 
@@ -27,14 +27,16 @@ def finetune_identity(
     parent_run_id: str,
     model: Output[Model],
 ):
-    """Fine-tune ``method`` on one identity; the artifact lands in ``model``/<identity>/."""
+    """Fine-tune ``method`` on one identity; the artifact lands in ``model``/<identity>/ (the layout
+    ``idforge finetune --all`` writes, which generate reads)."""
     from idforge.config import load_config_text
     from idforge.train.per_identity import finetune_identity as run
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
-    result = run(method, identity, dataset.path, base_model, f"{model.path}/{identity}", cfg,
-                 parent_run_id=parent_run_id or None)
-    model.metadata.update({"method": method, "identity": identity, "base_model": base_model})
+    result = run(method, identity, dataset.path, base_model, model.path, cfg.finetune,
+                 parent_run_id=parent_run_id or None, tracking=cfg.tracking)
+    model.metadata.update({"method": method, "identity": identity, "base_model": base_model,
+                           "status": result.status})
 
 
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)

@@ -20,27 +20,45 @@ def train_adapter(
     ray_address: str = "",
     init_from: str = "",
 ):
-    """Run ``idforge train`` for ``method``; with ``ray_address`` the job is submitted to that cluster."""
-    import contextlib
+    """Run ``idforge train`` for ``method``.
 
+    ``ray_address`` = the Jobs API of a Ray cluster (``http://idforge-ray-head-svc:8265``): the training runs there
+    as a Ray job that this step follows (checkpoints under ``$IDFORGE_CHECKPOINTS``; a retried step re-attaches to
+    its job). Any other non-empty address (``ray://``, ``auto``) is joined in-process; empty = a local Ray here.
+    """
+    import contextlib
     import json
+    import os
 
     from idforge.config import load_config_text
-    from idforge.track import start_run
-    from idforge.train.population import train_population
 
     cfg = load_config_text(
         config_yaml, [f"train.method={method}"] + ([f"train.init_from={init_from}"] if init_from else []),
         source="pipeline parameter config_yaml",
     )
-    # With the parent run active, the training run nests under it.
-    parent = start_run(cfg.tracking, run_id=parent_run_id) if parent_run_id else contextlib.nullcontext()
-    with parent:
-        result = train_population(
-            cfg, prepared.path, base_model, workers=workers, gpus_per_worker=gpus_per_worker,
-            output_dir=model.path, ray_address=ray_address or None,
-            local_files_only=cfg.model.local_files_only,
+    if ray_address.startswith(("http://", "https://")):
+        from idforge.train.remote import default_output_uri, train_on_ray_cluster
+
+        # The cluster reads the bucket, not this pod's copy of the input; model.uri is stable across retries.
+        data = prepared.uri if prepared.uri.startswith("s3://") else prepared.path
+        output = default_output_uri(model.uri, method, fallback_dir=os.path.dirname(model.path))
+        result = train_on_ray_cluster(
+            cfg, data, base_model, method, output, ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+            local_dir=model.path, parent_run_id=parent_run_id or None,
         )  # fmt: skip
+        model.metadata.update({"ray_job_id": result.job_id, "checkpoints": result.output_uri})
+    else:
+        from idforge.track import start_run
+        from idforge.train.population import train_population
+
+        # With the parent run active, the training run nests under it.
+        parent = start_run(cfg.tracking, run_id=parent_run_id) if parent_run_id else contextlib.nullcontext()
+        with parent:
+            result = train_population(
+                cfg, prepared.path, base_model, workers=workers, gpus_per_worker=gpus_per_worker,
+                output_dir=model.path, ray_address=ray_address or None,
+                local_files_only=cfg.model.local_files_only,
+            )  # fmt: skip
     for key, value in result.metrics.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(key, float(value))

@@ -206,6 +206,41 @@ def train(
 
 
 @app.command()
+def finetune(
+    method: Annotated[str, typer.Option(help="Per-identity method: id-ea | sefi-ide | pidiff | textual-inversion | "
+                                             "dreambooth-lora.")],
+    dataset: Annotated[Path, typer.Option(help="Curated dataset directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifacts go to OUTPUT/<identity>/.")],
+    identity: Annotated[Optional[list[str]], typer.Option(help="Identity to fine-tune (repeatable).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every identity of the dataset, as parallel Ray tasks.")] = False,
+    model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune a per-identity method: one identity, or all of them fanned out (failed ones are reported; a rerun
+    redoes only what is not done)."""
+    from idforge.errors import ConfigError
+
+    cfg = _load(config, set_)
+    base = model or cfg.model.base
+    if all_ == bool(identity):
+        raise ConfigError("pass exactly one of --identity ID (repeatable) or --all")
+    if identity and len(identity) == 1:
+        from idforge.train.per_identity import finetune_identity
+
+        result = finetune_identity(method, identity[0], dataset, base, output, cfg.finetune, tracking=cfg.tracking)
+        typer.echo(f"{identity[0]}: {result.status} -> {output / identity[0]}")
+        return
+    from idforge.train.fanout import finetune_all, format_status
+
+    results = finetune_all(method, dataset, base, output, cfg.finetune, identities=identity or None,
+                           tracking=cfg.tracking)
+    typer.echo(format_status(results))
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def generate(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where images, sidecars and index.parquet go.")],
     refs: Annotated[str, typer.Option(help="Curated dataset dir, folder of identity folders, or photos.")],

@@ -22,6 +22,7 @@ from idforge.config_section import Section
 from idforge.curate.config import CurateConfig
 from idforge.evaluate.config import EvaluateConfig, GenerateConfig
 from idforge.train.config import PrepareConfig, TrainConfig
+from idforge.train.finetune_config import FinetuneConfig
 from idforge.errors import ConfigError
 
 __all__ = [
@@ -90,6 +91,7 @@ class IdforgeConfig(Section):
     curate: CurateConfig = Field(default_factory=CurateConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
