@@ -107,6 +107,19 @@ def resolve_artifact(artifact: str | os.PathLike[str] | None, identity: str) -> 
     raise DataError(f"method artifact {a} does not exist; pass the checkpoint (or artifact directory) training wrote")
 
 
+def artifact_identities(artifact: str | os.PathLike[str] | None) -> list[str] | None:
+    """The identities a per-identity artifact directory holds (``<dir>/<identity>/`` with a checkpoint), sorted;
+    None when ``artifact`` is not such a directory (one checkpoint serves every identity)."""
+    if artifact is None or not Path(artifact).is_dir():
+        return None
+    a = Path(artifact)
+    if (a / ARTIFACT_META).is_file() or any((a / n).is_file() for n in ARTIFACT_NAMES):
+        return None
+    found = sorted(d.name for d in a.iterdir() if d.is_dir() and not d.name.startswith(("_", "."))
+                   and ((d / ARTIFACT_META).is_file() or any((d / n).is_file() for n in ARTIFACT_NAMES)))
+    return found or None
+
+
 def artifact_record(path: Path | None) -> dict[str, Any]:
     """The ``artifact.json`` beside a per-identity checkpoint (class noun, identity phrase...), or {}."""
     if path is None or not (path.parent / ARTIFACT_META).is_file():
@@ -265,6 +278,8 @@ def generate_images(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    if identities is None:
+        identities = artifact_identities(artifact)
     ref_paths = discover_references(refs, identities)
     analyzer = load_analyzer(gcfg.conditioning_backend, model_dir=gcfg.face_model_dir)
     faces = load_reference_faces(ref_paths, analyzer, prealigned=references_prealigned(refs))
