@@ -50,52 +50,64 @@ def _jobs(address: str) -> list:
 
 
 @pytest.mark.slow
-def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir, mlflow_uri, tmp_path):
+def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir, mlflow_uri, tmp_path, monkeypatch):
+    from kfp.dsl import Dataset, Metrics, Model
     from mlflow import MlflowClient
 
+    from components.train import train_adapter
+    from idforge.config import dump_config, load_config_text
     from idforge.methods.base import load_method
     from idforge.methods.testing import load_frozen_pipeline
     from idforge.track import start_run
     from idforge.train.checkpoint import METHOD_FILE
 
-    cfg = _cfg(mlflow_uri)
+    monkeypatch.setenv("IDFORGE_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    config_yaml = dump_config(_cfg(mlflow_uri))
+    cfg = load_config_text(config_yaml)
     with start_run(cfg.tracking, run_name="pipeline") as parent:
         parent_id = parent.info.run_id
-    out = tmp_path / "checkpoints" / "run"
-    chunks: list[str] = []
-    args = (cfg, str(prepared_dir), str(tiny_sd15_dir), "infinite-id", str(out), ray_head)
 
+    # The pipeline's train step, as KFP calls it: the Jobs API address sends the training to the cluster.
+    model, metrics = Model(uri=str(tmp_path / "task" / "model")), Metrics(uri=str(tmp_path / "task" / "metrics"))
     start = time.monotonic()
-    result = train_on_ray_cluster(*args, workers=1, log_sink=chunks.append, timeout_s=240,
-                                  local_dir=tmp_path / "local", parent_run_id=parent_id, python=sys.executable)
+    train_adapter.python_func(prepared=Dataset(uri=str(prepared_dir)), method="infinite-id",
+                              base_model=str(tiny_sd15_dir), config_yaml=config_yaml, parent_run_id=parent_id,
+                              model=model, metrics=metrics, workers=1, gpus_per_worker=0.0, ray_address=ray_head)
     first_s = time.monotonic() - start
+    job_id = model.metadata["ray_job_id"]
+    assert job_id.startswith("idforge-train-infinite-id-") and model.metadata["steps"] == 2
+    output = model.metadata["checkpoints"]
+    assert output == remote.default_output_uri(model.uri, "infinite-id", tmp_path / "task")
+    assert output.startswith(str(tmp_path / "checkpoints" / "train" / "infinite-id"))
+    assert sorted(p.name for p in Path(model.path).iterdir()) == sorted(remote.OUTPUT_FILES)
+    assert metrics.metadata["step"] == 2 and metrics.metadata["world_size"] == 1
 
-    assert result.status is JobStatus.SUCCEEDED and not result.attached
-    assert result.job_id.startswith("idforge-train-infinite-id-")
+    # A retried step (same arguments): re-attaches to the finished job, submits nothing, trains nothing, and
+    # still streams the job's log and fetches its outputs.
+    chunks: list[str] = []
+    start = time.monotonic()
+    result = train_on_ray_cluster(cfg, str(prepared_dir), str(tiny_sd15_dir), "infinite-id", output, ray_head,
+                                  log_sink=chunks.append, local_dir=tmp_path / "again", parent_run_id=parent_id)
+    assert result.attached and result.job_id == job_id and result.status is JobStatus.SUCCEEDED
+    assert time.monotonic() - start < first_s / 2
+    assert [j.submission_id for j in _jobs(ray_head)].count(job_id) == 1
+    assert not any(j.submission_id.startswith(f"{job_id}-r") for j in _jobs(ray_head))
     logs = "".join(chunks)
-    assert "idforge train job: infinite-id trained for 2 steps" in logs  # the job's last line, streamed back
-    assert result.steps == 2 and result.metrics["step"] == 2 and result.metrics["world_size"] == 1
-    # the outputs were copied to local_dir; the method loads onto the base model with a strict key check
-    assert sorted(p.name for p in result.local_dir.iterdir()) == sorted(remote.OUTPUT_FILES)
-    method = load_method(result.method_path, load_frozen_pipeline(tiny_sd15_dir))
+    assert logs.count("idforge train job: infinite-id trained for 2 steps") == 1  # the job's last line
+    assert logs.index("step 1/2") < logs.index("step 2/2")
+    assert result.log_tail[-1].startswith("idforge train job:")
+
+    assert result.steps == 2 and result.metrics["step"] == 2
+    assert result.method_path.read_bytes() == (Path(model.path) / METHOD_FILE).read_bytes()
+    method = load_method(result.method_path, load_frozen_pipeline(tiny_sd15_dir))  # strict key/shape check
     assert method.name == "infinite-id"
-    assert json.loads((result.local_dir / "metrics.json").read_text())["steps"] == 2
     # the full-state Ray Train checkpoint of the last step lies under the output location
     ckpt = result.checkpoint_uri
-    assert ckpt is not None and ckpt.startswith(str(out / "ray")) and Path(ckpt, METHOD_FILE).is_file()
+    assert ckpt is not None and ckpt.startswith(str(Path(output, "ray"))) and Path(ckpt, METHOD_FILE).is_file()
     # the training run nested under the pipeline's parent run, in the same store
     run = MlflowClient(mlflow_uri).get_run(result.mlflow_run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent_id and run.info.status == "FINISHED"
-
-    # A retried step (same arguments): re-attaches to the finished job, submits nothing, trains nothing.
-    start = time.monotonic()
-    again = train_on_ray_cluster(*args, workers=1, log_sink=lambda _c: None, local_dir=tmp_path / "again",
-                                 parent_run_id=parent_id, python=sys.executable)
-    assert again.attached and again.job_id == result.job_id and again.steps == 2
-    assert again.method_path.read_bytes() == result.method_path.read_bytes()
-    assert time.monotonic() - start < first_s / 2
-    assert [j.submission_id for j in _jobs(ray_head)].count(result.job_id) == 1
-    assert not any(j.submission_id.startswith(f"{result.job_id}-r") for j in _jobs(ray_head))
+    assert model.metadata["mlflow_run_id"] == result.mlflow_run_id
 
 
 @pytest.mark.slow

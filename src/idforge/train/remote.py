@@ -36,6 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from idforge.errors import ConfigError, DataError, IdforgeError
 from idforge.io.storage import is_local, is_s3_uri, join_uri, local_path, open_storage
@@ -65,6 +66,7 @@ JOB_SUMMARY = "train_job.json"
 CHECKPOINTS_ENV = "IDFORGE_CHECKPOINTS"
 LOG_TAIL_LINES = 40
 MAX_RETRY_IDS = 20
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class RemoteTrainError(RayJobError):
@@ -240,7 +242,7 @@ def train_on_ray_cluster(
     local_dir: str | os.PathLike[str] | None = None,
     parent_run_id: str | None = None,
     resume: bool = True,
-    python: str = "python",
+    python: str | None = None,
     connect_timeout_s: float = 10.0,
 ) -> RemoteTrainResult:
     """Train ``method`` on a Ray cluster through its Jobs API and fetch the result.
@@ -256,7 +258,8 @@ def train_on_ray_cluster(
         timeout_s: bound on the whole wait; past it the job is stopped and ``RayJobTimeoutError`` raised.
         local_dir: where the outputs are copied (default: a new temporary directory).
         parent_run_id: the MLflow run the job's training run nests under.
-        python: the interpreter on the head that has idforge installed.
+        python: the interpreter on the head that has idforge installed; default ``python`` (the cluster image's),
+            or this interpreter when the head is on this machine (127.0.0.1/localhost).
     Raises:
         RemoteTrainError: the job FAILED or was STOPPED (message ends with its last log lines).
         RayUnreachableError, RayJobTimeoutError, ConfigError, DataError (outputs missing after success).
@@ -268,6 +271,8 @@ def train_on_ray_cluster(
     if not isinstance(model, str) or not model.strip():
         raise ConfigError("model is empty: pass the base model id or directory the data was prepared with")
     address = normalize_address(address)
+    if python is None:
+        python = sys.executable if urlsplit(address).hostname in _LOOPBACK else "python"
     data_uri = _check_uri("data_uri", data_uri)
     output_uri = _check_uri("output_uri", output_uri)
     model = str(Path(model).resolve()) if Path(model).exists() else model
