@@ -143,6 +143,7 @@ class PIDiff(PersonalizedMethod):
         super().__init__(config)
         self._encoder = encoder
         self._empty_text: Any = None
+        self._wplus_cache: dict[bytes, Tensor] = {}
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -184,11 +185,26 @@ class PIDiff(PersonalizedMethod):
     # -- identity -----------------------------------------------------------------------------------------------
 
     def wplus(self, images: Tensor) -> Tensor:
-        """(N, 3, H, W) aligned faces in [0, 1] -> (N, 18, 512) w+ (frozen encoder, no grad)."""
+        """(N, 3, H, W) aligned faces in [0, 1] -> (N, 18, 512) w+ (frozen encoder, no grad).
+
+        The encoder is frozen and in eval mode, so w+ is a pure function of the pixels: results are cached by
+        content hash (an identity's few training crops are encoded once, not at every step).
+        """
+        import hashlib
+
         enc = self.encoder
         dev = next(enc.parameters()).device
-        with torch.no_grad():
-            return enc(images.float().to(dev)).to(self.device)
+        x = images.float()
+        keys = [hashlib.blake2b(row.detach().cpu().numpy().tobytes(), digest_size=16).digest() for row in x]
+        missing = [i for i, k in enumerate(keys) if k not in self._wplus_cache]
+        if missing:
+            with torch.no_grad():
+                new = enc(x[missing].to(dev)).to(self.device)
+            if len(self._wplus_cache) + len(missing) > 1024:
+                self._wplus_cache.clear()
+            for i, w in zip(missing, new):
+                self._wplus_cache[keys[i]] = w
+        return torch.stack([self._wplus_cache[k] for k in keys]).to(self.device)
 
     def identity_condition(self, refs: IdentityRefs | None, pipe: Any, style_refs: IdentityRefs | None = None
                            ) -> Condition:
