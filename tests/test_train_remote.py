@@ -111,6 +111,34 @@ def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir
 
 
 @pytest.mark.slow
+def test_s3_data_and_output(ray_head, s3_server, prepared_dir, tiny_sd15_dir, tmp_path):
+    from idforge.io.storage import open_storage
+
+    storage_env = {k: v for k, v in s3_server.env.items()}
+    base = f"s3://{s3_server.bucket}/remote-{tmp_path.name}"
+    with pytest.MonkeyPatch.context() as mp:  # this process reads the same server
+        for k, v in storage_env.items():
+            mp.setenv(k, v)
+        store = open_storage(base)
+        store.upload_dir(prepared_dir, f"{base}/prepared")
+        # Ray Train's checkpoints stay on this one node's disk: pyarrow marks S3 "directories" with empty
+        # `key/` objects, which MinIO stores and rclone's test server refuses (on a cluster <output>/ray is used).
+        cfg = _cfg(None)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": str(tmp_path / "ray")})})
+        # The test head has no S3 settings of its own (a cluster's pods get them from the ConfigMap and Secret).
+        result = train_on_ray_cluster(cfg, f"{base}/prepared", str(tiny_sd15_dir), "infinite-id",
+                                      f"{base}/out", ray_head, log_sink=lambda _c: None, timeout_s=240,
+                                      local_dir=tmp_path / "local", env_vars=storage_env)
+        assert result.status is JobStatus.SUCCEEDED and result.steps == 2
+        assert sorted(p.name for p in result.local_dir.iterdir()) == sorted(remote.OUTPUT_FILES)
+        assert result.checkpoint_uri.startswith(str(tmp_path / "ray" / "train" / "checkpoint_"))
+        assert Path(result.checkpoint_uri, "method.safetensors").is_file()
+        # the job uploaded its outputs to the bucket and this side fetched them from there
+        assert store.read_bytes(f"{base}/out/method.safetensors") == result.method_path.read_bytes()
+        assert json.loads(store.read_text(f"{base}/out/train_job.json"))["output"] == f"{base}/out"
+
+
+@pytest.mark.slow
 def test_failed_job_raises_with_its_last_log_lines_and_a_retry_gets_a_new_id(ray_head, tiny_sd15_dir, tmp_path):
     not_prepared = tmp_path / "empty"
     not_prepared.mkdir()
@@ -147,6 +175,21 @@ def test_bad_input_is_named(tmp_path):
         train_on_ray_cluster(**{**call, "cfg": TRAIN})
     with pytest.raises(ConfigError, match="not a ray:// address"):
         train_on_ray_cluster(**{**call, "address": "ray://head:10001"})
+
+
+def test_rayjob_manifest_runs_the_same_entrypoint():
+    # k8s/jobs/train-adapter/rayjob.yaml must stay a valid invocation of the job side, with a valid config.
+    import yaml
+
+    from idforge.config import load_config_text
+
+    spec = yaml.safe_load(Path("k8s/jobs/train-adapter/rayjob.yaml").read_text())["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:3] == ["python", "-m", "idforge.train.remote"]
+    args = remote._parse_args(argv[3:])
+    assert args.data.startswith("s3://") and args.output.startswith("s3://idforge/checkpoints/")
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    assert load_config_text(env[args.config_env], [f"train.method={args.method}"]).train.method == "id-adapter"
 
 
 def test_entrypoint_and_job_id(tmp_path, monkeypatch):

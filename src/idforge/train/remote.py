@@ -33,6 +33,7 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,7 @@ def train_on_ray_cluster(
     parent_run_id: str | None = None,
     resume: bool = True,
     python: str | None = None,
+    env_vars: Mapping[str, str] | None = None,
     connect_timeout_s: float = 10.0,
 ) -> RemoteTrainResult:
     """Train ``method`` on a Ray cluster through its Jobs API and fetch the result.
@@ -260,6 +262,9 @@ def train_on_ray_cluster(
         parent_run_id: the MLflow run the job's training run nests under.
         python: the interpreter on the head that has idforge installed; default ``python`` (the cluster image's),
             or this interpreter when the head is on this machine (127.0.0.1/localhost).
+        env_vars: more environment for the job (e.g. an S3 endpoint). Not for secrets: the dashboard shows a
+            job's runtime_env; credentials belong in the cluster's own environment (Secret idforge-s3).
+            Not part of the derived job id.
     Raises:
         RemoteTrainError: the job FAILED or was STOPPED (message ends with its last log lines).
         RayUnreachableError, RayJobTimeoutError, ConfigError, DataError (outputs missing after success).
@@ -286,7 +291,7 @@ def train_on_ray_cluster(
     log.info("%s Ray job %s at %s: %s", "attaching to" if attached else "submitting", chosen, address, entrypoint)
     try:
         result = run_ray_job(
-            address, entrypoint, {"env_vars": {CONFIG_ENV: config_yaml}}, job_id=chosen, log_sink=sink,
+            address, entrypoint, {"env_vars": {**dict(env_vars or {}), CONFIG_ENV: config_yaml}}, job_id=chosen, log_sink=sink,
             timeout_s=timeout_s, metadata={"idforge.stage": "train", "idforge.method": method},
             connect_timeout_s=connect_timeout_s,
         )  # fmt: skip
@@ -411,8 +416,10 @@ def run_job(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         ray.shutdown()
     checkpoint = str(result.checkpoint) if result.checkpoint is not None else None
-    if checkpoint is not None and remote_output and "://" not in checkpoint:
-        checkpoint = f"{output.split('://', 1)[0]}://{checkpoint.lstrip('/')}"  # pyarrow paths drop the scheme
+    storage_path = cfg.train.storage_path or ""
+    if checkpoint is not None and "://" in storage_path and "://" not in checkpoint:
+        # pyarrow's paths drop the scheme of a remote storage_path (s3://b/k -> b/k)
+        checkpoint = f"{storage_path.split('://', 1)[0]}://{checkpoint.lstrip('/')}"
     summary = {"steps": result.steps, "mlflow_run_id": result.mlflow_run_id, "checkpoint": checkpoint,
                "method": cfg.train.method, "output": output}
     from idforge.io.atomic import atomic_write_text
