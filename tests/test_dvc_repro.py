@@ -2,7 +2,8 @@
 
 One reproduction (module fixture) on the tiny models with the sample photos, then: every stage ran and left its
 outputs, `dvc metrics show` prints the evaluation, a second `dvc repro` re-runs nothing, and a changed `train`
-param makes train -> generate -> evaluate due while models, curate and prepare stay cached.
+param makes train -> generate -> evaluate due while models, curate and prepare stay cached. A fast test checks
+dvc.yaml against params.yaml and the repository without running DVC.
 """
 
 from __future__ import annotations
@@ -48,6 +49,51 @@ def _edit_params(path: Path, **sections: dict) -> None:
     for section, values in sections.items():
         params.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _resolve(text: str, params: dict) -> str:
+    """``${a.b}`` -> params["a"]["b"], as DVC interpolates dvc.yaml from params.yaml."""
+
+    def value(match: re.Match[str]) -> str:
+        node = params
+        for key in match.group(1).split("."):
+            node = node[key]
+        return str(node)
+
+    return re.sub(r"\$\{([\w.]+)\}", value, text)
+
+
+def test_dvc_yaml_and_params_match_the_repository(repo_root: Path) -> None:
+    """Fast guard (no DVC run): params.yaml is a valid idforge config, and every dependency of dvc.yaml exists."""
+    from idforge.config import load_config
+
+    cfg = load_config([repo_root / "params.yaml"])
+    assert cfg.evaluate.clip_model == cfg.model.clip  # the tiny CLIP the models stage builds
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == STAGES
+
+    outs: set[str] = set()
+    for name, stage in stages.items():
+        assert stage["cmd"].startswith("idforge "), name
+        assert "-c params.yaml" in stage["cmd"] or name == "models", name
+        for section in stage["params"]:  # DVC fails on a params key missing from params.yaml
+            node = params
+            for key in section.split("."):
+                assert key in node, f"stage {name}: param {section} not in params.yaml"
+                node = node[key]
+        for dep in stage["deps"]:
+            path = _resolve(dep, params)
+            assert path.startswith("outputs/dvc/") or (repo_root / path).exists(), f"stage {name}: no {path}"
+            if path.startswith("outputs/dvc/"):  # produced upstream, inside an earlier stage's output
+                assert any(path == o or path.startswith(o + "/") for o in outs), f"stage {name}: {path} from where?"
+        for out in stage["outs"]:
+            path = _resolve(out, params)
+            assert path.startswith("outputs/dvc/"), f"stage {name}: output {path} outside outputs/dvc/"
+            outs.add(path)
+    metrics = [next(iter(m)) for m in stages["evaluate"]["metrics"]]
+    assert metrics == ["outputs/dvc/eval/summary.json"]
+    assert stages["evaluate"]["metrics"][0][metrics[0]] == {"cache": False}
 
 
 @pytest.fixture(scope="module")
