@@ -48,7 +48,7 @@ def _runs(uri):
 
 
 @pytest.mark.slow
-def test_end_to_end_population_method(tmp_path, repo_root, samples_dir, tiny_sd15_dir, tiny_clip_dir, caplog):
+def test_end_to_end_population_method(tmp_path, repo_root, samples_dir, tiny_sd15_dir, tiny_clip_dir):
     args, uri = _arguments(tmp_path, repo_root, samples_dir, tiny_sd15_dir, tiny_clip_dir, "infinite-id")
     root = tmp_path / "kfp"
     run_local("end-to-end", args, pipeline_root=root)
@@ -75,14 +75,31 @@ def test_end_to_end_population_method(tmp_path, repo_root, samples_dir, tiny_sd1
         client.get_model_version_by_alias("idforge-infinite-id", "champion")
     assert versions[0].tags["idforge.gates_passed"] == "false"
 
-    # Second run: curation and prepare come from the cache; training (not cacheable) runs again.
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_deterministic_steps(tmp_path, repo_root, samples_dir, caplog):
+    """Curation (the costly CPU step) is cached across runs; the parent run, which is not, opens each time."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_config([repo_root / "configs" / "demo.yaml"], [f"tracking.uri={uri}"])
+    args = {"raw_uri": str(samples_dir), "labels_uri": str(samples_dir / "labels.csv"), "config_yaml": dump_config(cfg)}
+    root = tmp_path / "kfp"
+    run_local("curation", args, pipeline_root=root)
     caplog.clear()
     with caplog.at_level("INFO"):
-        run_local("end-to-end", args, pipeline_root=root)
+        run_local("curation", args, pipeline_root=root)
     hits = " ".join(r.getMessage() for r in caplog.records if "cache hit" in r.getMessage())
-    assert "curate" in hits and "prepare" in hits
-    assert "train-adapter" not in hits
-    assert len(client.search_model_versions("name='idforge-infinite-id'")) == 2
+    assert "Task curate cache hit" in hits
+    assert "open-parent-run" not in hits
+    _, runs = _runs(uri)
+    assert len([r for r in runs if r.data.tags.get("idforge.pipeline") == "curation"]) == 2
+    # a changed config is a different cache key: curation runs again
+    caplog.clear()
+    args["config_yaml"] = dump_config(load_config([repo_root / "configs" / "demo.yaml"],
+                                                  [f"tracking.uri={uri}", "curate.min_face_px=72"]))
+    with caplog.at_level("INFO"):
+        run_local("curation", args, pipeline_root=root)
+    assert "Task curate cache hit" not in " ".join(r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow
