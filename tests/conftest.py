@@ -20,5 +20,6 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.tracking",
     "tests.fixtures.faces",
+    "tests.fixtures.torch_threads",
     "tests.fixtures.ray",
 ]

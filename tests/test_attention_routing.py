@@ -9,15 +9,6 @@ import torch
 
 from idforge.diffusion import attention as A
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.fixture(scope="module")
 def pipes(tiny_sd15_dir, tiny_sdxl_dir):

@@ -27,18 +27,6 @@ IDENTITIES = ["obama", "macron"]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir, samples_dir):
     from idforge.diffusion.loading import load_pipeline

@@ -9,17 +9,6 @@ from PIL import Image
 from idforge.evaluate import metrics as M
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rgb(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 

@@ -21,18 +21,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 @pytest.fixture(scope="module")
 def one_prompt(tmp_path_factory) -> Path:
     """The smoke protocol cut to its one plain prompt (categories select from the prompt set)."""

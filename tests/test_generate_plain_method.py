@@ -28,17 +28,6 @@ from idforge.methods.base import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class PlainConfig(MethodConfig):
     dim: int = 8
     init_seed: int = 0

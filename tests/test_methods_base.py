@@ -10,15 +10,6 @@ import torch
 from idforge.errors import ConfigError
 from idforge.methods import base as B
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def test_registry_lists_and_builds_methods_with_typed_configs():
     names = B.available_methods()

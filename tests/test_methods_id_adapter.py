@@ -11,15 +11,6 @@ from idforge.methods.testing import identity_gap, load_frozen_pipeline, perturb_
 
 CFG = dict(num_refs=2, clip_dim=32, mff_dim=32, mff_heads=4, num_tokens=4, face_loss_weight=0.0)
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.fixture(scope="module")
 def pipes(tiny_sd15_dir, tiny_sdxl_dir):

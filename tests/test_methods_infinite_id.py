@@ -17,15 +17,6 @@ from idforge.methods.testing import identity_gap, load_frozen_pipeline, perturb_
 CFG = dict(clip_dim=32)
 OFF = dict(mixed_attention=False, cross_attention_merging=False, adain_mean=False)
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-40x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.fixture(scope="module")
 def pipes(tiny_sd15_dir, tiny_sdxl_dir):

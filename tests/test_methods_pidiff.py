@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures.dataset import (  # noqa: F401 - one_torch_thread is a fixture
+from tests.fixtures.dataset import (
     assert_frozen_unchanged,
     fixed_batch,
     frozen_snapshot,
-    one_torch_thread,
     state_copy,
     train_steps,
 )
