@@ -114,7 +114,7 @@ def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir
 def test_s3_data_and_output(ray_head, s3_server, prepared_dir, tiny_sd15_dir, tmp_path):
     from idforge.io.storage import open_storage
 
-    storage_env = {k: v for k, v in s3_server.env.items()}
+    storage_env = dict(s3_server.env)
     base = f"s3://{s3_server.bucket}/remote-{tmp_path.name}"
     with pytest.MonkeyPatch.context() as mp:  # this process reads the same server
         for k, v in storage_env.items():

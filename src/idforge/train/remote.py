@@ -41,7 +41,15 @@ from urllib.parse import urlsplit
 
 from idforge.errors import ConfigError, DataError, IdforgeError
 from idforge.io.storage import is_local, is_s3_uri, join_uri, local_path, open_storage
-from idforge.ops.ray_jobs import JobStatus, LogSink, RayJobError, RayJobTimeoutError, normalize_address, run_ray_job
+from idforge.ops.ray_jobs import (
+    JobStatus,
+    LogSink,
+    RayJobError,
+    RayJobTimeoutError,
+    RayUnreachableError,
+    normalize_address,
+    run_ray_job,
+)
 
 __all__ = [
     "CONFIG_ENV",
@@ -150,8 +158,6 @@ def _existing_status(address: str, job_id: str, timeout_s: float) -> JobStatus |
     try:
         response = requests.get(f"{url}/api/jobs/{job_id}", timeout=timeout_s)
     except requests.exceptions.RequestException as exc:
-        from idforge.ops.ray_jobs import RayUnreachableError
-
         raise RayUnreachableError(f"Ray Jobs API at {url} is unreachable ({type(exc).__name__})") from None
     if response.status_code == 404:
         return None
@@ -289,11 +295,11 @@ def train_on_ray_cluster(
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
     sink = _tail_sink(log_sink, chosen, tail)
     log.info("%s Ray job %s at %s: %s", "attaching to" if attached else "submitting", chosen, address, entrypoint)
+    runtime_env = {"env_vars": {**dict(env_vars or {}), CONFIG_ENV: config_yaml}}
     try:
         result = run_ray_job(
-            address, entrypoint, {"env_vars": {**dict(env_vars or {}), CONFIG_ENV: config_yaml}}, job_id=chosen, log_sink=sink,
-            timeout_s=timeout_s, metadata={"idforge.stage": "train", "idforge.method": method},
-            connect_timeout_s=connect_timeout_s,
+            address, entrypoint, runtime_env, job_id=chosen, log_sink=sink, timeout_s=timeout_s,
+            metadata={"idforge.stage": "train", "idforge.method": method}, connect_timeout_s=connect_timeout_s,
         )  # fmt: skip
     except RayJobTimeoutError:
         raise
@@ -348,7 +354,8 @@ def _stage_on_every_node(data_uri: str, cache_dir: str, storage_cfg: Any) -> Pat
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m idforge.train.remote",
-                                     description="The Ray job of idforge population training (see train_on_ray_cluster).")
+                                     description="The Ray job of idforge population training "
+                                                 "(submitted by idforge.train.remote.train_on_ray_cluster).")
     parser.add_argument("--data", required=True, help="prepared data: local path or s3:// URI")
     parser.add_argument("--output", "-o", required=True, help="output location: local path or s3:// URI")
     parser.add_argument("--model", required=True, help="base model id or directory")
