@@ -79,7 +79,8 @@ def build_pipeline(kind: str, tmp: Path) -> Any:
         return StableDiffusionPipeline.from_pretrained(make_tiny(tmp / "tiny", kind="sd15"), local_files_only=True)
     torch.manual_seed(0)
     tok = _tokenizer(tmp)
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          clip_sample=False)
     if kind == "sd15-shape":
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         return StableDiffusionPipeline(vae=_vae(), text_encoder=_text_encoder(len(tok), 768, 12, 12), tokenizer=tok,

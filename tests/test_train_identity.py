@@ -66,8 +66,8 @@ def test_identity_flows_to_held_out_images(setup):
     from idforge.train.validation import identity_gap, split_holdout
 
     model, data, root = setup
-    cfg = TrainConfig(method="infinite-id", steps=300, batch_size=4, lr=1e-2, flip_prob=0.0, holdout_per_identity=1,
-                      checkpoint_every=300, report_every=300, seed=0)
+    cfg = TrainConfig(method="infinite-id", steps=400, batch_size=4, lr=1e-2, flip_prob=0.0, holdout_per_identity=1,
+                      checkpoint_every=400, report_every=400, seed=0)
     index, info = read_prepared(data)
     train_keys, heldout_keys = split_holdout(index, 1, seed=cfg.seed)
     assert len(heldout_keys) == 6 and len(train_keys) == 18
@@ -78,18 +78,18 @@ def test_identity_flows_to_held_out_images(setup):
     torch.manual_seed(cfg.seed)
     untrained = get_method(cfg.method, method_config_for_data(cfg.method, {}, info))
     untrained.attach(pipe)
-    before = identity_gap(untrained, pipe, heldout, references)
+    before = identity_gap(untrained, pipe, heldout, references, repeats=16)
     untrained.detach()
 
     result = train_local(cfg, data, str(model), output_dir=root / "run")
     trained = load_method(result.method_path, pipe)
-    after = identity_gap(trained, pipe, heldout, references)
+    after = identity_gap(trained, pipe, heldout, references, repeats=16)
     assert after.match < before.match  # it learned to denoise these faces at all
     assert identity_flows(after.gap, before.gap), (before, after)
-    assert not identity_flows(before.gap, before.gap)  # the untrained adapter shows no such margin
+    assert before.gap < MARGIN, before  # the untrained adapter shows no such margin
 
     # An adapter that ignores its identity input: same trained weights, identity features replaced by constants.
     original = trained.identity_tokens
     trained.identity_tokens = lambda face, patches: original(torch.zeros_like(face), torch.zeros_like(patches))
-    blind = identity_gap(trained, pipe, heldout, references)
+    blind = identity_gap(trained, pipe, heldout, references, repeats=16)
     assert blind.gap == 0.0 and not identity_flows(blind.gap, before.gap)

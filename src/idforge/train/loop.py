@@ -65,6 +65,7 @@ class LoopEnv(Protocol):
     rank: int
     world_size: int
     device: Any
+    limit_threads: bool  # CPU: use only ``cpus_per_worker`` threads (workers share the node)
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
 
@@ -78,6 +79,7 @@ class LocalEnv:
         import torch
 
         self.rank, self.world_size = 0, 1
+        self.limit_threads = False
         self.device = torch.device(device)
         self.root = Path(checkpoint_root)
         self.keep = keep
@@ -317,7 +319,8 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     spec = spec.model_copy(update={"data_dir": str(local_data(spec.data_dir, spec.storage))})
     rank, world, device = env.rank, env.world_size, env.device
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    if device.type == "cpu":
+    if device.type == "cpu" and getattr(env, "limit_threads", False):
+        # Ray packs several workers on a node: each uses the CPUs it reserved, not all of them.
         torch.set_num_threads(cfg.cpus_per_worker)
     # Same seed on every rank for the method's initial weights (DDP broadcasts rank 0's anyway); a per-rank
     # generator for the noise and timesteps, so ranks draw different noise.

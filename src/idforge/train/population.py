@@ -55,6 +55,7 @@ class _RayEnv:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.limit_threads = True
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
