@@ -43,7 +43,7 @@ demo: install data
 	$(BIN)/idforge demo $(if $(MODEL),--model $(MODEL),)
 
 test: install data browser
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 test-fast: install data browser
