@@ -32,6 +32,7 @@ import numpy as np
 from idforge.curate.config import CurateConfig
 from idforge.curate.report import CurateReport
 from idforge.errors import DataError
+from idforge.io.atomic import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +82,6 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _swap_into_place(partial: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, final)
 
 
 def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None) -> CurateReport:
@@ -174,7 +165,7 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     for entry in cache.iterdir():  # drop stale entries (old configs, removed files) so the cache does not grow
         if entry.name != "matte" and entry.name not in used:
             shutil.rmtree(entry, ignore_errors=True)
-    _swap_into_place(partial, final)
+    replace_dir(partial, final)
     if s3_out:
         open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress)
     log.info("curated %d files into %s: %d accepted faces, %d identities", report.files, output,

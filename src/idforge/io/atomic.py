@@ -10,6 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Move directory ``src`` onto ``dst``, replacing any existing ``dst`` (``os.replace`` cannot replace a
+    non-empty directory, so the old one is moved aside first and removed after)."""
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir() and not dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
@@ -24,12 +37,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp.unlink()  # the caller decides whether it becomes a file or a directory
     try:
         yield tmp
-        if final.is_dir() and not final.is_symlink() and tmp.is_dir():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if tmp.is_dir():
+            replace_dir(tmp, final)
         else:
             os.replace(tmp, final)
     finally:
