@@ -144,6 +144,26 @@ def identity_gap(method: BaseMethod, pipe: Any, batch_match: TrainBatch, batch_m
     return IdentityGap(match / repeats, mismatch / repeats)
 
 
+def grads_with_and_without_checkpointing(method: BaseMethod, pipe: Any, batch: TrainBatch,
+                                         seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
+    """Gradients of ``method``'s parameters for one loss on ``batch``, without and then with the UNet's gradient
+    checkpointing (which re-runs the attention processors during backward, so identity state must survive)."""
+    grads = []
+    try:
+        for checkpointing in (False, True):
+            for p in method.trainable_parameters():
+                p.grad = None
+            if checkpointing:
+                pipe.unet.enable_gradient_checkpointing()
+                pipe.unet.train()
+            method.training_loss(batch, pipe, generator=torch.Generator().manual_seed(seed))["loss"].backward()
+            grads.append([p.grad.clone() for p in method.trainable_parameters()])
+    finally:
+        pipe.unet.disable_gradient_checkpointing()
+        pipe.unet.eval()
+    return grads[0], grads[1]
+
+
 def perturb_(method: BaseMethod, std: float = 0.05, seed: int = 0) -> None:
     """Add Gaussian noise to every trainable weight (stands in for training in tests: zero-initialised gates and
     injections become non-zero, so the method visibly changes the output)."""
