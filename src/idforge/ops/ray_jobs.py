@@ -197,19 +197,24 @@ def _check_runtime_env(runtime_env: Mapping[str, Any] | None) -> dict[str, Any]:
     return env
 
 
-def _job_exists(url: str, job_id: str, timeout_s: float) -> bool:
+def find_job_status(address: str | None, job_id: str, timeout_s: float = 10.0) -> JobStatus | None:
+    """The status of ``job_id`` on the cluster, or None when the cluster does not know the id.
+
+    Uses ``GET /api/jobs/{id}`` (the documented REST call behind ``get_job_info``), where 404 means unknown —
+    the SDK call raises the same error for "unknown" as for other failures.
+    """
     import requests
 
-    # GET /api/jobs/{id} is the documented REST call behind get_job_info; 404 means unknown.
+    url = normalize_address(address)
     try:
         response = requests.get(f"{url}/api/jobs/{job_id}", timeout=timeout_s)
     except requests.exceptions.RequestException as exc:
         raise RayUnreachableError(f"Ray Jobs API at {url} is unreachable ({type(exc).__name__})") from None
     if response.status_code == 404:
-        return False
+        return None
     if response.status_code != 200:
         raise RayJobError(f"Ray at {url} answered HTTP {response.status_code} about job {job_id}: {response.text}")
-    return True
+    return JobStatus(str(response.json()["status"]))
 
 
 def submit_ray_job(
@@ -237,7 +242,7 @@ def submit_ray_job(
     if job_id is not None:
         if not job_id.strip() or "/" in job_id:
             raise ConfigError(f"Ray job id {job_id!r} must be non-empty and contain no '/'")
-        if _job_exists(url, job_id, connect_timeout_s):
+        if find_job_status(url, job_id, connect_timeout_s) is not None:
             logger.info("Ray job %s already exists at %s: attaching instead of submitting again", job_id, url)
             return job_id
     try:

@@ -47,6 +47,7 @@ from idforge.ops.ray_jobs import (
     RayJobError,
     RayJobTimeoutError,
     RayUnreachableError,
+    find_job_status,
     normalize_address,
     run_ray_job,
 )
@@ -150,27 +151,11 @@ def build_entrypoint(data_uri: str, output_uri: str, model: str, method: str, wo
     return shlex.join(args)
 
 
-def _existing_status(address: str, job_id: str, timeout_s: float) -> JobStatus | None:
-    """The status of ``job_id`` on the cluster, None when it does not know the id (``GET /api/jobs/{id}``)."""
-    import requests
-
-    url = normalize_address(address)
-    try:
-        response = requests.get(f"{url}/api/jobs/{job_id}", timeout=timeout_s)
-    except requests.exceptions.RequestException as exc:
-        raise RayUnreachableError(f"Ray Jobs API at {url} is unreachable ({type(exc).__name__})") from None
-    if response.status_code == 404:
-        return None
-    if response.status_code != 200:
-        raise RayJobError(f"Ray at {url} answered HTTP {response.status_code} about job {job_id}: {response.text}")
-    return JobStatus(str(response.json()["status"]))
-
-
 def _pick_job_id(address: str, base: str, timeout_s: float) -> tuple[str, bool]:
     """(id to use, whether it already exists): ``base`` unless its job failed or stopped, then ``base-rN``."""
     for attempt in range(MAX_RETRY_IDS + 1):
         candidate = base if attempt == 0 else f"{base}-r{attempt}"
-        status = _existing_status(address, candidate, timeout_s)
+        status = find_job_status(address, candidate, timeout_s)
         if status is None:
             return candidate, False
         if status not in (JobStatus.FAILED, JobStatus.STOPPED):
