@@ -46,7 +46,6 @@ from idforge.ops.ray_jobs import (
     LogSink,
     RayJobError,
     RayJobTimeoutError,
-    RayUnreachableError,
     find_job_status,
     normalize_address,
     run_ray_job,
