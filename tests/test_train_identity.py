@@ -1,15 +1,20 @@
-"""Identity flows: after a short training run, the held-out denoising loss with the image's own identity condition
-is lower than with another identity's, by a margin the untrained adapter does not show — and the same check
-rejects an adapter that ignores its identity input.
+"""Identity flows: after a short training run, the denoising loss with the image's own identity condition is lower
+than with another identity's, by a margin the untrained adapter does not show — and the same check rejects an
+adapter that ignores its identity input.
 
 Set-up notes (why the data and model look the way they do):
 - The tiny VAE is random, so its latents are ~0.23 in scale, and the SD1.5 ``scaling_factor`` it inherits makes
   them ~0.04: so small next to unit noise that no condition could change the denoising loss measurably. As SD did
-  for 0.18215, the test sets the factor to 1/std of the latents of the training images (a copied model dir).
-- The three real sample identities (8 photos after curation) give held-out gaps at noise level on a random tiny
-  UNet, so the identities here are synthetic: each has its own colours and face proportions (what its photos
-  share) and an identity embedding direction, with pose/light/pixel noise per photo. One photo per identity is
-  held out of training entirely (not even used as a reference).
+  for 0.18215, the tests set the factor to 1/std of the latents of the training images (a copied model dir).
+- On the real sample identities (8 photos of 3 people after curation) a held-out *photo* cannot show a gap at
+  this scale: in pixels and in tiny-VAE latents those photos are nearer to other people's photos than to their own
+  person's (leave-one-out nearest neighbour: 2 of 8 right), so no denoiser could use the identity to predict an
+  unseen photo, and holding one out leaves two people a single training photo. There the check is cross-photo:
+  each photo conditioned on a *different* photo of its person vs a photo of another person, with fresh noise.
+- The held-out-photo version runs on synthetic identities, where each person's photos share colours and face
+  proportions (what real photos share at a scale a tiny model can see) and an identity embedding direction, with
+  pose/light/pixel noise per photo. One photo per identity is held out of training entirely (not even as a
+  reference).
 """
 
 from __future__ import annotations
@@ -31,16 +36,13 @@ def identity_flows(trained_gap: float, untrained_gap: float, margin: float = MAR
     return trained_gap > margin and trained_gap - untrained_gap > margin
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
+def calibrated_prepare(curated, tiny_sd15_dir, tiny_clip_dir, root):
+    """(model dir, prepared dir): a copy of the tiny model whose VAE scaling makes ``curated``'s latents unit-std."""
     import torch
 
     from idforge.train.dataset import PreparedDataset
     from idforge.train.prepare import prepare_dataset
-    from idforge.train.testdata import write_curated_synthetic
 
-    root = tmp_path_factory.mktemp("identity")
-    curated = write_curated_synthetic(root / "curated", identities=6, images_per_identity=4, size=256, seed=1)
     first = prepare_dataset(curated, str(tiny_sd15_dir), root / "p0", PrepareConfig(flip=False),
                             clip_model=str(tiny_clip_dir))
     lat = torch.stack([PreparedDataset(first.output_dir).item(i)["latents"] for i in range(len(first.items))])
@@ -52,7 +54,26 @@ def setup(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
     prepared = prepare_dataset(curated, str(model), root / "p", PrepareConfig(flip=False),
                                clip_model=str(tiny_clip_dir))
     assert prepared.computed == len(prepared.items)  # another model: nothing reused from the first cache
-    return model, prepared.output_dir, root
+    return model, prepared.output_dir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
+    from idforge.train.testdata import write_curated_synthetic
+
+    root = tmp_path_factory.mktemp("identity")
+    curated = write_curated_synthetic(root / "curated", identities=6, images_per_identity=4, size=256, seed=1)
+    model, prepared = calibrated_prepare(curated, tiny_sd15_dir, tiny_clip_dir, root)
+    return model, prepared, root
+
+
+def blind(method):
+    """``method`` with its identity features replaced by constants: an adapter that ignores its identity input."""
+    import torch
+
+    original = method.identity_tokens
+    method.identity_tokens = lambda face, patches: original(torch.zeros_like(face), torch.zeros_like(patches))
+    return method
 
 
 def test_identity_flows_to_held_out_images(setup):
@@ -89,7 +110,61 @@ def test_identity_flows_to_held_out_images(setup):
     assert before.gap < MARGIN, before  # the untrained adapter shows no such margin
 
     # An adapter that ignores its identity input: same trained weights, identity features replaced by constants.
-    original = trained.identity_tokens
-    trained.identity_tokens = lambda face, patches: original(torch.zeros_like(face), torch.zeros_like(patches))
-    blind = identity_gap(trained, pipe, heldout, references, repeats=16)
-    assert blind.gap == 0.0 and not identity_flows(blind.gap, before.gap)
+    ignoring = identity_gap(blind(trained), pipe, heldout, references, repeats=16)
+    assert ignoring.gap == 0.0 and not identity_flows(ignoring.gap, before.gap)
+
+
+@pytest.fixture(scope="module")
+def samples_setup(tmp_path_factory, samples_dir, tiny_sd15_dir, tiny_clip_dir):
+    """The bundled sample photos curated (insightface, landmark matte) and prepared for a calibrated tiny model."""
+    from idforge.curate.config import CurateConfig
+    from idforge.curate.run import curate_dataset
+
+    root = tmp_path_factory.mktemp("identity_samples")
+    cfg = CurateConfig(backend="insightface", matte={"backend": "landmarks"}, progress=False,
+                       work_dir=str(root / "work"))
+    report = curate_dataset(str(samples_dir), str(root / "curated"), cfg=cfg)
+    assert report.identities >= 3, report
+    model, prepared = calibrated_prepare(root / "curated", tiny_sd15_dir, tiny_clip_dir, root)
+    return model, prepared, root
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_identity_flows_on_sample_identities(samples_setup, seed):
+    """Real photos: conditioned on another photo of the same person, the denoiser does better than on another
+    person's photo, after training and not before; the noise draws are fresh (none was seen in training)."""
+    import torch
+
+    from idforge.methods.base import get_method, load_method
+    from idforge.methods.testing import identity_gap, load_frozen_pipeline
+    from idforge.train.dataset import PreparedDataset, read_prepared
+    from idforge.train.loop import method_config_for_data
+    from idforge.train.population import train_local
+    from idforge.train.validation import cross_photo_batches
+
+    model, data, root = samples_setup
+    cfg = TrainConfig(method="infinite-id", steps=800, batch_size=4, lr=5e-3, flip_prob=0.0, holdout_per_identity=0,
+                      checkpoint_every=800, report_every=800, seed=seed)
+    _, info = read_prepared(data)
+    match, mismatch = cross_photo_batches(PreparedDataset(data))
+    assert len(set(match.identity.tolist())) >= 3
+    pipe = load_frozen_pipeline(model)
+    eval_seed = 10_000 + seed  # the training noise comes from seed-derived generators; these draws are new
+
+    torch.manual_seed(cfg.seed)  # the loop's initial weights
+    untrained = get_method(cfg.method, method_config_for_data(cfg.method, {}, info))
+    untrained.attach(pipe)
+    before = identity_gap(untrained, pipe, match, mismatch, repeats=16, seed=eval_seed)
+    untrained.detach()
+
+    result = train_local(cfg, data, str(model), output_dir=root / f"run{seed}")
+    trained = load_method(result.method_path, pipe)
+    after = identity_gap(trained, pipe, match, mismatch, repeats=16, seed=eval_seed)
+    assert after.match < before.match
+    # Measured: untrained gaps -0.0009 / -0.0029, trained 0.0041 / 0.0063 (seeds 0 / 1); twice the default margin,
+    # as Infinite-ID's untrained image attention already reads its (random) identity tokens.
+    assert identity_flows(after.gap, before.gap, margin=2e-3), (before, after)
+    assert before.gap < 2e-3, before
+
+    ignoring = identity_gap(blind(trained), pipe, match, mismatch, repeats=16, seed=eval_seed)
+    assert ignoring.gap == 0.0

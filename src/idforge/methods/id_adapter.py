@@ -39,7 +39,7 @@ from idforge.methods.base import (
     training_scheduler,
 )
 from idforge.methods.face_loss import FaceIdentityLoss, decode_to_unit
-from idforge.methods.layers import MLP, CrossBlock, GatedSelfAttentionAdapter
+from idforge.methods.layers import MLP, CrossBlock, GatedSelfAttentionAdapter, unit_rms
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class MixedFacialFeatures(nn.Module):
 
     def forward(self, face: Tensor, patches: Tensor) -> Tensor:
         b = face.shape[0]
-        f = self.face_proj(face.float())  # (B, N, d)
+        f = self.face_proj(unit_rms(face))  # (B, N, d)
         p = self.patch_proj(patches.float()).flatten(1, 2)  # (B, N*P, d)
         memory = torch.cat([f, p], dim=1)
         x = self.queries.unsqueeze(0).expand(b, -1, -1) + f.mean(dim=1, keepdim=True)

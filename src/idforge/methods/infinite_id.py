@@ -34,7 +34,7 @@ from idforge.methods.base import (
     diffusion_loss,
     training_scheduler,
 )
-from idforge.methods.layers import MLP
+from idforge.methods.layers import MLP, unit_rms
 
 
 class InfiniteIDConfig(MethodConfig):
@@ -218,7 +218,7 @@ class InfiniteID(BaseMethod):
         """c_id (B, P + num_face_tokens, D) from (B, N, Dface) and (B, N, P, Dclip); N references averaged."""
         dev = self.device
         clip_tok = self.modules["clip_mapper"](clip_patch_tokens.to(dev)).squeeze(-2)  # (B, N, P, D)
-        face_tok = self.modules["face_mapper"](face_embeds.to(dev))  # (B, N, Tf, D)
+        face_tok = self.modules["face_mapper"](unit_rms(face_embeds.to(dev)))  # (B, N, Tf, D)
         return torch.cat([clip_tok, face_tok], dim=2).mean(dim=1)
 
     def identity_condition(self, refs: IdentityRefs, pipe: Any) -> Condition:

@@ -70,6 +70,34 @@ def heldout_batches(heldout: PreparedDataset, references: PreparedDataset, refs_
     return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
 
 
+def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1) -> tuple[TrainBatch, TrainBatch]:
+    """(matched, mismatched) batches where no image is its own reference, for datasets too small to hold out photos.
+
+    Every image of an identity with at least two photos is conditioned once on each *other* photo of its identity
+    (matched) and, for each such pair, on a photo of every other identity (mismatched); a reference photo is
+    replicated ``refs_per_item`` times, as inference does. With fresh noise this measures whether the identity
+    reaches the denoiser from a different photo of the person than the one being denoised.
+    """
+    from idforge.methods.base import TrainBatch
+    from idforge.train.dataset import collate
+
+    identities = sorted(dataset.members)
+    matched, mismatched = [], []
+    for row in (int(r) for r in dataset.targets):
+        ident = dataset.all_items.at[row, "identity"]
+        own = [int(r) for r in dataset.members[ident] if int(r) != row]
+        for k, ref in enumerate(own):
+            for other in identities:
+                if other == ident:
+                    continue
+                members = dataset.members[other]
+                matched.append(dataset.compose(row, [ref] * refs_per_item, flip=False))
+                mismatched.append(dataset.compose(row, [int(members[k % len(members)])] * refs_per_item, flip=False))
+    if not matched:
+        raise ValueError("no identity has two photos and no other identity to compare with: nothing to measure")
+    return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
+
+
 def identity_gap(method: Any, pipe: Any, heldout: PreparedDataset, references: PreparedDataset,
                  refs_per_item: int = 1, repeats: int = 8, seed: int = 0) -> IdentityGap:
     """Held-out diffusion loss of ``method`` (attached to ``pipe``) with matched vs mismatched identity.
