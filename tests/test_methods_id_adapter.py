@@ -279,3 +279,24 @@ def test_identity_flows_after_a_short_training_run(pipes):
         assert identity_gap(m, pipe, held, repeats=4).gap == 0.0
     finally:
         m.detach()
+
+
+def test_unit_norm_face_embeddings_reach_the_mixer_at_full_scale():
+    """ArcFace embeddings come L2-normalised (entries ~0.044); the mixer rescales them to unit RMS, so at init two
+    people's vision tokens differ by a real fraction of their size instead of being swamped by the biases."""
+    from idforge.methods.id_adapter import IDAdapterConfig, MixedFacialFeatures
+    from idforge.methods.layers import unit_rms
+
+    g = torch.Generator().manual_seed(0)
+    faces = torch.nn.functional.normalize(torch.randn(2, 1, 512, generator=g), dim=-1)
+    scaled = unit_rms(faces)
+    torch.testing.assert_close(scaled.pow(2).mean(-1), torch.ones(2, 1))
+    torch.testing.assert_close(torch.nn.functional.normalize(scaled, dim=-1), faces)  # direction kept
+    torch.testing.assert_close(unit_rms(faces * 7.0), scaled)  # raw or normalised embeddings: same input
+
+    torch.manual_seed(0)
+    mff = MixedFacialFeatures(IDAdapterConfig(**{**CFG, "num_refs": 1}))
+    patches = torch.zeros(1, 1, 17, 32).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        tokens = mff(faces, patches)
+    assert (tokens[0] - tokens[1]).norm() / tokens[0].norm() > 0.2
