@@ -299,4 +299,4 @@ def test_unit_norm_face_embeddings_reach_the_mixer_at_full_scale():
     patches = torch.zeros(1, 1, 17, 32).expand(2, -1, -1, -1)
     with torch.no_grad():
         tokens = mff(faces, patches)
-    assert (tokens[0] - tokens[1]).norm() / tokens[0].norm() > 0.2
+    assert (tokens[0] - tokens[1]).norm() / tokens[0].norm() > 0.5  # 1.07 here; 0.17 with the unit-norm input
