@@ -88,7 +88,7 @@ def test_identity_flows_to_held_out_images(setup):
 
     model, data, root = setup
     cfg = TrainConfig(method="infinite-id", steps=400, batch_size=4, lr=1e-2, flip_prob=0.0, holdout_per_identity=1,
-                      checkpoint_every=400, report_every=400, seed=0)
+                      checkpoint_every=400, report_every=400, validate_every=400, seed=0)
     index, info = read_prepared(data)
     train_keys, heldout_keys = split_holdout(index, 1, seed=cfg.seed)
     assert len(heldout_keys) == 6 and len(train_keys) == 18
@@ -108,6 +108,7 @@ def test_identity_flows_to_held_out_images(setup):
     assert after.match < before.match  # it learned to denoise these faces at all
     assert identity_flows(after.gap, before.gap), (before, after)
     assert before.gap < MARGIN, before  # the untrained adapter shows no such margin
+    assert result.metrics["val_identity_gap"] == pytest.approx(after.gap, abs=MARGIN)  # the loop's held-out check
 
     # An adapter that ignores its identity input: same trained weights, identity features replaced by constants.
     ignoring = identity_gap(blind(trained), pipe, heldout, references, repeats=16)
@@ -144,7 +145,7 @@ def test_identity_flows_on_sample_identities(samples_setup, seed):
 
     model, data, root = samples_setup
     cfg = TrainConfig(method="infinite-id", steps=800, batch_size=4, lr=5e-3, flip_prob=0.0, holdout_per_identity=0,
-                      checkpoint_every=800, report_every=800, seed=seed)
+                      checkpoint_every=800, report_every=800, validate_every=800, seed=seed)
     _, info = read_prepared(data)
     match, mismatch = cross_photo_batches(PreparedDataset(data))
     assert len(set(match.identity.tolist())) >= 3
@@ -168,3 +169,5 @@ def test_identity_flows_on_sample_identities(samples_setup, seed):
 
     ignoring = identity_gap(blind(trained), pipe, match, mismatch, repeats=16, seed=eval_seed)
     assert ignoring.gap == 0.0
+    # the loop's own validation (nothing held out -> cross-photo, 8 draws of its own) sees the same gap
+    assert result.metrics["val_identity_gap"] > 0 and abs(result.metrics["val_identity_gap"] - after.gap) < 2e-3

@@ -107,7 +107,8 @@ class TrainConfig(Section):
         default=0, ge=0, description="images per identity kept out of training (targets and references) for "
         "the held-out identity-gap validation; identities with no more images than this are all trained on"
     )
-    validate_every: int = Field(default=0, ge=0, description="steps between held-out identity-gap checks; 0 = off")
+    validate_every: int = Field(default=0, ge=0, description="steps between identity-gap checks (held-out photos "
+                                "when holdout_per_identity > 0, else across photos of the training set); 0 = off")
     # bookkeeping
     checkpoint_every: int = Field(default=500, ge=1, description="optimizer steps between Ray checkpoints")
     report_every: int = Field(default=50, ge=1, description="optimizer steps between metric reports (costly)")

@@ -6,6 +6,9 @@ and once on each other identity's references (mismatched). An adapter that uses 
 person's unseen photo better with the person's condition: ``gap = mismatched - matched > 0``. An adapter that
 ignores its input has ``gap == 0`` exactly (same prediction either way), so a test on the gap cannot pass by luck
 of initialisation; an untrained adapter (zero-initialised output paths) shows no gap either.
+
+Datasets too small to hold photos out (a few photos per person) use the cross-photo variant instead: each training
+photo conditioned on another photo of its person vs a photo of another person, with fresh noise.
 """
 
 from __future__ import annotations
@@ -70,31 +73,37 @@ def heldout_batches(heldout: PreparedDataset, references: PreparedDataset, refs_
     return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
 
 
-def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1) -> tuple[TrainBatch, TrainBatch]:
+def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pairs: int | None = None,
+                        seed: int = 0) -> tuple[TrainBatch, TrainBatch]:
     """(matched, mismatched) batches where no image is its own reference, for datasets too small to hold out photos.
 
     Every image of an identity with at least two photos is conditioned once on each *other* photo of its identity
     (matched) and, for each such pair, on a photo of every other identity (mismatched); a reference photo is
     replicated ``refs_per_item`` times, as inference does. With fresh noise this measures whether the identity
-    reaches the denoiser from a different photo of the person than the one being denoised.
+    reaches the denoiser from a different photo of the person than the one being denoised. ``max_pairs`` keeps a
+    seeded subset of the (image, reference, other identity) triples, so a large dataset costs a fixed amount.
     """
     from idforge.methods.base import TrainBatch
     from idforge.train.dataset import collate
 
+    import random
+
     identities = sorted(dataset.members)
-    matched, mismatched = [], []
+    triples = []  # (target row, own reference row, other reference row)
     for row in (int(r) for r in dataset.targets):
         ident = dataset.all_items.at[row, "identity"]
         own = [int(r) for r in dataset.members[ident] if int(r) != row]
         for k, ref in enumerate(own):
             for other in identities:
-                if other == ident:
-                    continue
-                members = dataset.members[other]
-                matched.append(dataset.compose(row, [ref] * refs_per_item, flip=False))
-                mismatched.append(dataset.compose(row, [int(members[k % len(members)])] * refs_per_item, flip=False))
-    if not matched:
+                if other != ident:
+                    members = dataset.members[other]
+                    triples.append((row, ref, int(members[k % len(members)])))
+    if not triples:
         raise ValueError("no identity has two photos and no other identity to compare with: nothing to measure")
+    if max_pairs is not None and len(triples) > max_pairs:
+        triples = sorted(random.Random(seed).sample(triples, max_pairs))
+    matched = [dataset.compose(row, [ref] * refs_per_item, flip=False) for row, ref, _ in triples]
+    mismatched = [dataset.compose(row, [other] * refs_per_item, flip=False) for row, _, other in triples]
     return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
 
 
