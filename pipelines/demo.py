@@ -36,11 +36,11 @@ def run_demo(
     pipeline_root: Path = Path("outputs/kfp"),
     cache: bool = True,
 ) -> DemoResult:
-    from idforge.config import dump_config, load_config
+    from idforge.config import load_config
     from idforge.diffusion.tiny import make_tiny
     from idforge.io.samples import ensure_samples
     from idforge.track import tracking_uri, ui_command
-    from pipelines.runner import find_outputs, run_local
+    from pipelines.runner import find_outputs, pipeline_config_yaml, run_local
 
     repo_root = repo_root.resolve()
     if not (repo_root / "data" / "samples.dvc").is_file():
@@ -61,16 +61,13 @@ def run_demo(
     files = config_files if config_files is not None else [repo_root / "configs" / "demo.yaml"]
     cfg = load_config(files, [f"model.base={model}", f"model.clip={clip}", f"evaluate.clip_model={clip}",
                               *(overrides or [])])
-    cfg.tracking.uri = tracking_uri(cfg.tracking)
-    # Steps run as subprocesses: every relative path they read must not depend on their working directory.
-    for section in (cfg.generate, cfg.evaluate):
-        section.protocol = str((repo_root / section.protocol).resolve())
+    config_yaml = pipeline_config_yaml(cfg, repo_root)
     arguments = {
         "raw_uri": str(samples),
         "labels_uri": str(samples / "labels.csv"),
         "base_model": model,
         "method": method,
-        "config_yaml": dump_config(cfg),
+        "config_yaml": config_yaml,
         "gates_yaml": (repo_root / "configs" / "gates.yaml").read_text(),
         # Embedded default: local Ray with CPU workers (the pipeline's default asks for GPUs, as on a cluster).
         "workers": 1,
@@ -83,6 +80,6 @@ def run_demo(
         pipeline_root=run.pipeline_root,
         report=outputs.get("report"),
         mlflow_ui=ui_command(cfg.tracking),
-        tracking_uri=cfg.tracking.uri,
+        tracking_uri=tracking_uri(cfg.tracking),
         seconds=time.time() - started,
     )

@@ -63,6 +63,24 @@ class LocalRun:
     outputs: dict[str, Any]
 
 
+def pipeline_config_yaml(cfg: Any, base_dir: str | os.PathLike[str]) -> str:
+    """The resolved config as the pipelines' ``config_yaml`` argument, with every path a step reads made absolute.
+
+    Steps run in other processes (subprocesses locally, pods on a cluster), so nothing may depend on the
+    submitter's working directory: the tracking URI (``idforge.track.absolute_tracking_uri``) and the generate/evaluate
+    protocol files (relative paths resolved against ``base_dir``) become absolute. ``cfg`` is not modified.
+    """
+    from idforge.config import dump_config
+    from idforge.track import absolute_tracking_uri
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.tracking.uri = absolute_tracking_uri(cfg.tracking)
+    for section in (cfg.generate, cfg.evaluate):
+        if "://" not in section.protocol:
+            section.protocol = str((Path(base_dir) / section.protocol).resolve())
+    return dump_config(cfg)
+
+
 def run_local(
     name: str,
     arguments: Mapping[str, Any] | None = None,

@@ -106,3 +106,20 @@ def test_cli_compile_and_list(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "idforge.cli", "pipeline", "list"], capture_output=True,
                             text=True, check=True)
     assert set(listed.stdout.split()) == EXPECTED
+
+
+def test_pipeline_config_makes_every_path_a_step_reads_absolute(tmp_path, monkeypatch):
+    """Steps run in other processes: the tracking store and protocol files must not depend on their cwd."""
+    from idforge.config import load_config_text
+    from pipelines.runner import pipeline_config_yaml
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config_text("tracking: {uri: 'sqlite:///runs/mlruns.db'}\n"
+                           "generate: {protocol: configs/protocols/smoke.yaml}\n"
+                           "evaluate: {protocol: s3://bucket/protocol.yaml}\n")
+    out = yaml.safe_load(pipeline_config_yaml(cfg, tmp_path / "repo"))
+    assert out["tracking"]["uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
+    assert out["generate"]["protocol"] == str(tmp_path / "repo" / "configs" / "protocols" / "smoke.yaml")
+    assert out["evaluate"]["protocol"] == "s3://bucket/protocol.yaml"  # URIs are left alone
+    assert cfg.generate.protocol == "configs/protocols/smoke.yaml"  # the caller's config is not modified

@@ -332,13 +332,10 @@ def _pipeline_args(args: list[str] | None) -> dict[str, str]:
 
 
 def _pipeline_config_yaml(config: list[Path] | None, overrides: list[str] | None) -> str:
-    """The resolved config as YAML, with the tracking URI made absolute so every step logs to one store."""
-    from idforge.config import dump_config
-    from idforge.track import tracking_uri
+    """The resolved config as YAML, with the paths steps read made absolute (``pipelines.runner``)."""
+    from pipelines.runner import pipeline_config_yaml
 
-    cfg = _load(config, overrides)
-    cfg.tracking.uri = tracking_uri(cfg.tracking)
-    return dump_config(cfg)
+    return pipeline_config_yaml(_load(config, overrides), Path.cwd())
 
 
 @pipeline_app.command("compile")

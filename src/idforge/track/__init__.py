@@ -8,9 +8,18 @@ MLflow open a stray run in some default location.
 from idforge.track.artifacts import log_artifact, log_artifacts, log_html
 from idforge.track.images import log_image, log_image_grid, make_image_grid
 from idforge.track.params import flatten_config, log_config
-from idforge.track.runs import active_run_id, artifact_location, log_metrics, start_run, tracking_uri, ui_command
+from idforge.track.runs import (
+    absolute_tracking_uri,
+    active_run_id,
+    artifact_location,
+    log_metrics,
+    start_run,
+    tracking_uri,
+    ui_command,
+)
 
 __all__ = [
+    "absolute_tracking_uri",
     "active_run_id",
     "artifact_location",
     "flatten_config",

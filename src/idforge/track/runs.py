@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from idforge.config import TrackingConfig
 
-__all__ = ["active_run_id", "artifact_location", "log_metrics", "start_run", "tracking_uri", "ui_command"]
+__all__ = ["absolute_tracking_uri", "active_run_id", "artifact_location", "log_metrics", "start_run", "tracking_uri", "ui_command"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,17 @@ def tracking_uri(cfg: TrackingConfig | None = None) -> str:
     if env:
         return env
     return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
+
+
+def absolute_tracking_uri(cfg: TrackingConfig | None = None) -> str:
+    """``tracking_uri(cfg)`` with a relative SQLite store (``sqlite:///rel.db``) resolved against the CWD, as MLflow
+    itself would here, so processes started elsewhere log to the same store. Other URIs are returned as they are."""
+    uri = tracking_uri(cfg)
+    db = _sqlite_path(uri)
+    if db is not None:
+        query = uri.split("?", 1)[1] if "?" in uri else ""
+        return f"sqlite:///{db.as_posix()}" + (f"?{query}" if query else "")
+    return uri
 
 
 def ui_command(cfg: TrackingConfig | None = None) -> str:
