@@ -23,6 +23,7 @@ def prepared_dir(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
 
 
 def test_train_local_then_init_from(prepared_dir, tiny_sd15_dir, tmp_path):
+    import torch
     from safetensors.torch import load_file
 
     from idforge.train.population import train_local
@@ -44,6 +45,13 @@ def test_train_local_then_init_from(prepared_dir, tiny_sd15_dir, tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         train_local(cfg.model_copy(update={"init_from": str(tmp_path / "missing.safetensors")}), prepared_dir,
                     str(tiny_sd15_dir), output_dir=tmp_path / "c")
+    # resuming "a" with another method config: a clear refusal naming the checkpoint, and "a" is left as it was
+    before = load_file(first.method_path)
+    other = cfg.model_copy(update={"method_config": {"num_face_tokens": 2}, "steps": 3})
+    with pytest.raises(ConfigError, match=r"cannot resume from .*checkpoints.*another method config"):
+        train_local(other, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "a")
+    after = load_file(first.method_path)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_inputs(prepared_dir, tiny_sd15_dir, tmp_path):

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from idforge.errors import ConfigError
 from idforge.train import checkpoint as ckpt
 from idforge.train.config import TrainConfig
 
@@ -347,7 +348,12 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     with env.latest_checkpoint() as resume_dir:  # noqa: SIM117
         if resume_dir is not None:
             state = ckpt.read_state(resume_dir)
-            method.load_state_dict(state["method"])
+            try:
+                method.load_state_dict(state["method"])
+            except ValueError as exc:
+                raise ConfigError(f"cannot resume from {resume_dir}: {exc}. The checkpoint was written by a run with "
+                                  "another method config; train into a new output directory, or delete that one to "
+                                  "start over") from None
             optimizer.load_state_dict(state["optimizer"])
             lr_schedule.load_state_dict(state["lr_schedule"])
             if scaler is not None and state.get("scaler"):
