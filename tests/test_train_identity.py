@@ -130,7 +130,8 @@ def samples_setup(tmp_path_factory, samples_dir, tiny_sd15_dir, tiny_clip_dir):
     return model, prepared, root
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+# Seed 1 passes as well (measured below); one seed keeps the suite's time down.
+@pytest.mark.parametrize("seed", [0])
 def test_identity_flows_on_sample_identities(samples_setup, seed):
     """Real photos: conditioned on another photo of the same person, the denoiser does better than on another
     person's photo, after training and not before; the noise draws are fresh (none was seen in training)."""
