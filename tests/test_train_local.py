@@ -80,3 +80,40 @@ def test_bench_runs_on_tiny(repo_root, tmp_path):
     assert res["ours_samples_per_s"] > 0 and res["reference_samples_per_s"] > 0
     assert res["ratio_ours_over_reference"] == pytest.approx(res["ours_samples_per_s"] / res["reference_samples_per_s"])
     assert res["loader_samples_per_s"] > 0
+
+
+def test_validation_batches_are_capped_and_evaluated_in_chunks(prepared_dir, tiny_sd15_dir):
+    """The identity-gap check costs a fixed amount on any dataset, and chunking does not change its value."""
+    import torch
+
+    from idforge.methods.base import get_method, training_scheduler
+    from idforge.methods.testing import fix_noise, held_out_loss, load_frozen_pipeline
+    from idforge.train.dataset import PreparedDataset, read_prepared
+    from idforge.train.loop import method_config_for_data
+    from idforge.train.validation import cross_photo_batches, heldout_batches, split_holdout
+
+    ds = PreparedDataset(prepared_dir)
+    match, mismatch = cross_photo_batches(ds)  # 2 identities x 2 photos: 4 (image, own ref, other) triples
+    assert match.batch_size == mismatch.batch_size == 4
+    assert torch.equal(match.latents, mismatch.latents) and not torch.equal(match.face_embeds, mismatch.face_embeds)
+    few, _ = cross_photo_batches(ds, max_pairs=3, seed=1)
+    again, _ = cross_photo_batches(ds, max_pairs=3, seed=1)
+    assert few.batch_size == 3 and torch.equal(few.latents, again.latents)  # a seeded, stable subset
+
+    index, info = read_prepared(prepared_dir)
+    train_keys, held_keys = split_holdout(index, 1)
+    held = PreparedDataset(prepared_dir, keys=held_keys, ref_includes_target=True)
+    refs = PreparedDataset(prepared_dir, keys=train_keys, ref_includes_target=True)
+    assert heldout_batches(held, refs)[0].batch_size == 2
+    assert heldout_batches(held, refs, max_pairs=1)[0].batch_size == 1
+
+    pipe = load_frozen_pipeline(tiny_sd15_dir)
+    torch.manual_seed(0)
+    method = get_method("infinite-id", method_config_for_data("infinite-id", {}, info))
+    method.attach(pipe)
+    try:
+        batch = fix_noise(match, training_scheduler(pipe), seed=3)
+        whole = held_out_loss(method, pipe, batch, chunk=64)
+        assert held_out_loss(method, pipe, batch, chunk=3) == pytest.approx(whole, rel=1e-5)
+    finally:
+        method.detach()

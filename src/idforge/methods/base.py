@@ -204,6 +204,11 @@ class TrainBatch:
     def batch_size(self) -> int:
         return int(self.latents.shape[0])
 
+    def rows(self, start: int, stop: int) -> TrainBatch:
+        """Samples ``start:stop`` of every batched tensor (for evaluating a large batch in pieces)."""
+        return replace(self, **{f.name: None if (v := getattr(self, f.name)) is None else v[start:stop]
+                                for f in fields(self)})
+
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> TrainBatch:
         """Move every tensor; floating tensors also take ``dtype`` when given (ids stay long)."""
         return replace(self, **{f.name: _to(getattr(self, f.name), device, dtype) for f in fields(self)})

@@ -13,7 +13,8 @@ def unit_rms(embeds: Tensor) -> Tensor:
     Why: ArcFace embeddings arrive with unit norm, so each of the 512 entries is ~0.044. ``nn.Linear`` initialises
     for unit-scale inputs; at 0.044 the embedding's part of the first projection is ~20x smaller than its bias, so
     a mapper starts almost identity-blind and, on a small dataset, learns a constant token instead (measured on the
-    sample identities: held-out identity gap 0.0000 before this scaling). The direction is unchanged.
+    sample identities: IDAdapter's cross-photo identity gap 0.0000 before this scaling, 0.005 after). The direction
+    is unchanged.
     """
     x = embeds.float()
     return F.normalize(x, dim=-1) * x.shape[-1] ** 0.5

@@ -18,7 +18,15 @@ if TYPE_CHECKING:
 
     from idforge.config import TrackingConfig
 
-__all__ = ["absolute_tracking_uri", "active_run_id", "artifact_location", "log_metrics", "start_run", "tracking_uri", "ui_command"]
+__all__ = [
+    "absolute_tracking_uri",
+    "active_run_id",
+    "artifact_location",
+    "log_metrics",
+    "start_run",
+    "tracking_uri",
+    "ui_command",
+]
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,10 @@ from idforge.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-VALIDATION_PAIRS = 64  # cross-photo identity-gap triples per check: a fixed cost whatever the dataset size
+VALIDATION_PAIRS = 64  # identity-gap pairs per check: a fixed cost whatever the dataset size
+# Noise of the identity-gap check: apart from the training streams (seeded cfg.seed * 1_000_003 + rank), the same
+# draws at every check, so the metric moves only with the weights.
+VALIDATION_SEED = 10_000
 # method defaults for the data sampling: (references per item, may the target be a reference)
 _SAMPLING = {"infinite-id": (1, False), "id-adapter": (None, True)}
 # prepared shapes -> method config fields that must match them (filled in when the user did not set them)
@@ -315,8 +318,8 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
 
     from idforge.methods.base import TrainBatch, get_method
     from idforge.train.dataset import PreparedDataset, make_loader, read_prepared
-    from idforge.methods.testing import identity_gap as measure_gap
-    from idforge.train.validation import cross_photo_batches, identity_gap, split_holdout
+    from idforge.methods.testing import identity_gap
+    from idforge.train.validation import cross_photo_batches, heldout_batches, split_holdout
 
     cfg = spec.train_config()
     spec = spec.model_copy(update={"data_dir": str(local_data(spec.data_dir, spec.storage))})
@@ -379,12 +382,15 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     train_keys, heldout_keys = split_holdout(index, cfg.holdout_per_identity, cfg.seed)
     dataset = PreparedDataset(spec.data_dir, refs_per_item=refs, ref_includes_target=include_target,
                               flip_prob=cfg.flip_prob, seed=cfg.seed, keys=train_keys)
-    heldout = (PreparedDataset(spec.data_dir, keys=heldout_keys, ref_includes_target=True)
-               if heldout_keys and cfg.validate_every else None)
-    cross_photo = None  # nothing held out: measure the gap across photos of the training set instead
-    if heldout is None and cfg.validate_every and rank == 0:
+    validation = None  # (matched, mismatched) batches of the identity-gap check, built once
+    if cfg.validate_every and rank == 0:
         try:
-            cross_photo = tuple(b.to(device) for b in cross_photo_batches(dataset, refs, VALIDATION_PAIRS, cfg.seed))
+            if heldout_keys:
+                heldout = PreparedDataset(spec.data_dir, keys=heldout_keys, ref_includes_target=True)
+                pair = heldout_batches(heldout, dataset, refs, VALIDATION_PAIRS, cfg.seed)
+            else:  # nothing held out: across photos of the training set instead
+                pair = cross_photo_batches(dataset, refs, VALIDATION_PAIRS, cfg.seed)
+            validation = tuple(b.to(device) for b in pair)
         except ValueError as exc:
             log.warning("no identity-gap validation: %s", exc)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -432,14 +438,9 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
             metrics.update(step=step, resumed_from=resumed_from, lr=lr_schedule.get_last_lr()[0], world_size=world,
                            samples_per_s=window_steps * per_step * world / max(elapsed, 1e-9),
                            weight_checksum=checksum, weight_checksums=checksums)
-            if rank == 0 and cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                gap = None
-                if heldout is not None:
-                    gap = identity_gap(method, pipe, heldout, dataset, refs_per_item=refs, seed=cfg.seed)
-                elif cross_photo is not None:
-                    gap = measure_gap(method, pipe, *cross_photo, repeats=8, seed=cfg.seed + 10_000)
-                if gap is not None:
-                    metrics.update(val_matched=gap.match, val_mismatched=gap.mismatch, val_identity_gap=gap.gap)
+            if validation is not None and (step % cfg.validate_every == 0 or step == cfg.steps):
+                gap = identity_gap(method, pipe, *validation, repeats=8, seed=VALIDATION_SEED)
+                metrics.update(val_matched=gap.match, val_mismatched=gap.mismatch, val_identity_gap=gap.gap)
             writer = None
             if checkpoint_now:
                 state = None

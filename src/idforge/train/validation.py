@@ -46,31 +46,40 @@ def _refs(dataset: PreparedDataset, identity: str, n: int) -> list[int]:
     return [members[i % len(members)] for i in range(n)]
 
 
-def heldout_batches(heldout: PreparedDataset, references: PreparedDataset, refs_per_item: int = 1
-                    ) -> tuple[TrainBatch, TrainBatch]:
+def heldout_batches(heldout: PreparedDataset, references: PreparedDataset, refs_per_item: int = 1,
+                    max_pairs: int | None = None, seed: int = 0) -> tuple[TrainBatch, TrainBatch]:
     """(matched, mismatched) batches over every (held-out image, other identity) pair.
 
     Both share the targets' latents and captions; ``matched`` takes its references from the target's own identity
     in ``references``, ``mismatched`` from the other identity of the pair. Both datasets must come from one prepare.
+    ``max_pairs`` keeps a seeded subset of the pairs, so a large dataset costs a fixed amount.
     """
     from idforge.methods.base import TrainBatch
     from idforge.train.dataset import collate
 
     identities = sorted(references.members)
-    matched, mismatched = [], []
-    for row in heldout.targets:
-        ident = heldout.all_items.at[int(row), "identity"]
-        if ident not in references.members:
-            continue
-        own = _sample(heldout, references, int(row), _refs(references, ident, refs_per_item))
-        for other in identities:
-            if other != ident:
-                matched.append(own)
-                mismatched.append(_sample(heldout, references, int(row), _refs(references, other, refs_per_item)))
-    if not matched:
+    pairs = []  # (held-out row, its identity, the other identity)
+    for row in (int(r) for r in heldout.targets):
+        ident = heldout.all_items.at[row, "identity"]
+        if ident in references.members:
+            pairs += [(row, ident, other) for other in identities if other != ident]
+    if not pairs:
         raise ValueError("no held-out image has an identity present in the references (and another identity to "
                          "compare with): nothing to measure")
+    pairs = _subsample(pairs, max_pairs, seed)
+    matched = [_sample(heldout, references, row, _refs(references, ident, refs_per_item)) for row, ident, _ in pairs]
+    mismatched = [_sample(heldout, references, row, _refs(references, other, refs_per_item))
+                  for row, _, other in pairs]
     return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
+
+
+def _subsample(items: list, max_items: int | None, seed: int) -> list:
+    """A seeded subset of ``max_items`` items in their original order, or all of them."""
+    import random
+
+    if max_items is None or len(items) <= max_items:
+        return items
+    return sorted(random.Random(seed).sample(items, max_items))
 
 
 def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pairs: int | None = None,
@@ -86,8 +95,6 @@ def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pa
     from idforge.methods.base import TrainBatch
     from idforge.train.dataset import collate
 
-    import random
-
     identities = sorted(dataset.members)
     triples = []  # (target row, own reference row, other reference row)
     for row in (int(r) for r in dataset.targets):
@@ -100,15 +107,15 @@ def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pa
                     triples.append((row, ref, int(members[k % len(members)])))
     if not triples:
         raise ValueError("no identity has two photos and no other identity to compare with: nothing to measure")
-    if max_pairs is not None and len(triples) > max_pairs:
-        triples = sorted(random.Random(seed).sample(triples, max_pairs))
+    triples = _subsample(triples, max_pairs, seed)
     matched = [dataset.compose(row, [ref] * refs_per_item, flip=False) for row, ref, _ in triples]
     mismatched = [dataset.compose(row, [other] * refs_per_item, flip=False) for row, _, other in triples]
     return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
 
 
 def identity_gap(method: Any, pipe: Any, heldout: PreparedDataset, references: PreparedDataset,
-                 refs_per_item: int = 1, repeats: int = 8, seed: int = 0) -> IdentityGap:
+                 refs_per_item: int = 1, repeats: int = 8, seed: int = 0, max_pairs: int | None = None
+                 ) -> IdentityGap:
     """Held-out diffusion loss of ``method`` (attached to ``pipe``) with matched vs mismatched identity.
 
     The measurement is ``idforge.methods.testing.identity_gap`` (fixed noise and timesteps shared by both
@@ -116,7 +123,7 @@ def identity_gap(method: Any, pipe: Any, heldout: PreparedDataset, references: P
     """
     from idforge.methods.testing import identity_gap as measure
 
-    match, mismatch = heldout_batches(heldout, references, refs_per_item)
+    match, mismatch = heldout_batches(heldout, references, refs_per_item, max_pairs, seed)
     device = pipe.unet.device
     return measure(method, pipe, match.to(device), mismatch.to(device), repeats=repeats, seed=seed)
 
