@@ -12,7 +12,7 @@ import pytest
 from idforge.errors import ConfigError
 from idforge.ops import ray_jobs
 from idforge.ops.ray_jobs import JobStatus, RayJobError, RayJobTimeoutError, RayUnreachableError
-from tests.fixtures.ray import free_ports
+from tests.fixtures.process import free_ports
 
 pytestmark = pytest.mark.usefixtures("no_ray_address_env")
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from idforge.track import (
     tracking_uri,
     ui_command,
 )
+from tests.fixtures.process import free_ports, stop_group, wait_ready
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 
@@ -279,12 +278,6 @@ def test_mlflow_limit_is_applied(mlflow_uri: str) -> None:
 # a real tracking server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_logging_through_an_mlflow_server(
     _mlflow_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -292,7 +285,7 @@ def test_logging_through_an_mlflow_server(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     db = tmp_path / "server.db"
     shutil.copyfile(_mlflow_template_db, db)
-    port = _free_port()
+    (port,) = free_ports(1)
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(tmp_path / "served")]  # fmt: skip
@@ -301,17 +294,11 @@ def test_logging_through_an_mlflow_server(
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        def healthy() -> bool:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                return resp.status == 200
+
+        wait_ready(proc, healthy, what="mlflow server", log_path=tmp_path / "server.log", timeout_s=90)
 
         with start_run(TrackingConfig(uri=uri, experiment="served"), run_name="http") as run:
             log_config({"lr": 0.001})
@@ -326,10 +313,5 @@ def test_logging_through_an_mlflow_server(
         assert list((tmp_path / "served").rglob("g.png"))  # landed in the server's artifact destination
         assert "MLFLOW_TRACKING_URI" not in os.environ
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_group(proc, grace_s=20)
         log_file.close()

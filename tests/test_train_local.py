@@ -8,18 +8,14 @@ import sys
 import pytest
 
 from idforge.errors import ConfigError, DataError
-from idforge.train.config import PrepareConfig, TrainConfig
+from idforge.train.config import TrainConfig
+from tests.fixtures.dataset import prepare_synthetic
 
 
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
-    from idforge.train.prepare import prepare_dataset
-    from idforge.train.testdata import write_curated_synthetic
-
-    root = tmp_path_factory.mktemp("local-data")
-    ds = write_curated_synthetic(root / "curated", identities=2, images_per_identity=2, size=128)
-    return prepare_dataset(ds, str(tiny_sd15_dir), root / "prepared", PrepareConfig(),
-                           clip_model=str(tiny_clip_dir)).output_dir
+    return prepare_synthetic(tmp_path_factory.mktemp("local-data"), tiny_sd15_dir, tiny_clip_dir, identities=2,
+                             images_per_identity=2, size=128)
 
 
 def test_train_local_then_init_from(prepared_dir, tiny_sd15_dir, tmp_path):

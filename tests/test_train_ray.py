@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from idforge.config import TrackingConfig
-from idforge.train.config import PrepareConfig, TrainConfig
+from idforge.train.config import TrainConfig
+from tests.fixtures.dataset import prepare_synthetic
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +20,8 @@ CFG = TrainConfig(
 
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
-    from idforge.train.prepare import prepare_dataset
-    from idforge.train.testdata import write_curated_synthetic
-
-    root = tmp_path_factory.mktemp("ray-data")
-    ds = write_curated_synthetic(root / "curated", identities=3, images_per_identity=3, size=256)
-    return prepare_dataset(ds, str(tiny_sd15_dir), root / "prepared", PrepareConfig(),
-                           clip_model=str(tiny_clip_dir)).output_dir
+    return prepare_synthetic(tmp_path_factory.mktemp("ray-data"), tiny_sd15_dir, tiny_clip_dir, identities=3,
+                             images_per_identity=3, size=256)
 
 
 @pytest.fixture(scope="module")

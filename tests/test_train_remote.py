@@ -16,9 +16,10 @@ from idforge.config import IdforgeConfig, TrackingConfig
 from idforge.errors import ConfigError
 from idforge.ops.ray_jobs import JobStatus, RayUnreachableError
 from idforge.train import remote
-from idforge.train.config import PrepareConfig, TrainConfig
+from idforge.train.config import TrainConfig
 from idforge.train.remote import RemoteTrainError, train_on_ray_cluster
-from tests.fixtures.ray import free_ports
+from tests.fixtures.dataset import prepare_synthetic
+from tests.fixtures.process import free_ports
 
 pytestmark = pytest.mark.usefixtures("no_ray_address_env")
 
@@ -29,13 +30,8 @@ TRAIN = TrainConfig(method="infinite-id", steps=2, batch_size=1, lr=1e-3, checkp
 
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
-    from idforge.train.prepare import prepare_dataset
-    from idforge.train.testdata import write_curated_synthetic
-
-    root = tmp_path_factory.mktemp("remote-data")
-    ds = write_curated_synthetic(root / "curated", identities=2, images_per_identity=2, size=128)
-    return prepare_dataset(ds, str(tiny_sd15_dir), root / "prepared", PrepareConfig(flip=False),
-                           clip_model=str(tiny_clip_dir)).output_dir
+    return prepare_synthetic(tmp_path_factory.mktemp("remote-data"), tiny_sd15_dir, tiny_clip_dir, identities=2,
+                             images_per_identity=2, size=128, flip=False)
 
 
 def _cfg(tracking_uri: str | None) -> IdforgeConfig:
