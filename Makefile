@@ -42,7 +42,8 @@ MODEL ?=
 demo: install data
 	$(BIN)/idforge demo $(if $(MODEL),--model $(MODEL),)
 
-test: install data browser
+# Lint first: a lint failure fails the run before the (long) suite starts.
+test: install data browser lint
 	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
@@ -50,7 +51,7 @@ test-fast: install data browser
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/python -m ruff check src tests components pipelines bench || true
+	$(BIN)/python -m ruff check src tests components pipelines bench
 
 images:
 	$(MAKE) -C images build

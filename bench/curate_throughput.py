@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v}" for k, v in r["stage_images_per_cpu_s"].items()))
         print("    dataset stages, s: " + ", ".join(f"{k} {v}" for k, v in r["dataset_stages_s"].items()))
     for r in results[1:]:
-        print(f"  scaling ratio {r['workers']} vs {results[0]['workers']} workers: {r['images_per_s'] / base:.2f}x wall; "
+        print(f"  scaling ratio {r['workers']} vs {results[0]['workers']} workers: "
+              f"{r['images_per_s'] / base:.2f}x wall; "
               f"CPU efficiency {r['images_per_cpu_s'] / results[0]['images_per_cpu_s']:.2f} "
               f"(1.0 = the pool adds no CPU overhead; ideal wall scaling on idle cores = workers x this)")
     if args.json:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -31,9 +32,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # base models of the real shapes, random weights (nothing is downloaded)
@@ -70,8 +68,7 @@ def _text_encoder(vocab: int, hidden: int, layers: int, heads: int, projection: 
 def build_pipeline(kind: str, tmp: Path) -> Any:
     """A StableDiffusion(XL)Pipeline of random weights in the real architecture (``tiny``: the test model)."""
     import torch
-    from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if kind == "tiny":
         from idforge.diffusion.tiny import make_tiny
@@ -331,7 +328,8 @@ def loader_throughput(kind: str, batch: int, resolution: int, refs: int, seconds
         _save(root / "text" / "t.safetensors", {"input_ids": torch.zeros(1, 77, dtype=torch.long),
                                                 "text_embeds": torch.randn(1, 77, 768)}, "float16", {})
         (root / "prepared.json").write_text(json.dumps({
-            "resolution": resolution, "text_file": "text/t.safetensors", "identities": sorted({r["identity"] for r in rows}),
+            "resolution": resolution, "text_file": "text/t.safetensors",
+            "identities": sorted({r["identity"] for r in rows}),
             "captions": [{"class_noun": "person", "template": "a photo of a {class_noun}",
                           "prompt": "a photo of a person"}]}))
         # memory_cache_bytes=0: read every item from disk each time (the large-dataset path)
@@ -399,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # reference first, on fp32 frozen weights (its autocast does the low-precision compute)
     ref = ReferenceStep(pipe, dims["clip_embed"], amp_dtype)
-    sps, mem = time_steps(lambda: ref(data, generator), warmup, steps, batch, device)
+    sps, mem = time_steps(functools.partial(ref, data, generator), warmup, steps, batch, device)
     ref.detach()
     results.update(reference_samples_per_s=sps, reference_peak_mem_gib=mem / 2**30)
     del ref

@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = [
     "tests.fixtures.paths",
+    "tests.fixtures.dataset",
     "tests.fixtures.s3",
     "tests.fixtures.models",
     "tests.fixtures.tracking",

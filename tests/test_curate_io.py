@@ -82,7 +82,8 @@ def test_curate_from_s3_to_s3(two_people, s3_env, s3_prefix, tmp_path):
     assert emb.shape == (4, 512)
     for path in m.loc[m["status"] == "accepted", "aligned"]:
         assert (local / path).is_file()
-    storage.write_bytes(f"{s3_prefix}/labels.csv", b"file,identity\nobama.jpg,obama\npair.jpg,obama\nardern.jpg,ardern\n")
+    storage.write_bytes(f"{s3_prefix}/labels.csv",
+                        b"file,identity\nobama.jpg,obama\npair.jpg,obama\nardern.jpg,ardern\n")
     again = curate_dataset(f"{s3_prefix}/raw", f"{s3_prefix}/dataset", cfg=cfg, labels=f"{s3_prefix}/labels.csv")
     assert again.cached_files == 3  # the staging copy of the output keeps the cache between runs
     assert again.metrics["grouping_pairwise_precision"] == 1.0

@@ -64,7 +64,7 @@ def test_grouping_recovers_the_people(backend, curated, face_photos):
     precision, recall = pairwise_precision_recall(pred, truth)
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
     for ident in set(pred):  # no two people merged into one identity
-        assert len({t for p, t in zip(pred, truth) if p == ident}) == 1
+        assert len({t for p, t in zip(pred, truth, strict=True) if p == ident}) == 1
     for dup, original in face_photos.duplicates.items():
         assert faces.loc[dup, "reason"] == "duplicate"
         assert faces.loc[dup, "duplicate_of"].endswith(original)

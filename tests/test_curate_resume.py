@@ -61,8 +61,8 @@ def test_identity_ids_do_not_depend_on_names_or_order(small_input, tmp_path):
         shutil.copy(f, renamed / f"{i:02d}_{f.stem[::-1]}.jpg")
     a = read_manifest(_run(small_input, tmp_path / "a", tmp_path))
     b = read_manifest(_run(renamed, tmp_path / "b", tmp_path))
-    ida = dict(zip(a["sha256"], a["identity"]))
-    idb = dict(zip(b["sha256"], b["identity"]))
+    ida = dict(zip(a["sha256"], a["identity"], strict=True))
+    idb = dict(zip(b["sha256"], b["identity"], strict=True))
     assert ida == idb and len(set(ida.values())) == 3 and all(v.startswith("id-") for v in ida.values())
 
 

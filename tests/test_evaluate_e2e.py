@@ -91,7 +91,7 @@ def test_generation_is_resumable_and_deterministic_per_seed(e2e, tmp_path):
     again = generate_images(None, e2e["artifact"], e2e["samples"], None, None, None, copy, e2e["cfg"],
                             identities=IDENTITIES, pipe=e2e["pipe"])
     assert (again.generated, again.skipped) == (3, 9)
-    for v, b in zip(victims, before):
+    for v, b in zip(victims, before, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(v)), b)
     # a changed recipe (other sampling) is not mistaken for done work
     cfg2 = e2e["cfg"].model_copy(deep=True)

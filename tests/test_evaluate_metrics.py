@@ -102,7 +102,7 @@ def test_lpips_zero_for_identical_and_grows_with_noise(lpips_model, photos):
     levels = [0.0, 0.05, 0.15, 0.4]
     d = [float(M.lpips_pairs(lpips_model, x, (x + s * noise).clamp(0, 1))[0]) for s in levels]
     assert d[0] == pytest.approx(0.0, abs=1e-6)
-    assert all(a < b for a, b in zip(d, d[1:])), d
+    assert all(a < b for a, b in zip(d, d[1:], strict=False)), d
     # different people are further apart than a mildly noisy copy
     y = M.to_tensor([photos["biden/1.jpg"]], size=64)
     assert float(M.lpips_pairs(lpips_model, x, y)[0]) > d[1]

@@ -57,7 +57,7 @@ def test_each_image_is_scored_against_its_own_identity(evaluated, backend):
     m = res.metrics.set_index("image")
     assert m[f"face_detected_{backend}"].all()
     thr = SAME_PERSON_THRESHOLD[backend]
-    for (photo, ident, same), sim in zip(CASES, m[f"id_sim_{backend}"]):
+    for (photo, ident, same), sim in zip(CASES, m[f"id_sim_{backend}"], strict=True):
         assert (sim > thr) == same, (backend, photo, ident, sim)
     assert res.summary[f"face_det_rate_{backend}"] == 1.0
 

@@ -53,7 +53,8 @@ def test_every_sample_photo_has_exactly_one_confident_face(backend, photo_embedd
     assert isinstance(analyzers[backend], FaceAnalyzer)
 
 
-@pytest.mark.parametrize("backend,dim,same_min,diff_max", [("insightface", 512, 0.45, 0.25), ("opencv", 128, 0.45, 0.35)])
+@pytest.mark.parametrize("backend,dim,same_min,diff_max",
+                         [("insightface", 512, 0.45, 0.25), ("opencv", 128, 0.45, 0.35)])
 def test_embeddings_separate_people(backend, dim, same_min, diff_max, photo_embeddings):
     _, ids, emb, _ = photo_embeddings[backend]
     assert emb.shape == (len(ids), dim) and emb.dtype == np.float32

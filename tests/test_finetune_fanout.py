@@ -8,8 +8,6 @@ import shutil
 
 import pytest
 
-from tests.fixtures.dataset import curated_tiny_dataset  # noqa: F401 - fixture
-
 
 @pytest.mark.slow
 def test_all_identities_fan_out_failure_is_isolated_and_rerun_redoes_only_it(curated_tiny_dataset, tiny_sd15_dir,
@@ -40,7 +38,6 @@ def test_all_identities_fan_out_failure_is_isolated_and_rerun_redoes_only_it(cur
 
 
 def _check_fanout(ds, broken, good_bytes, out, cfg, tracking, tiny_sd15_dir, mlflow_uri):
-    import json
 
     from mlflow import MlflowClient
 

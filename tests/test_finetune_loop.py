@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures.dataset import curated_tiny_dataset  # noqa: F401 - fixture
-
 METHODS = ["textual-inversion", "dreambooth-lora", "id-ea", "sefi-ide", "pidiff"]
 SMALL = {"pidiff": {"encoder_image_size": 64, "encoder_width": 8, "mapping_hidden": 64}}
 

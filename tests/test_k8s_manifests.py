@@ -333,7 +333,7 @@ def test_bucket_layout_one_bucket_and_documented(rendered):
     assert len(set(paths)) == len(paths)
     assert not any(a != b and b.startswith(a.rstrip("/") + "/") for a in paths for b in paths)
     readme = (K8S / "README.md").read_text()
-    for key, value in layout.items():
+    for key in layout:
         assert key in readme, f"k8s/README.md does not document {key}"
     for value in prefixes.values():
         assert value in readme

@@ -150,7 +150,7 @@ def test_generation_is_deterministic_per_seed_and_depends_on_identity(pipes, att
     a = attached.generate(pipe, ["a photo of a man", "a man on the beach"], cond, **kw)
     b = attached.generate(pipe, ["a photo of a man", "a man on the beach"], cond, **kw)
     assert len(a) == 4 and a[0].size == (64, 64)
-    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a, b))
+    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(np.array(a[0]), np.array(a[1]))  # seed 0 vs seed 1
     # prompt-major order: the single-prompt call reproduces image (prompt 0, seed 1), up to float rounding of
     # the different batch size
@@ -252,7 +252,7 @@ def test_gradients_are_the_same_with_gradient_checkpointing(pipes, attached):
     batch = synthetic_batch(pipe, 2, num_refs=2)
     plain, checkpointed = grads_with_and_without_checkpointing(attached, pipe, batch)
     assert len(plain) == len(checkpointed) > 0
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
 
 
 @pytest.mark.slow

@@ -117,7 +117,7 @@ def test_generation_is_deterministic_per_seed_and_depends_on_identity(pipes, att
     cond = attached.identity_condition(_refs(1), pipe)
     a = attached.generate(pipe, ["a photo of a man"], cond, seeds=[0, 1], num_inference_steps=3)
     b = attached.generate(pipe, ["a photo of a man"], cond, seeds=[0, 1], num_inference_steps=3)
-    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a, b))
+    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(np.array(a[0]), np.array(a[1]))
     c = attached.generate(pipe, ["a photo of a man"], attached.identity_condition(_refs(2), pipe), seeds=[0],
                           num_inference_steps=3)
@@ -237,7 +237,7 @@ def test_gradients_are_the_same_with_gradient_checkpointing(pipes, attached):
     batch = synthetic_batch(pipe, 2)
     plain, checkpointed = grads_with_and_without_checkpointing(attached, pipe, batch)
     assert len(plain) == len(checkpointed) > 0
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
 
 
 @pytest.mark.slow

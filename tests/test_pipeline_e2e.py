@@ -65,13 +65,16 @@ def test_end_to_end_population_method(tmp_path, repo_root, samples_dir, tiny_sd1
     assert len(parents) == 1
     parent_id = parents[0].info.run_id
     assert parents[0].data.metrics["dataset_identities"] == 3
-    children = {r.data.tags.get("mlflow.runName"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    children = {r.data.tags.get("mlflow.runName"): r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent_id}
     assert "evaluate" in children and any(name.startswith("train") for name in children)
 
     versions = client.search_model_versions("name='idforge-infinite-id'")
     assert len(versions) == 1
     # tiny random weights draw no faces: the gates must refuse the champion alias
-    with pytest.raises(Exception):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
         client.get_model_version_by_alias("idforge-infinite-id", "champion")
     assert versions[0].tags["idforge.gates_passed"] == "false"
 

@@ -3,7 +3,6 @@ what changed, and the dataset over the cache samples identity groups determinist
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from pathlib import Path
@@ -69,7 +68,8 @@ def test_latents_match_a_direct_vae_encoding(prepared, curated, tiny_sd15_dir):
 
     vae = AutoencoderKL.from_pretrained(tiny_sd15_dir, subfolder="vae")
     row = prepared.items.iloc[4]
-    path = next(p for p in (curated / "crops").glob("*_512.png") if p.stem.startswith(row["source"].split("/")[-1][:-4]))
+    stem = row["source"].split("/")[-1][:-4]
+    path = next(p for p in (curated / "crops").glob("*_512.png") if p.stem.startswith(stem))
     img = np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.BICUBIC), dtype=np.float32)
     x = torch.from_numpy(img).permute(2, 0, 1)[None] / 127.5 - 1
     with torch.no_grad():
@@ -217,7 +217,7 @@ def test_sampler_shards_ranks_and_resumes():
     assert sorted(full[:n]) == list(range(n)) and sorted(full[n:]) == list(range(n))  # epochs are permutations
     r0 = list(itertools.islice(iter(ShardedStreamSampler(n, 0, 2, seed=3)), 7))
     r1 = list(itertools.islice(iter(ShardedStreamSampler(n, 1, 2, seed=3)), 7))
-    merged = [x for pair in zip(r0, r1) for x in pair]
+    merged = [x for pair in zip(r0, r1, strict=True) for x in pair]
     assert [k for k, _ in merged] == full  # ranks interleave the one global stream: disjoint shards
     assert [p for _, p in merged] == list(range(14))
     resumed = list(itertools.islice(iter(ShardedStreamSampler(n, 1, 2, seed=3, start=4)), 3))

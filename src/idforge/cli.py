@@ -315,7 +315,8 @@ def register(
 
 ArgOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--arg", "-a", help="Pipeline parameter: --arg raw_uri=data/samples (repeatable).", show_default=False),
+    typer.Option("--arg", "-a", help="Pipeline parameter: --arg raw_uri=data/samples (repeatable).",
+                 show_default=False),
 ]
 
 
@@ -365,7 +366,8 @@ def pipeline_list() -> None:
 @pipeline_app.command("run")
 def pipeline_run(
     name: Annotated[str, typer.Argument(help="curation | train-adapter | personalize | end-to-end | retrain")],
-    local: Annotated[bool, typer.Option("--local", help="Run here with kfp's local runner (required for now).")] = False,
+    local: Annotated[bool, typer.Option("--local",
+                                        help="Run here with kfp's local runner (required for now).")] = False,
     arg: ArgOpt = None,
     gates: Annotated[Optional[Path], typer.Option(help="Gates YAML passed as gates_yaml.")] = None,
     pipeline_root: Annotated[Path, typer.Option(help="Where task outputs go.")] = Path("outputs/kfp"),

@@ -20,10 +20,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from idforge.config_section import Section
 from idforge.curate.config import CurateConfig
+from idforge.errors import ConfigError
 from idforge.evaluate.config import EvaluateConfig, GenerateConfig
 from idforge.train.config import PrepareConfig, TrainConfig
 from idforge.train.finetune_config import FinetuneConfig
-from idforge.errors import ConfigError
 
 __all__ = [
     "Section",

@@ -4,7 +4,8 @@ Protocol (files in, masks out; the model loads once per call): ``python matte_wo
 ``{"model_selection": 0, "grey": 128, "items": [["in.png", "mask.png", "matted.png"], ...]}`` (the third path is
 optional). For each item it reads the RGB image, runs mediapipe selfie segmentation, writes the person probability
 as an 8-bit grey PNG (0..255) to ``mask.png`` and, when given, the image composited over ``grey`` to ``matted.png``
-(each written to a temp file, then renamed). It prints one JSON line ``{"done": N}`` to stdout at the end; errors exit non-zero with
+(each written to a temp file, then renamed). It prints one JSON line ``{"done": N}`` to stdout at the end; errors exit
+non-zero with
 the message on stderr. Only numpy, OpenCV and mediapipe are imported: idforge is not installed in that venv.
 """
 

@@ -128,7 +128,8 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         from idforge.curate.group import read_labels
 
         # labels may live beside the photos on S3: localize() returns local paths unchanged
-        label_map = read_labels(localize(str(labels), work / "labels", storage_cfg) if is_s3_uri(str(labels)) else labels)
+        local_labels = localize(str(labels), work / "labels", storage_cfg) if is_s3_uri(str(labels)) else labels
+        label_map = read_labels(local_labels)
     if ccfg.matte.backend == "mediapipe":
         from idforge.curate.matte import check_matte_env, matte_python
 
@@ -229,7 +230,9 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
     timings["matte"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    threshold = ccfg.grouping.threshold if ccfg.grouping.threshold is not None else group.default_threshold(ccfg.backend)
+    threshold = ccfg.grouping.threshold
+    if threshold is None:
+        threshold = group.default_threshold(ccfg.backend)
     dup_of = [-1] * len(faces)
     if ccfg.dedup.enabled and faces:
         hashes = [int(r["_phash"], 16) for r in faces]
@@ -251,7 +254,7 @@ def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dic
             p, r = group.pairwise_precision_recall([str(clusters[j]) for j in labelled],
                                                    [face_labels[j] for j in labelled])
             metrics.update(grouping_pairwise_precision=p, grouping_pairwise_recall=r)
-        for k, ident in zip(kept, ids):
+        for k, ident in zip(kept, ids, strict=True):
             faces[k]["identity"] = ident
     for k, d in enumerate(dup_of):
         if d >= 0:
@@ -359,11 +362,13 @@ def _matte(out: Path, faces: list[dict[str, Any]], ccfg: CurateConfig) -> None:
     for k, row in enumerate(faces):
         i = row["face_index"]
         if backend == "landmarks":
-            src[k] = (row["_entry"] / LANDMARK_MATTE.format(i=i), row["_entry"] / LANDMARK_MATTED.format(i=i, grey=grey))
+            entry = row["_entry"]
+            src[k] = (entry / LANDMARK_MATTE.format(i=i), entry / LANDMARK_MATTED.format(i=i, grey=grey))
         else:
             src[k] = (mcache / f"{row['_matte_key']}.png", mcache / f"{row['_matte_key']}_g{grey}.png")
     if backend == "mediapipe":
-        todo = [(out / faces[k]["aligned_ffhq"], m, c) for k, (m, c) in src.items() if not (m.is_file() and c.is_file())]
+        todo = [(out / faces[k]["aligned_ffhq"], m, c) for k, (m, c) in src.items()
+                if not (m.is_file() and c.is_file())]
         if todo:
             matte.run_mediapipe(matte.matte_python(ccfg.matte), todo, batch_size=ccfg.matte.batch_size, grey=grey)
 

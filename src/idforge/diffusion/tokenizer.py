@@ -74,7 +74,7 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 def _word_symbols(word: str) -> tuple[str, ...]:
@@ -94,7 +94,7 @@ def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     while True:
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, freq in vocab.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in zip(symbols, symbols[1:], strict=False):
                 pairs[pair] += freq
         if not pairs:
             return merges

@@ -340,7 +340,7 @@ def generate_images(
                     if len(images) != len(chunk):
                         raise RuntimeError(f"method {method.name!r} returned {len(images)} images for {len(chunk)} "
                                            "prompts x 1 seed; Method.generate must return one per (prompt, seed)")
-                    for (rp, png, recipe), img in zip(chunk, images):
+                    for (_rp, png, recipe), img in zip(chunk, images, strict=True):
                         save_png(png, img)
                         recipe["image"] = png.relative_to(out).as_posix()
                         recipe["width"], recipe["height"] = img.size

@@ -112,7 +112,7 @@ def _build_shift_tolerant_alexnet() -> "torch.nn.Module":
             # one pass over both halves: the backbone dominates the cost
             feats = self.net(torch.cat([in0, in1]).sub(self.shift).div(self.scale))
             total = torch.zeros(n, 1, 1, 1, dtype=in0.dtype, device=in0.device)
-            for lin, f in zip(self.lins, feats):
+            for lin, f in zip(self.lins, feats, strict=True):
                 f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
                 total = total + lin((f[:n] - f[n:]) ** 2).mean(dim=(2, 3), keepdim=True)
             return total

@@ -141,7 +141,7 @@ def align_references(
 
     sources = list(sources) if sources is not None else [f"{identity}[{i}]" for i in range(len(images))]
     c112, c512, kept = [], [], []
-    for img, src in zip(images, sources):
+    for img, src in zip(images, sources, strict=True):
         h, w = img.shape[:2]
         if (h, w) == (112, 112) or (prealigned and h == w):
             # the landmarks are where the template put them: re-warp to both templates (exact, no detector)

@@ -497,7 +497,7 @@ class BaseMethod(abc.ABC):
         self._unet = unet
         self.on_attach(pipe)
 
-    def on_attach(self, pipe: Any) -> None:
+    def on_attach(self, pipe: Any) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Hook for subclasses (e.g. resolve class-noun token ids); default does nothing."""
 
     def detach(self, pipe: Any | None = None) -> None:

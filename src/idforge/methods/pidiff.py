@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from idforge.diffusion.attention import attention_module, finish, route, sdpa, select_sites
+from idforge.diffusion.attention import attention_module, route, sdpa, select_sites
 from idforge.methods.base import Condition, IdentityRefs, MethodConfig, TrainBatch, diffusion_loss
 from idforge.methods.personalized import PersonalizedConfig, PersonalizedMethod, TrainRecipe
 from idforge.methods.registry import register_method
@@ -202,7 +202,7 @@ class PIDiff(PersonalizedMethod):
                 new = enc(x[missing].to(dev)).to(self.device)
             if len(self._wplus_cache) + len(missing) > 1024:
                 self._wplus_cache.clear()
-            for i, w in zip(missing, new):
+            for i, w in zip(missing, new, strict=True):
                 self._wplus_cache[keys[i]] = w
         return torch.stack([self._wplus_cache[k] for k in keys]).to(self.device)
 

@@ -86,7 +86,7 @@ def sample(method: BaseMethod, pipe: Any, prompts: list[str], cond: Condition, c
     method.state.flags.update(streams=streams, guided=guided)
     results: dict[tuple[int, int], Image] = {}
     try:
-        for start, chunk in zip(range(0, len(prompts), cfg.batch_size), _chunks(prompts, cfg.batch_size)):
+        for start, chunk in zip(range(0, len(prompts), cfg.batch_size), _chunks(prompts, cfg.batch_size), strict=True):
             b = len(chunk)
             text = method.encode_prompts(pipe, chunk, cond.expand(b))
             step_cond = cond.expand(b)

@@ -67,7 +67,6 @@ class PreparedDataset:
         keys: Sequence[str] | None = None,
         memory_cache_bytes: int = DEFAULT_MEMORY_CACHE_BYTES,
     ) -> None:
-        import torch
         from safetensors.torch import load_file
 
         if refs_per_item < 1:
@@ -97,7 +96,7 @@ class PreparedDataset:
         self.caption_rows: dict[str, list[int]] = {}
         for i, cap in enumerate(self.info["captions"]):
             self.caption_rows.setdefault(cap["class_noun"], []).append(i)
-        self.class_nouns = dict(zip(self.all_items["identity"], self.all_items["class_noun"]))
+        self.class_nouns = dict(zip(self.all_items["identity"], self.all_items["class_noun"], strict=True))
         size = sum((self.root / f).stat().st_size for f in self.all_items["file"])
         self._memory: dict[int, dict[str, torch.Tensor]] | None = {} if size <= memory_cache_bytes else None
         singles = [i for i, m in self.members.items() if len(m) < 2]

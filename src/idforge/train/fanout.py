@@ -123,7 +123,7 @@ def finetune_all(
                 refs = [remote.remote(method, i, str(dataset_dir), str(base_model), str(out),
                                       cfg.model_dump(mode="json"), parent_id, tracking.model_dump(mode="json"))
                         for i in todo]
-                for identity, ref in zip(todo, refs):
+                for identity, ref in zip(todo, refs, strict=True):
                     try:
                         results.append(FinetuneResult(**ray.get(ref)))
                     except Exception as exc:  # noqa: BLE001 - a crashed worker (OOM, killed) fails one identity

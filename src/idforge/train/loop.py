@@ -317,8 +317,8 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     import torch.distributed as dist
 
     from idforge.methods.base import TrainBatch, get_method
-    from idforge.train.dataset import PreparedDataset, make_loader, read_prepared
     from idforge.methods.testing import identity_gap
+    from idforge.train.dataset import PreparedDataset, make_loader, read_prepared
     from idforge.train.validation import cross_photo_batches, heldout_batches, split_holdout
 
     cfg = spec.train_config()
@@ -362,7 +362,7 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             if ema is not None and state.get("ema") is not None:
-                for e, saved in zip(ema, state["ema"]):
+                for e, saved in zip(ema, state["ema"], strict=True):
                     e.copy_(saved.to(e.device))
             step = int(state["step"])
             rng = ckpt.read_rng(resume_dir, rank)
@@ -429,7 +429,7 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
                 keys = sorted(metrics)
                 t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
                 dist.all_reduce(t)
-                metrics = dict(zip(keys, (t / world).tolist()))
+                metrics = dict(zip(keys, (t / world).tolist(), strict=True))
             checksum = weight_checksum(params)
             checksums = [checksum]
             if distributed:
@@ -459,7 +459,7 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
                 export = None
                 if ema is not None and cfg.export_ema:
                     names = [n for n, p in method.modules.named_parameters() if p.requires_grad]
-                    export = {**method.state_dict(), **{n: e.detach() for n, e in zip(names, ema)}}
+                    export = {**method.state_dict(), **{n: e.detach() for n, e in zip(names, ema, strict=True)}}
 
                 def writer(d: Path, state=state, export=export) -> None:
                     ckpt.write_rank_files(d, rank, generator, state, method if rank == 0 else None, export)

@@ -199,7 +199,8 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
         ident = pd.read_parquet(ids_path)
         id_col = next((c for c in ("identity", "id") if c in ident.columns), None)
         if id_col is not None and "class_noun" in ident.columns:
-            nouns = {str(i): str(n) for i, n in zip(ident[id_col], ident["class_noun"]) if isinstance(n, str) and n}
+            nouns = {str(i): str(n) for i, n in zip(ident[id_col], ident["class_noun"], strict=True)
+                     if isinstance(n, str) and n}
 
     acc = manifest[(manifest["status"] == "accepted") & manifest["identity"].notna()]
     if acc.empty:
@@ -383,7 +384,7 @@ def _encode_items(enc: _Encoders, rows: Sequence[_Row], cfg: PrepareConfig) -> l
               for r in rows]
     crops512 = [load(r.crop512) for r in rows]
     crops112 = [load(r.crop112) if r.crop112 else c.resize((112, 112), Image.BICUBIC)
-                for r, c in zip(rows, crops512)]
+                for r, c in zip(rows, crops512, strict=True)]
     clip_inputs = crops112 if cfg.clip_crop == "arcface" else crops512
     res = enc.resolution
     pixels = _pixels(images, res)
@@ -485,7 +486,8 @@ def prepare_dataset(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = read_curated(dataset_dir, cfg)
     model_fp = model_fingerprint(model, local_files_only=local_files_only)
-    clip_fp = model_fingerprint(clip_model, local_files_only=local_files_only, config_key="model.clip") if clip_model else None
+    clip_fp = (model_fingerprint(clip_model, local_files_only=local_files_only, config_key="model.clip")
+               if clip_model else None)
     for r in rows:
         r.input_hash = _input_hash(r, cfg)
         r.key = _sha256_json({"v": ITEM_VERSION, "in": r.input_hash, "model": model_fp, "clip": clip_fp,
@@ -524,7 +526,7 @@ def prepare_dataset(
         with tqdm(total=len(todo), desc="prepare", unit="img", disable=None) as bar:
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start:start + cfg.batch_size]
-                for row, tensors in zip(chunk, _encode_items(enc, chunk, cfg)):
+                for row, tensors in zip(chunk, _encode_items(enc, chunk, cfg), strict=True):
                     meta = {"identity": row.identity, "source": row.source, "input_hash": row.input_hash,
                             "resolution": str(enc.resolution)}
                     _save(item_path(out, row.key), tensors, cfg.storage_dtype, meta)
