@@ -28,18 +28,11 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from idforge.diffusion.attention import AttnSite, route
-from idforge.methods.base import (
-    BaseMethod,
-    Condition,
-    IdentityRefs,
-    MethodConfig,
-    TrainBatch,
-    diffusion_loss,
-    predict_x0,
-    training_scheduler,
-)
+from idforge.methods.base import BaseMethod, MethodConfig
 from idforge.methods.face_loss import FaceIdentityLoss, decode_to_unit
 from idforge.methods.layers import MLP, CrossBlock, GatedSelfAttentionAdapter, unit_rms
+from idforge.methods.objective import diffusion_loss, predict_x0, training_scheduler
+from idforge.methods.types import Condition, IdentityRefs, TrainBatch
 
 log = logging.getLogger(__name__)
 

@@ -25,16 +25,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from idforge.diffusion import attention as A
-from idforge.methods.base import (
-    BaseMethod,
-    Condition,
-    IdentityRefs,
-    MethodConfig,
-    TrainBatch,
-    diffusion_loss,
-    training_scheduler,
-)
+from idforge.methods.base import BaseMethod, MethodConfig
 from idforge.methods.layers import MLP, unit_rms
+from idforge.methods.objective import diffusion_loss, training_scheduler
+from idforge.methods.types import Condition, IdentityRefs, TrainBatch
 
 
 class InfiniteIDConfig(MethodConfig):

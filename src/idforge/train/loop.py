@@ -174,13 +174,10 @@ def load_frozen_pipeline(model: str, kind: str, dtype: str, device: Any, local_f
     """The base pipeline with every base weight frozen (before the method attaches its own modules)."""
     import torch
 
-    from idforge.diffusion.loading import load_pipeline
+    from idforge.diffusion.loading import freeze_pipeline, load_pipeline
 
-    pipe = load_pipeline(model, kind=kind, dtype=dtype, device=str(device), local_files_only=local_files_only)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        mod = getattr(pipe, name, None)
-        if mod is not None:
-            mod.requires_grad_(False).eval()
+    pipe = freeze_pipeline(load_pipeline(model, kind=kind, dtype=dtype, device=str(device),
+                                         local_files_only=local_files_only))
     if device.type == "cuda":
         if cfg.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
@@ -316,10 +313,10 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from idforge.methods.base import TrainBatch, get_method
-    from idforge.methods.testing import identity_gap
+    from idforge.methods.registry import get_method
+    from idforge.methods.types import TrainBatch
     from idforge.train.dataset import PreparedDataset, make_loader, read_prepared
-    from idforge.train.validation import cross_photo_batches, heldout_batches, split_holdout
+    from idforge.train.validation import cross_photo_batches, heldout_batches, identity_gap, split_holdout
 
     cfg = spec.train_config()
     spec = spec.model_copy(update={"data_dir": str(local_data(spec.data_dir, spec.storage))})
@@ -483,7 +480,7 @@ def _init_from(method: Any, path: str) -> None:
     from safetensors.torch import load_file
 
     from idforge.errors import ConfigError
-    from idforge.methods.base import read_method_metadata
+    from idforge.methods.checkpoint import read_method_metadata
 
     if not Path(path).is_file():
         raise ConfigError(f"train.init_from={path} does not exist: give the method.safetensors of an earlier run")
