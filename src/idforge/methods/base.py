@@ -59,6 +59,19 @@ class MethodConfig(Section):
 
     scale: float = Field(default=1.0, description="identity strength at run time; 0 = the base model exactly")
 
+    # field -> (prepared tensor, axis of its per-item shape): sizes the prepared data decides (``for_data``)
+    data_dims: ClassVar[dict[str, tuple[str, int]]] = {}
+
+    @classmethod
+    def for_data(cls, user: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        """``user``'s config values plus, for each ``data_dims`` field the user left unset, its size read from the
+        prepared data's per-item tensor ``shapes`` (``{"face_embed": [512], "clip_patch_tokens": [257, 1024]}``)."""
+        out = dict(user)
+        for name, (tensor, axis) in cls.data_dims.items():
+            if name not in out and tensor in shapes:
+                out[name] = int(shapes[tensor][axis])
+        return out
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the protocol
@@ -72,6 +85,8 @@ class Method(Protocol):
     regime: ClassVar[Regime]
     config: MethodConfig
     modules: nn.ModuleDict  # the trainable weights, keyed by checkpoint prefix (what DDP wraps and EMA tracks)
+    refs_per_item: int  # references per training item the data sampling defaults to
+    ref_includes_target: ClassVar[bool]  # may the target image be one of its own references
 
     def attach(self, pipe: Any) -> None: ...
     def detach(self, pipe: Any | None = None) -> None: ...
@@ -100,6 +115,11 @@ class BaseMethod(abc.ABC):
     name: ClassVar[str] = ""
     regime: ClassVar[Regime] = "population"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # How the training data samples references (the loop's defaults; ``train.refs_per_item`` and
+    # ``train.ref_includes_target`` override them): references per item, and whether the target image itself
+    # may be one of them. A method whose count comes from its config overrides ``refs_per_item`` with a property.
+    refs_per_item: int = 1
+    ref_includes_target: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

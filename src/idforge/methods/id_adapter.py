@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 class IDAdapterConfig(MethodConfig):
     """Sizes and switches of IDAdapter (defaults: SD1.5 + ArcFace-512 + CLIP ViT-L/14 patch tokens)."""
 
+    data_dims: ClassVar[dict[str, tuple[str, int]]] = {"face_dim": ("face_embed", -1),
+                                                        "clip_dim": ("clip_patch_tokens", -1)}
+
     num_refs: int = Field(default=4, ge=1, description="N reference images mixed per sample")
     face_dim: int = Field(default=512, ge=1, description="face-ID embedding size (ArcFace 512)")
     clip_dim: int = Field(default=1024, ge=1, description="CLIP vision hidden size of the patch tokens")
@@ -126,6 +129,12 @@ class IDAdapter(BaseMethod):
     regime: ClassVar[Literal["population", "per-identity"]] = "population"
     Config: ClassVar[type[MethodConfig]] = IDAdapterConfig
     config: IDAdapterConfig
+    ref_includes_target: ClassVar[bool] = True  # the data sampling may pick the target among its N references
+
+    @property
+    def refs_per_item(self) -> int:  # type: ignore[override]
+        """N references mixed per sample: the data sampling draws ``num_refs`` of them."""
+        return self.config.num_refs
 
     def __init__(self, config: IDAdapterConfig | None = None, face_loss: FaceIdentityLoss | None = None) -> None:
         super().__init__(config)
