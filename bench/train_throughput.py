@@ -117,7 +117,7 @@ def make_batch(pipe: Any, kind: str, batch: int, resolution: int, refs: int, see
     import torch
 
     from idforge.diffusion.text import encode_prompts, tokenize
-    from idforge.methods.base import TrainBatch
+    from idforge.methods.types import TrainBatch
 
     g = torch.Generator().manual_seed(seed)
     d = feature_dims(kind)
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from idforge.methods.base import get_method
+    from idforge.methods.registry import get_method
     from idforge.train.config import TrainConfig
     from idforge.train.loop import TrainStep, _precision
 

@@ -125,7 +125,7 @@ def _sdxl_layout_pipe(base):
 
 
 def test_sdxl_layout_routes_every_transformer_block_and_methods_train_on_it(pipes):
-    from idforge.methods.base import get_method
+    from idforge.methods.registry import get_method
     from idforge.methods.testing import synthetic_batch
 
     pipe = _sdxl_layout_pipe(pipes["sdxl"])

@@ -32,7 +32,7 @@ def e2e(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir, samples_dir):
     from idforge.diffusion.loading import load_pipeline
     from idforge.evaluate.generate import generate_images
     from idforge.evaluate.run import evaluate_generated
-    from idforge.methods.base import save_method
+    from idforge.methods.checkpoint import save_method
     from tests.test_generate_plain_method import PlainNoIdentity
 
     root = tmp_path_factory.mktemp("e2e")

@@ -45,7 +45,8 @@ def test_driver_generates_with_builtin_method(name, pipe, tiny_sd15_dir, tiny_cl
     import torch
 
     from idforge.evaluate.generate import generate_images
-    from idforge.methods.base import get_method, save_method
+    from idforge.methods.checkpoint import save_method
+    from idforge.methods.registry import get_method
 
     torch.manual_seed(0)
     method = get_method(name, TINY[name])
@@ -77,7 +78,8 @@ def test_driver_generates_with_builtin_method(name, pipe, tiny_sd15_dir, tiny_cl
 def test_wrong_method_name_for_artifact(pipe, tiny_sd15_dir, tiny_clip_dir, samples_dir, tmp_path):
     from idforge.errors import ConfigError
     from idforge.evaluate.generate import generate_images
-    from idforge.methods.base import get_method, save_method
+    from idforge.methods.checkpoint import save_method
+    from idforge.methods.registry import get_method
 
     method = get_method("infinite-id", TINY["infinite-id"])
     method.attach(pipe)
@@ -98,8 +100,8 @@ def test_driver_per_identity_artifacts(pipe, tiny_sd15_dir, tiny_clip_dir, sampl
     import torch
 
     from idforge.evaluate.generate import generate_images
-    from idforge.methods.base import get_method
     from idforge.methods.personalized import register_per_identity_methods
+    from idforge.methods.registry import get_method
 
     register_per_identity_methods()
     arts = tmp_path / "finetuned"

@@ -15,17 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from idforge.methods.base import (
-    BaseMethod,
-    Condition,
-    IdentityRefs,
-    Method,
-    MethodConfig,
-    TrainBatch,
-    diffusion_loss,
-    register_method,
-    training_scheduler,
-)
+from idforge.methods.base import BaseMethod, Method, MethodConfig
+from idforge.methods.objective import diffusion_loss, training_scheduler
+from idforge.methods.registry import register_method
+from idforge.methods.types import Condition, IdentityRefs, TrainBatch
 
 
 class PlainConfig(MethodConfig):

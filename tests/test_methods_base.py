@@ -1,4 +1,5 @@
-"""The Method interface's shared pieces: registry, data classes, the diffusion objective, checkpoints."""
+"""The Method interface's shared pieces: registry, data classes (methods.types), the diffusion objective
+(methods.objective), checkpoints (methods.checkpoint)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,27 @@ import pytest
 import torch
 
 from idforge.errors import ConfigError
-from idforge.methods import base as B
+from idforge.methods.base import Method, check_state_keys
+from idforge.methods.checkpoint import CHECKPOINT_FORMAT, load_method, read_method_metadata, save_method
+from idforge.methods.objective import diffusion_loss, predict_x0, sample_timesteps
+from idforge.methods.registry import available_methods, get_method
+from idforge.methods.sampling import SamplingConfig
+from idforge.methods.types import Condition, IdentityRefs, TrainBatch
 
 
 def test_registry_lists_and_builds_methods_with_typed_configs():
-    names = B.available_methods()
+    names = available_methods()
     assert {"id-adapter", "infinite-id"} <= set(names)
-    m = B.get_method("infinite-id", {"mixed_attention": False}, adain_mean=False)
+    m = get_method("infinite-id", {"mixed_attention": False}, adain_mean=False)
     assert m.name == "infinite-id" and m.regime == "population"
     assert m.config.mixed_attention is False and m.config.adain_mean is False and m.config.cross_attention_merging
-    assert isinstance(m, B.Method)
+    assert isinstance(m, Method)
     with pytest.raises(ConfigError, match="did you mean 'infinite-id'"):
-        B.get_method("infinite_id")
+        get_method("infinite_id")
     with pytest.raises(ConfigError, match="mixed_atention"):
-        B.get_method("infinite-id", mixed_atention=False)
+        get_method("infinite-id", mixed_atention=False)
     with pytest.raises(ConfigError, match="mff_dim"):
-        B.get_method("id-adapter", mff_dim="big")
+        get_method("id-adapter", mff_dim="big")
 
 
 def test_every_listed_method_resolves_in_a_fresh_interpreter():
@@ -43,38 +49,38 @@ def test_every_listed_method_resolves_in_a_fresh_interpreter():
 
 def test_train_batch_from_dict_to_and_require():
     d = {"latents": torch.zeros(2, 4, 8, 8), "input_ids": torch.ones(2, 77, dtype=torch.long), "caption": ["a", "b"]}
-    b = B.TrainBatch.from_dict(d)
+    b = TrainBatch.from_dict(d)
     assert b.batch_size == 2 and b.face_embeds is None
     h = b.to(dtype=torch.float16)
     assert h.latents.dtype == torch.float16 and h.input_ids.dtype == torch.long
     with pytest.raises(ValueError, match="face_embeds, clip_patch_tokens"):
         b.require("latents", "face_embeds", "clip_patch_tokens")
     with pytest.raises(ValueError, match="latents"):
-        B.TrainBatch.from_dict({"input_ids": d["input_ids"]})
-    other = B.TrainBatch(latents=torch.ones(2, 4, 8, 8), face_embeds=torch.ones(2, 1, 512),
+        TrainBatch.from_dict({"input_ids": d["input_ids"]})
+    other = TrainBatch(latents=torch.ones(2, 4, 8, 8), face_embeds=torch.ones(2, 1, 512),
                          identity=torch.tensor([7, 8]))
     mixed = b.with_identity_of(other)
     assert torch.equal(mixed.latents, b.latents) and torch.equal(mixed.identity, other.identity)
 
 
 def test_identity_refs_check_their_reference_counts():
-    refs = B.IdentityRefs(face_embeds=torch.zeros(3, 512), clip_patch_tokens=torch.zeros(3, 17, 32))
+    refs = IdentityRefs(face_embeds=torch.zeros(3, 512), clip_patch_tokens=torch.zeros(3, 17, 32))
     assert refs.num_refs == 3
     with pytest.raises(ValueError, match="disagree"):
-        B.IdentityRefs(face_embeds=torch.zeros(3, 512), clip_patch_tokens=torch.zeros(2, 17, 32))
+        IdentityRefs(face_embeds=torch.zeros(3, 512), clip_patch_tokens=torch.zeros(2, 17, 32))
     with pytest.raises(ValueError, match="at least one"):
-        B.IdentityRefs()
+        IdentityRefs()
     with pytest.raises(ValueError, match="clip_patch_tokens"):
-        B.IdentityRefs(face_embeds=torch.zeros(1, 512)).require("face_embeds", "clip_patch_tokens")
+        IdentityRefs(face_embeds=torch.zeros(1, 512)).require("face_embeds", "clip_patch_tokens")
 
 
 def test_condition_expand_cat_zeros():
-    c = B.Condition("x", {"tokens": torch.ones(1, 4, 8)}, {"class_noun": "man"})
+    c = Condition("x", {"tokens": torch.ones(1, 4, 8)}, {"class_noun": "man"})
     e = c.expand(3)
     assert e.batch_size == 3 and torch.equal(e.tensors["tokens"][2], c.tensors["tokens"][0])
     z = c.zeros_like()
     assert z.tensors["tokens"].abs().sum() == 0 and z.meta == c.meta
-    assert B.Condition.cat([z, c]).batch_size == 2
+    assert Condition.cat([z, c]).batch_size == 2
     with pytest.raises(ValueError, match="cannot expand"):
         e.expand(2)
 
@@ -91,15 +97,15 @@ def test_diffusion_loss_targets_and_x0(prediction_type):
     t = torch.tensor([1, 300, 999])
     expected = {"epsilon": noise, "v_prediction": sched.get_velocity(x0, noise, t), "sample": x0}[prediction_type]
     # An oracle that predicts the right target has zero loss and recovers x0 exactly.
-    out = B.diffusion_loss(lambda x, ts: expected, x0, sched, noise=noise, timesteps=t)
+    out = diffusion_loss(lambda x, ts: expected, x0, sched, noise=noise, timesteps=t)
     assert float(out.loss) == 0.0
     assert torch.equal(out.target, expected) and torch.equal(out.noisy_latents, sched.add_noise(x0, noise, t))
-    torch.testing.assert_close(B.predict_x0(sched, out.noisy_latents, out.model_pred, t), x0, atol=2e-4, rtol=1e-4)
-    wrong = B.diffusion_loss(lambda x, ts: expected + 1.0, x0, sched, noise=noise, timesteps=t)
+    torch.testing.assert_close(predict_x0(sched, out.noisy_latents, out.model_pred, t), x0, atol=2e-4, rtol=1e-4)
+    wrong = diffusion_loss(lambda x, ts: expected + 1.0, x0, sched, noise=noise, timesteps=t)
     assert float(wrong.loss) == pytest.approx(1.0)
     mask = torch.zeros(3, 1, 8, 8)
     mask[:, :, :4] = 1
-    half = B.diffusion_loss(lambda x, ts: expected + (torch.arange(8) >= 4).float().view(1, 1, 8, 1), x0, sched,
+    half = diffusion_loss(lambda x, ts: expected + (torch.arange(8) >= 4).float().view(1, 1, 8, 1), x0, sched,
                             noise=noise, timesteps=t, mask=mask)
     assert float(half.loss) == 0.0  # the error lies outside the mask
 
@@ -108,28 +114,28 @@ def test_sample_timesteps_window_and_seeded():
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(num_train_timesteps=1000)
-    t = B.sample_timesteps(sched, 500, generator=torch.Generator().manual_seed(0), t_min=100, t_max=200)
+    t = sample_timesteps(sched, 500, generator=torch.Generator().manual_seed(0), t_min=100, t_max=200)
     assert t.dtype == torch.long and int(t.min()) >= 100 and int(t.max()) < 200
-    t2 = B.sample_timesteps(sched, 500, generator=torch.Generator().manual_seed(0), t_min=100, t_max=200)
+    t2 = sample_timesteps(sched, 500, generator=torch.Generator().manual_seed(0), t_min=100, t_max=200)
     assert torch.equal(t, t2)
     with pytest.raises(ValueError, match="empty"):
-        B.sample_timesteps(sched, 2, t_min=5, t_max=5)
+        sample_timesteps(sched, 2, t_min=5, t_max=5)
 
 
 def test_check_state_keys_names_offenders():
     expected = {"a.w": torch.zeros(2), "b.w": torch.zeros(3)}
-    B.check_state_keys(expected, {"a.w": torch.ones(2), "b.w": torch.ones(3)})
+    check_state_keys(expected, {"a.w": torch.ones(2), "b.w": torch.ones(3)})
     with pytest.raises(ValueError) as err:
-        B.check_state_keys(expected, {"a.w": torch.zeros(5), "c.w": torch.zeros(1)}, source="ckpt.safetensors")
+        check_state_keys(expected, {"a.w": torch.zeros(5), "c.w": torch.zeros(1)}, source="ckpt.safetensors")
     msg = str(err.value)
     assert "ckpt.safetensors" in msg and "missing keys [b.w]" in msg and "unexpected keys [c.w]" in msg
     assert "a.w: expected (2,), got (5,)" in msg
 
 
 def test_sampling_config_rejects_typos():
-    assert B.SamplingConfig(seeds=[1, 2]).seeds == [1, 2]
+    assert SamplingConfig(seeds=[1, 2]).seeds == [1, 2]
     with pytest.raises(Exception, match="num_inference_step"):
-        B.SamplingConfig.model_validate({"num_inference_step": 3})
+        SamplingConfig.model_validate({"num_inference_step": 3})
 
 
 def test_read_metadata_rejects_foreign_files(tmp_path):
@@ -138,9 +144,9 @@ def test_read_metadata_rejects_foreign_files(tmp_path):
     path = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not an idforge method checkpoint"):
-        B.read_method_metadata(path)
+        read_method_metadata(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        B.read_method_metadata(tmp_path / "missing.safetensors")
+        read_method_metadata(tmp_path / "missing.safetensors")
 
 
 def test_checkpoint_metadata_and_strict_load(tmp_path, tiny_sd15_dir):
@@ -149,13 +155,13 @@ def test_checkpoint_metadata_and_strict_load(tmp_path, tiny_sd15_dir):
     from idforge.methods.testing import load_frozen_pipeline
 
     pipe = load_frozen_pipeline(tiny_sd15_dir)
-    m = B.get_method("infinite-id", clip_dim=32, mixed_attention=False)
+    m = get_method("infinite-id", clip_dim=32, mixed_attention=False)
     with pytest.raises(ValueError, match="attach it"):
-        B.save_method(m, tmp_path / "early.safetensors")
+        save_method(m, tmp_path / "early.safetensors")
     m.attach(pipe)
     try:
-        path = B.save_method(m, tmp_path / "m.safetensors")
-        meta = B.read_method_metadata(path)
+        path = save_method(m, tmp_path / "m.safetensors")
+        meta = read_method_metadata(path)
         assert meta["method"] == "infinite-id" and meta["config"]["mixed_attention"] is False
         assert meta["unet"]["cross_attention_dim"] == 32
         sd = load_file(str(path))
@@ -172,12 +178,12 @@ def test_checkpoint_metadata_and_strict_load(tmp_path, tiny_sd15_dir):
     # Drop one key and add a stray one: the strict check names both.
     sd.pop(sorted(sd)[0])
     sd["image_proj.extra"] = torch.zeros(1)
-    raw_meta = B.read_method_metadata(path)
+    raw_meta = read_method_metadata(path)
     bad = tmp_path / "bad.safetensors"
-    save_file(sd, str(bad), metadata={"format": B.CHECKPOINT_FORMAT, "method": "infinite-id",
+    save_file(sd, str(bad), metadata={"format": CHECKPOINT_FORMAT, "method": "infinite-id",
                                       "config": json.dumps(raw_meta["config"]), "unet": json.dumps(raw_meta["unet"])})
     with pytest.raises(ValueError, match=r"missing keys \[clip_mapper.*unexpected keys \[image_proj.extra\]"):
-        B.load_method(bad, pipe)
+        load_method(bad, pipe)
     # A failed load leaves the pipeline untouched.
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
 

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from idforge.methods.base import IdentityRefs, get_method, load_method, save_method
+from idforge.methods.checkpoint import load_method, save_method
+from idforge.methods.registry import get_method
 from idforge.methods.testing import (
     grads_with_and_without_checkpointing,
-    identity_gap,
     load_frozen_pipeline,
     perturb_,
     synthetic_batch,
 )
+from idforge.methods.types import IdentityRefs
+from idforge.train.validation import identity_gap
 
 CFG = dict(num_refs=2, clip_dim=32, mff_dim=32, mff_heads=4, num_tokens=4, face_loss_weight=0.0)
 

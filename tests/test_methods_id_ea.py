@@ -28,7 +28,7 @@ def _method(**cfg):
 
 
 def _refs(seed=0):
-    from idforge.methods.base import IdentityRefs
+    from idforge.methods.types import IdentityRefs
 
     g = torch.Generator().manual_seed(seed)
     return IdentityRefs(face_embeds=torch.nn.functional.normalize(torch.randn(3, 512, generator=g), dim=-1))

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from idforge.diffusion.text import encode_prompts, tokenize, unet_call
-from idforge.methods.base import IdentityRefs, get_method, load_method, save_method
+from idforge.methods.checkpoint import load_method, save_method
+from idforge.methods.registry import get_method
 from idforge.methods.testing import (
     grads_with_and_without_checkpointing,
-    identity_gap,
     load_frozen_pipeline,
     perturb_,
     synthetic_batch,
 )
+from idforge.methods.types import IdentityRefs
+from idforge.train.validation import identity_gap
 
 CFG = dict(clip_dim=32)
 OFF = dict(mixed_attention=False, cross_attention_merging=False, adain_mean=False)

@@ -30,7 +30,7 @@ def _method(**cfg):
 
 
 def _refs(seed):
-    from idforge.methods.base import IdentityRefs
+    from idforge.methods.types import IdentityRefs
 
     g = torch.Generator().manual_seed(seed)
     return IdentityRefs(face_crops=torch.rand(2, 3, 112, 112, generator=g))

@@ -227,7 +227,7 @@ def test_sampler_shards_ranks_and_resumes():
 
 
 def test_loader_batches_match_trainbatch(prepared):
-    from idforge.methods.base import TrainBatch
+    from idforge.methods.types import TrainBatch
     from idforge.train.dataset import PreparedDataset, make_loader
 
     ds = PreparedDataset(prepared.output_dir, refs_per_item=2, ref_includes_target=True)

@@ -79,12 +79,13 @@ def blind(method):
 def test_identity_flows_to_held_out_images(setup):
     import torch
 
-    from idforge.methods.base import get_method, load_method
+    from idforge.methods.checkpoint import load_method
+    from idforge.methods.registry import get_method
     from idforge.methods.testing import load_frozen_pipeline
     from idforge.train.dataset import PreparedDataset, read_prepared
     from idforge.train.loop import VALIDATION_SEED, method_config_for_data
     from idforge.train.population import train_local
-    from idforge.train.validation import identity_gap, split_holdout
+    from idforge.train.validation import heldout_batches, identity_gap, split_holdout
 
     model, data, root = setup
     cfg = TrainConfig(method="infinite-id", steps=400, batch_size=4, lr=1e-2, flip_prob=0.0, holdout_per_identity=1,
@@ -94,24 +95,25 @@ def test_identity_flows_to_held_out_images(setup):
     assert len(heldout_keys) == 6 and len(train_keys) == 18
     heldout = PreparedDataset(data, keys=heldout_keys, ref_includes_target=True)
     references = PreparedDataset(data, keys=train_keys)
+    pair = heldout_batches(heldout, references)
     pipe = load_frozen_pipeline(model)
 
     torch.manual_seed(cfg.seed)
     untrained = get_method(cfg.method, method_config_for_data(cfg.method, {}, info))
     untrained.attach(pipe)
-    before = identity_gap(untrained, pipe, heldout, references, repeats=16, seed=VALIDATION_SEED)
+    before = identity_gap(untrained, pipe, *pair, repeats=16, seed=VALIDATION_SEED)
     untrained.detach()
 
     result = train_local(cfg, data, str(model), output_dir=root / "run")
     trained = load_method(result.method_path, pipe)
-    after = identity_gap(trained, pipe, heldout, references, repeats=16, seed=VALIDATION_SEED)
+    after = identity_gap(trained, pipe, *pair, repeats=16, seed=VALIDATION_SEED)
     assert after.match < before.match  # it learned to denoise these faces at all
     assert identity_flows(after.gap, before.gap), (before, after)
     assert before.gap < MARGIN, before  # the untrained adapter shows no such margin
     assert result.metrics["val_identity_gap"] == pytest.approx(after.gap, abs=MARGIN)  # the loop's held-out check
 
     # An adapter that ignores its identity input: same trained weights, identity features replaced by constants.
-    ignoring = identity_gap(blind(trained), pipe, heldout, references, repeats=16, seed=VALIDATION_SEED)
+    ignoring = identity_gap(blind(trained), pipe, *pair, repeats=16, seed=VALIDATION_SEED)
     assert ignoring.gap == 0.0 and not identity_flows(ignoring.gap, before.gap)
 
 
@@ -137,12 +139,13 @@ def test_identity_flows_on_sample_identities(samples_setup, seed):
     person's photo, after training and not before; the noise draws are fresh (none was seen in training)."""
     import torch
 
-    from idforge.methods.base import get_method, load_method
-    from idforge.methods.testing import identity_gap, load_frozen_pipeline
+    from idforge.methods.checkpoint import load_method
+    from idforge.methods.registry import get_method
+    from idforge.methods.testing import load_frozen_pipeline
     from idforge.train.dataset import PreparedDataset, read_prepared
     from idforge.train.loop import VALIDATION_SEED, method_config_for_data
     from idforge.train.population import train_local
-    from idforge.train.validation import cross_photo_batches
+    from idforge.train.validation import cross_photo_batches, identity_gap
 
     model, data, root = samples_setup
     cfg = TrainConfig(method="infinite-id", steps=800, batch_size=4, lr=5e-3, flip_prob=0.0, holdout_per_identity=0,

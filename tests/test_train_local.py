@@ -82,11 +82,12 @@ def test_validation_batches_are_capped_and_evaluated_in_chunks(prepared_dir, tin
     """The identity-gap check costs a fixed amount on any dataset, and chunking does not change its value."""
     import torch
 
-    from idforge.methods.base import get_method, training_scheduler
-    from idforge.methods.testing import fix_noise, held_out_loss, load_frozen_pipeline
+    from idforge.methods.objective import training_scheduler
+    from idforge.methods.registry import get_method
+    from idforge.methods.testing import load_frozen_pipeline
     from idforge.train.dataset import PreparedDataset, read_prepared
     from idforge.train.loop import method_config_for_data
-    from idforge.train.validation import cross_photo_batches, heldout_batches, split_holdout
+    from idforge.train.validation import cross_photo_batches, fix_noise, held_out_loss, heldout_batches, split_holdout
 
     ds = PreparedDataset(prepared_dir)
     match, mismatch = cross_photo_batches(ds)  # 2 identities x 2 photos: 4 (image, own ref, other) triples

@@ -53,7 +53,7 @@ def uninterrupted(ray_local, prepared_dir, tiny_sd15_dir, tmp_path_factory, trac
 def test_two_workers_keep_identical_weights(uninterrupted, tiny_sd15_dir):
     import torch
 
-    from idforge.methods.base import load_method
+    from idforge.methods.checkpoint import load_method
     from idforge.methods.testing import load_frozen_pipeline
     from idforge.train.loop import weight_checksum
 

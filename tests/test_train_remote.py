@@ -52,7 +52,7 @@ def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir
 
     from components.train import train_adapter
     from idforge.config import dump_config, load_config_text
-    from idforge.methods.base import load_method
+    from idforge.methods.checkpoint import load_method
     from idforge.methods.testing import load_frozen_pipeline
     from idforge.track import start_run
     from idforge.train.checkpoint import METHOD_FILE

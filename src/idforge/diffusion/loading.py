@@ -219,6 +219,16 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def freeze_pipeline(pipe: Any) -> Any:
+    """Freeze the base model: ``requires_grad=False`` and eval mode on the UNet, VAE and text encoders, so a
+    backward pass through them leaves no ``.grad`` (and allocates none) on any base weight. Returns ``pipe``."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return pipe
+
+
 @dataclass
 class Components:
     """The pieces a training loop drives separately. ``text_encoder_2``/``tokenizer_2`` are None for SD1.x/2.x.

@@ -185,7 +185,8 @@ class _MethodCache:
         self.method: Any = None
 
     def get(self, path: Path | None) -> Any:
-        from idforge.methods.base import get_method, load_method, read_method_metadata
+        from idforge.methods.checkpoint import load_method, read_method_metadata
+        from idforge.methods.registry import get_method
 
         if self.method is not None and path == self.path:
             return self.method

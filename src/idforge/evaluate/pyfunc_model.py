@@ -77,7 +77,7 @@ class IdentityGenerator(mlflow.pyfunc.PythonModel):
 
     def _method_for(self, identity: str | None) -> Any:
         from idforge.evaluate.generate import resolve_artifact
-        from idforge.methods.base import load_method
+        from idforge.methods.checkpoint import load_method
 
         path = resolve_artifact(self.artifact, identity or "")
         if self._method is not None and path == self._method_path:

@@ -25,7 +25,7 @@ from idforge.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     from idforge.faces import FaceAnalyzer
-    from idforge.methods.base import IdentityRefs
+    from idforge.methods.types import IdentityRefs
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def identity_refs(
     needs them says so), ArcFace crops as float [0, 1]."""
     import torch
 
-    from idforge.methods.base import IdentityRefs
+    from idforge.methods.types import IdentityRefs
 
     face_embeds = torch.from_numpy(analyzer.embed_aligned(faces.crops112)).float()
     crops = torch.from_numpy(faces.crops112.copy()).permute(0, 3, 1, 2).float().div(255.0)

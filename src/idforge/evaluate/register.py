@@ -260,7 +260,7 @@ def download_champion(method: str, cfg: Any = None, dest: str | os.PathLike[str]
 def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, str], dict[str, Any]]:
     """The pyfunc model's artifacts (local files MLflow copies) and its config."""
     from idforge.evaluate.generate import ensure_method_registered
-    from idforge.methods.base import method_class
+    from idforge.methods.registry import method_class
 
     ensure_method_registered(gen["method"])
     artifacts: dict[str, str] = {}

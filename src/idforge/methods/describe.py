@@ -47,7 +47,7 @@ def describe_checkpoint(path: str | os.PathLike[str]) -> str:
     """Method, config and UNet signature recorded in a ``save_method`` checkpoint, plus tensor counts per prefix."""
     from safetensors import safe_open
 
-    from idforge.methods.base import read_method_metadata
+    from idforge.methods.checkpoint import read_method_metadata
 
     meta = read_method_metadata(path)
     counts: dict[str, int] = {}

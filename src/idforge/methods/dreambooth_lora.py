@@ -18,9 +18,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from idforge.methods.base import MethodConfig, TrainBatch, diffusion_loss
+from idforge.methods.base import MethodConfig
+from idforge.methods.objective import diffusion_loss
 from idforge.methods.personalized import PersonalizedConfig, PersonalizedMethod, TrainRecipe
 from idforge.methods.registry import register_method
+from idforge.methods.types import TrainBatch
 
 ADAPTER = "idforge_dreambooth"
 LORA_FILE = "pytorch_lora_weights.safetensors"

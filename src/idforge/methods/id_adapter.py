@@ -28,24 +28,20 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from idforge.diffusion.attention import AttnSite, route
-from idforge.methods.base import (
-    BaseMethod,
-    Condition,
-    IdentityRefs,
-    MethodConfig,
-    TrainBatch,
-    diffusion_loss,
-    predict_x0,
-    training_scheduler,
-)
+from idforge.methods.base import BaseMethod, MethodConfig
 from idforge.methods.face_loss import FaceIdentityLoss, decode_to_unit
 from idforge.methods.layers import MLP, CrossBlock, GatedSelfAttentionAdapter, unit_rms
+from idforge.methods.objective import diffusion_loss, predict_x0, training_scheduler
+from idforge.methods.types import Condition, IdentityRefs, TrainBatch
 
 log = logging.getLogger(__name__)
 
 
 class IDAdapterConfig(MethodConfig):
     """Sizes and switches of IDAdapter (defaults: SD1.5 + ArcFace-512 + CLIP ViT-L/14 patch tokens)."""
+
+    data_dims: ClassVar[dict[str, tuple[str, int]]] = {"face_dim": ("face_embed", -1),
+                                                        "clip_dim": ("clip_patch_tokens", -1)}
 
     num_refs: int = Field(default=4, ge=1, description="N reference images mixed per sample")
     face_dim: int = Field(default=512, ge=1, description="face-ID embedding size (ArcFace 512)")
@@ -133,6 +129,12 @@ class IDAdapter(BaseMethod):
     regime: ClassVar[Literal["population", "per-identity"]] = "population"
     Config: ClassVar[type[MethodConfig]] = IDAdapterConfig
     config: IDAdapterConfig
+    ref_includes_target: ClassVar[bool] = True  # the data sampling may pick the target among its N references
+
+    @property
+    def refs_per_item(self) -> int:  # type: ignore[override]
+        """N references mixed per sample: the data sampling draws ``num_refs`` of them."""
+        return self.config.num_refs
 
     def __init__(self, config: IDAdapterConfig | None = None, face_loss: FaceIdentityLoss | None = None) -> None:
         super().__init__(config)

@@ -28,7 +28,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from idforge.diffusion.attention import context_of, finish, prepare, route, sdpa
-from idforge.methods.base import Condition, IdentityRefs, MethodConfig, TrainBatch, diffusion_loss
+from idforge.methods.base import MethodConfig
+from idforge.methods.objective import diffusion_loss
 from idforge.methods.personalized import (
     PersonalizedConfig,
     PersonalizedMethod,
@@ -38,6 +39,7 @@ from idforge.methods.personalized import (
 )
 from idforge.methods.registry import register_method
 from idforge.methods.textual_inversion import TokenVectors, placeholder_words
+from idforge.methods.types import Condition, IdentityRefs, TrainBatch
 
 log = logging.getLogger(__name__)
 

@@ -25,20 +25,17 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from idforge.diffusion import attention as A
-from idforge.methods.base import (
-    BaseMethod,
-    Condition,
-    IdentityRefs,
-    MethodConfig,
-    TrainBatch,
-    diffusion_loss,
-    training_scheduler,
-)
+from idforge.methods.base import BaseMethod, MethodConfig
 from idforge.methods.layers import MLP, unit_rms
+from idforge.methods.objective import diffusion_loss, training_scheduler
+from idforge.methods.types import Condition, IdentityRefs, InjectionState, TrainBatch
 
 
 class InfiniteIDConfig(MethodConfig):
     """Sizes and switches of Infinite-ID (defaults: SDXL + ArcFace-512 + OpenCLIP ViT-bigG hidden states)."""
+
+    data_dims: ClassVar[dict[str, tuple[str, int]]] = {"face_dim": ("face_embed", -1),
+                                                        "clip_dim": ("clip_patch_tokens", -1)}
 
     face_dim: int = Field(default=512, ge=1, description="face recognition embedding size")
     clip_dim: int = Field(default=1664, ge=1, description="CLIP vision hidden size of the local embeddings")
@@ -89,15 +86,16 @@ def _rows(x: Tensor | None, streams: int) -> tuple[Tensor | None, Tensor | None]
 class InfiniteIDCrossProcessor:
     """attn2: image cross-attention on c_id (training: instead of text; inference: + text when merging)."""
 
-    def __init__(self, base: Any, image_attn: ImageCrossAttention, method: InfiniteID) -> None:
+    def __init__(self, base: Any, image_attn: ImageCrossAttention, state: InjectionState,
+                 config: InfiniteIDConfig) -> None:
         self.base = base
         self.image_attn = image_attn
-        self.method = method
+        self.state, self.config = state, config  # shared references: set_scale and the switches reach it live
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any
                  ) -> Tensor:
-        state = self.method.state
+        state = self.state
         c_id = state.context.get("c_id")
         if state.scale == 0 or c_id is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -112,8 +110,7 @@ class InfiniteIDCrossProcessor:
         return torch.cat([out, self.base(attn, h_txt, e_txt, None, temb)])
 
     def _identity(self, attn: Any, h: Tensor, text: Tensor | None, c_id: Tensor, temb: Tensor | None) -> Tensor:
-        cfg = self.method.config
-        state = self.method.state
+        cfg, state = self.config, self.state
         infer = state.mode == "infer"
         use_text = cfg.cross_attention_merging if infer else cfg.text_in_training
         adain = infer and cfg.adain_mean
@@ -140,15 +137,14 @@ class InfiniteIDCrossProcessor:
 class InfiniteIDSelfProcessor:
     """attn1 at inference with mixed attention: identity rows attend to Concat(K_id, K_t), Concat(V_id, V_t)."""
 
-    def __init__(self, base: Any, method: InfiniteID) -> None:
+    def __init__(self, base: Any, state: InjectionState, config: InfiniteIDConfig) -> None:
         self.base = base
-        self.method = method
+        self.state, self.config = state, config
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any
                  ) -> Tensor:
-        state = self.method.state
-        cfg = self.method.config
+        state, cfg = self.state, self.config
         streams = state.flags.get("streams", 1)
         if (state.mode != "infer" or streams < 2 or state.scale == 0 or not cfg.mixed_attention
                 or "c_id" not in state.context):
@@ -204,8 +200,8 @@ class InfiniteID(BaseMethod):
         layers = self.modules["image_attn"]
         return A.route(
             pipe.unet,
-            self_attn=lambda s: InfiniteIDSelfProcessor(current[s.name], self),
-            cross_attn=lambda s: InfiniteIDCrossProcessor(current[s.name], layers[s.key], self),
+            self_attn=lambda s: InfiniteIDSelfProcessor(current[s.name], self.state, self.config),
+            cross_attn=lambda s: InfiniteIDCrossProcessor(current[s.name], layers[s.key], self.state, self.config),
         )
 
     def on_attach(self, pipe: Any) -> None:

@@ -26,7 +26,8 @@ from pydantic import Field
 from torch import Tensor
 
 from idforge.config_section import Section
-from idforge.methods.base import BaseMethod, Condition, IdentityRefs, MethodConfig, TrainBatch
+from idforge.methods.base import BaseMethod, MethodConfig
+from idforge.methods.types import Condition, IdentityRefs, TrainBatch
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class PersonalizedMethod(BaseMethod):
         """Identity-dependent initialisation before training (after ``attach``). Default: nothing."""
 
     def on_attach(self, pipe: Any) -> None:
-        from idforge.methods.base import training_scheduler
+        from idforge.methods.objective import training_scheduler
 
         self._scheduler = training_scheduler(pipe)
 
@@ -247,7 +248,7 @@ class PersonalizedMethod(BaseMethod):
     def save_artifact(self, out_dir: str | os.PathLike[str], class_noun: str = "person") -> Path:
         """Write this identity's weights (``artifact_file``) and ``artifact.json`` into ``out_dir``."""
         from idforge.io.atomic import atomic_write_text
-        from idforge.methods.base import save_method
+        from idforge.methods.checkpoint import save_method
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +266,7 @@ def load_artifact(artifact_dir: str | os.PathLike[str], pipe: Any, **overrides: 
     Raises:
         FileNotFoundError: no ``artifact.json`` (not a finished per-identity artifact).
     """
-    from idforge.methods.base import load_method
+    from idforge.methods.checkpoint import load_method
 
     root = Path(artifact_dir)
     meta_path = root / ARTIFACT_META

@@ -25,9 +25,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from idforge.diffusion.attention import attention_module, route, sdpa, select_sites
-from idforge.methods.base import Condition, IdentityRefs, MethodConfig, TrainBatch, diffusion_loss
+from idforge.methods.base import MethodConfig
+from idforge.methods.objective import diffusion_loss
 from idforge.methods.personalized import PersonalizedConfig, PersonalizedMethod, TrainRecipe
 from idforge.methods.registry import register_method
+from idforge.methods.types import Condition, IdentityRefs, TrainBatch
 from idforge.methods.wplus_encoder import N_STYLES, STYLE_DIM
 
 

@@ -8,16 +8,47 @@ guidance and decoding. We do not call ``pipe(...)`` because several methods chan
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from pydantic import Field
+from torch import Tensor
+
+from idforge.config_section import Section
+from idforge.methods.types import Condition, InjectionState
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from idforge.methods.base import BaseMethod, Condition, SamplingConfig
-
 log = logging.getLogger(__name__)
+
+
+class SamplingConfig(Section):
+    """Keyword arguments of ``Method.generate`` (validated, so a typo in ``--set`` fails loudly)."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    num_inference_steps: int = Field(default=30, ge=1)
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    height: int | None = None  # None = the UNet's native size (sample_size * vae_scale_factor)
+    width: int | None = None
+    batch_size: int = Field(default=4, ge=1, description="prompts per UNet batch (x2 with guidance)")
+
+
+class Sampled(Protocol):
+    """The hooks of a method the sampler calls (``BaseMethod`` has them all; methods override the last four)."""
+
+    name: str
+    state: InjectionState
+
+    @property
+    def is_attached(self) -> bool: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def eval(self) -> Any: ...
+    def encode_prompts(self, pipe: Any, prompts: list[str], cond: Condition | None) -> Any: ...
+    def unconditional(self, cond: Condition) -> Condition: ...
+    def sampling_streams(self) -> int: ...
+    def denoise(self, pipe: Any, latents: Tensor, t: Tensor, text: Any, cond: Condition) -> Tensor: ...
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
@@ -45,7 +76,7 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image]:
     return pipe.image_processor.postprocess(images.float(), output_type="pil")
 
 
-def negative_text(method: BaseMethod, pipe: Any, negative_prompt: str, batch: int, like: Any) -> Any:
+def negative_text(method: Sampled, pipe: Any, negative_prompt: str, batch: int, like: Any) -> Any:
     """The unconditional branch's text: the negative prompt, or zeros where the pipeline asks for them
     (SDXL's ``force_zeros_for_empty_prompt`` with an empty negative prompt, as its own ``__call__`` does)."""
     from idforge.diffusion.text import TextCondition
@@ -57,7 +88,7 @@ def negative_text(method: BaseMethod, pipe: Any, negative_prompt: str, batch: in
 
 
 @torch.no_grad()
-def sample(method: BaseMethod, pipe: Any, prompts: list[str], cond: Condition, cfg: SamplingConfig) -> list[Image]:
+def sample(method: Sampled, pipe: Any, prompts: list[str], cond: Condition, cfg: SamplingConfig) -> list[Image]:
     """``len(prompts) * len(cfg.seeds)`` images, prompt-major (all seeds of prompt 0 first).
 
     Each seed draws the initial latents from ``torch.Generator("cpu").manual_seed(seed)`` (shared by every prompt

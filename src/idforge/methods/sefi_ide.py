@@ -27,7 +27,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from idforge.diffusion.attention import AttnSite, finish, heads, merge_heads, prepare
-from idforge.methods.base import Condition, MethodConfig, TrainBatch, diffusion_loss
+from idforge.methods.base import MethodConfig
+from idforge.methods.objective import diffusion_loss
 from idforge.methods.personalized import (
     PersonalizedConfig,
     PersonalizedMethod,
@@ -36,6 +37,7 @@ from idforge.methods.personalized import (
     token_embedding,
 )
 from idforge.methods.registry import register_method
+from idforge.methods.types import Condition, TrainBatch
 
 
 class SeFiIDEConfig(PersonalizedConfig):

@@ -1,44 +1,26 @@
-"""Checks and fixtures-in-code for methods: frozen pipelines, synthetic batches, and the identity-flow check.
-
-``identity_gap`` is the measurement behind "identity actually flows": the held-out denoising loss with each
-sample's own identity features versus with another identity's, under the same noise and timesteps. An adapter that
-ignores its input shows a gap of exactly 0; a trained one that uses identity shows a positive gap.
-"""
+"""Test helpers for methods (never imported by production code): frozen tiny pipelines, synthetic batches, a toy
+population whose identity is learnable, and a minimal fit loop. The identity-flow measurement they are checked
+with is the library's own, ``idforge.train.validation.identity_gap``."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from idforge.methods.base import BaseMethod, TrainBatch
+from idforge.methods.base import BaseMethod
+from idforge.methods.types import TrainBatch
 
 
 def load_frozen_pipeline(path: str | os.PathLike[str], device: str = "cpu") -> Any:
     """A diffusers pipeline from a local dir (SD or SDXL by model_index.json), every base weight frozen."""
-    import json
-    from pathlib import Path
+    from idforge.diffusion.loading import freeze_pipeline, load_pipeline
 
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    index = json.loads((Path(path) / "model_index.json").read_text())
-    cls = StableDiffusionXLPipeline if "XL" in index.get("_class_name", "") else StableDiffusionPipeline
-    pipe = cls.from_pretrained(str(path), local_files_only=True).to(device)
+    pipe = load_pipeline(path, device=device)
     pipe.set_progress_bar_config(disable=True)
-    freeze_pipeline(pipe)
-    return pipe
-
-
-def freeze_pipeline(pipe: Any) -> None:
-    """requires_grad=False on the UNet, VAE and text encoders (so their .grad stays None after backward)."""
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.requires_grad_(False)
-            module.eval()
+    return freeze_pipeline(pipe)
 
 
 def synthetic_batch(pipe: Any, batch_size: int = 2, num_refs: int = 1, face_dim: int = 512, clip_dim: int = 32,
@@ -70,87 +52,6 @@ def synthetic_batch(pipe: Any, batch_size: int = 2, num_refs: int = 1, face_dim:
         target_kps=kps,
         identity=torch.arange(batch_size),
     )
-
-
-def fix_noise(batch: TrainBatch, scheduler: Any, seed: int, t_min: int = 0, t_max: int | None = None) -> TrainBatch:
-    """The batch with fixed noise and timesteps drawn from ``seed`` (for comparable held-out losses)."""
-    from dataclasses import replace
-
-    from idforge.methods.base import sample_timesteps
-
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(batch.latents.shape, generator=g)
-    t = sample_timesteps(scheduler, batch.batch_size, "cpu", g, t_min, t_max)
-    return replace(batch, noise=noise.to(batch.latents.device), timesteps=t.to(batch.latents.device))
-
-
-@dataclass(frozen=True)
-class IdentityGap:
-    """Mean held-out diffusion losses with the matching and the mismatched identity; gap = mismatch - match."""
-
-    match: float
-    mismatch: float
-
-    @property
-    def gap(self) -> float:
-        return self.mismatch - self.match
-
-    @property
-    def relative_gap(self) -> float:
-        return self.gap / max(self.match, 1e-12)
-
-
-@torch.no_grad()
-def held_out_loss(method: BaseMethod, pipe: Any, batch: TrainBatch, chunk: int = 16) -> float:
-    """The diffusion part of the training objective (no face loss, no dropout), as a float.
-
-    Evaluated without gradients, ``chunk`` samples at a time (the per-sample mean is the same), so a validation
-    batch of any size fits in the memory of a training step.
-    """
-    from dataclasses import replace
-
-    training = method.modules.training
-    method.modules.eval()
-    total = 0.0
-    try:
-        with torch.no_grad():
-            for start in range(0, batch.batch_size, chunk):
-                part = batch.rows(start, start + chunk)
-                # Without target landmarks no face loss is computed: the measure is the denoising loss alone.
-                out = method.training_loss(replace(part, target_kps=None), pipe)
-                total += float(out.get("diffusion", out["loss"])) * part.batch_size
-    finally:
-        method.modules.train(training)
-    return total / batch.batch_size
-
-
-def identity_gap(method: BaseMethod, pipe: Any, batch_match: TrainBatch, batch_mismatch: TrainBatch | None = None,
-                 repeats: int = 4, seed: int = 0, t_min: int = 0, t_max: int | None = None) -> IdentityGap:
-    """Held-out loss of ``batch_match`` with its own identity vs with ``batch_mismatch``'s identity features.
-
-    ``batch_mismatch`` only lends its identity fields (``TrainBatch.with_identity_of``); None = ``batch_match``'s
-    identities rolled by one (sample i gets sample i+1's features; needs samples of different identities).
-    Each repeat draws one fixed noise/timestep set shared by both conditions, so the gap measures identity alone.
-    """
-    from dataclasses import replace
-
-    from idforge.methods.base import training_scheduler
-
-    if batch_mismatch is None:
-        def roll(t: Tensor | None) -> Tensor | None:
-            return None if t is None else torch.roll(t, 1, dims=0)
-
-        batch_mismatch = replace(batch_match, **{n: roll(getattr(batch_match, n)) for n in (
-            "face_embeds", "clip_image_embeds", "clip_patch_tokens", "ref_pixels", "identity")})
-    mismatched = batch_match.with_identity_of(batch_mismatch)
-    sched = training_scheduler(pipe)
-    match = mismatch = 0.0
-    for r in range(repeats):
-        a = fix_noise(batch_match, sched, seed + r, t_min, t_max)
-        b = replace(mismatched, noise=a.noise, timesteps=a.timesteps)
-        match += held_out_loss(method, pipe, a)
-        mismatch += held_out_loss(method, pipe, b)
-    return IdentityGap(match / repeats, mismatch / repeats)
 
 
 def grads_with_and_without_checkpointing(method: BaseMethod, pipe: Any, batch: TrainBatch,

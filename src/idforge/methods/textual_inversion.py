@@ -15,7 +15,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from idforge.methods.base import MethodConfig, TrainBatch, diffusion_loss
+from idforge.methods.base import MethodConfig
+from idforge.methods.objective import diffusion_loss
 from idforge.methods.personalized import (
     PersonalizedConfig,
     PersonalizedMethod,
@@ -24,6 +25,7 @@ from idforge.methods.personalized import (
     token_embedding,
 )
 from idforge.methods.registry import register_method
+from idforge.methods.types import TrainBatch
 
 
 class TextualInversionConfig(PersonalizedConfig):

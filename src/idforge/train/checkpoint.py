@@ -60,7 +60,7 @@ def write_rank_files(directory: Path, rank: int, generator: Any, state: dict[str
     if rank == 0:
         assert state is not None and method is not None
         torch.save(state, directory / STATE_FILE)
-        from idforge.methods.base import save_method
+        from idforge.methods.checkpoint import save_method
 
         if export_weights is not None:
             live = {k: v.detach().clone() for k, v in method.state_dict().items()}

@@ -47,7 +47,7 @@ class PreparedDataset:
     """A map-style torch dataset over prepared items (one entry per target image).
 
     ``ds[i]`` or ``ds[(i, position)]`` returns a dict of tensors (no batch dimension), the fields of
-    ``idforge.methods.base.TrainBatch``:
+    ``idforge.methods.types.TrainBatch``:
         latents (4, h, w), input_ids (L,) [+ input_ids_2], text_embeds (L, D) [+ pooled_text_embeds (Dp,)],
         face_embeds (N, Dface), clip_image_embeds (N, Dclip), clip_patch_tokens (N, P, Dvis),
         ref_pixels (3, 112, 112) float in [0, 1] (the first reference), target_kps (5, 2),
@@ -185,7 +185,7 @@ class PreparedDataset:
         """``IdentityRefs`` of one identity (its first ``n`` images, or the given rows), for sampling/evaluation."""
         import torch
 
-        from idforge.methods.base import IdentityRefs
+        from idforge.methods.types import IdentityRefs
 
         if rows is None:
             if identity not in self.members:

@@ -21,7 +21,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,23 +29,15 @@ from idforge.errors import ConfigError
 from idforge.train import checkpoint as ckpt
 from idforge.train.config import TrainConfig
 
+if TYPE_CHECKING:
+    from idforge.methods.base import Method
+
 log = logging.getLogger(__name__)
 
 VALIDATION_PAIRS = 64  # identity-gap pairs per check: a fixed cost whatever the dataset size
 # Noise of the identity-gap check: apart from the training streams (seeded cfg.seed * 1_000_003 + rank), the same
 # draws at every check, so the metric moves only with the weights.
 VALIDATION_SEED = 10_000
-# method defaults for the data sampling: (references per item, may the target be a reference)
-_SAMPLING = {"infinite-id": (1, False), "id-adapter": (None, True)}
-# prepared shapes -> method config fields that must match them (filled in when the user did not set them)
-_DATA_DIMS = {
-    "face_dim": ("face_embed", -1),
-    "clip_dim": ("clip_patch_tokens", -1),
-    "clip_embed_dim": ("clip_image_embed", -1),
-    "clip_tokens": ("clip_patch_tokens", 0),
-}
-
-
 class LoopSpec(BaseModel):
     """Everything a worker needs, as plain data (it crosses process boundaries)."""
 
@@ -122,25 +114,18 @@ def local_data(data_dir: str, storage: dict[str, Any] | None = None) -> Path:
     return localize(data_dir, cache, StorageConfig.model_validate(storage) if storage else None)
 
 
-def sampling_defaults(method: Any, cfg: TrainConfig) -> tuple[int, bool]:
-    """(refs per item, may the target be a reference): the config's, else the method's."""
-    n, include = _SAMPLING.get(method.name, (1, False))
-    if n is None:
-        n = int(getattr(method.config, "num_refs", 1))
-    return (cfg.refs_per_item or n, include if cfg.ref_includes_target is None else cfg.ref_includes_target)
+def sampling_defaults(method: Method, cfg: TrainConfig) -> tuple[int, bool]:
+    """(refs per item, may the target be a reference): the config's, else the method's own."""
+    include = method.ref_includes_target if cfg.ref_includes_target is None else cfg.ref_includes_target
+    return cfg.refs_per_item or int(method.refs_per_item), include
 
 
 def method_config_for_data(name: str, user: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    """The user's method config plus the feature sizes of the prepared data for fields the user left unset."""
+    """The user's method config plus the feature sizes of the prepared data for fields the user left unset
+    (the method's config decides which: ``MethodConfig.for_data``)."""
     from idforge.methods.registry import method_class
 
-    fields = method_class(name).Config.model_fields
-    shapes = info.get("shapes", {})
-    out = dict(user)
-    for fname, (tensor, axis) in _DATA_DIMS.items():
-        if fname in fields and fname not in out and tensor in shapes:
-            out[fname] = int(shapes[tensor][axis])
-    return out
+    return method_class(name).Config.for_data(user, info.get("shapes", {}))
 
 
 def weight_checksum(params: list[Any]) -> str:
@@ -174,13 +159,10 @@ def load_frozen_pipeline(model: str, kind: str, dtype: str, device: Any, local_f
     """The base pipeline with every base weight frozen (before the method attaches its own modules)."""
     import torch
 
-    from idforge.diffusion.loading import load_pipeline
+    from idforge.diffusion.loading import freeze_pipeline, load_pipeline
 
-    pipe = load_pipeline(model, kind=kind, dtype=dtype, device=str(device), local_files_only=local_files_only)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        mod = getattr(pipe, name, None)
-        if mod is not None:
-            mod.requires_grad_(False).eval()
+    pipe = freeze_pipeline(load_pipeline(model, kind=kind, dtype=dtype, device=str(device),
+                                         local_files_only=local_files_only))
     if device.type == "cuda":
         if cfg.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
@@ -231,7 +213,7 @@ class TrainStep:
     Calling it returns the mean of each loss part over the micro-batches plus ``grad_norm`` (floats).
     """
 
-    def __init__(self, method: Any, pipe: Any, cfg: TrainConfig, amp_dtype: Any = None) -> None:
+    def __init__(self, method: Method, pipe: Any, cfg: TrainConfig, amp_dtype: Any = None) -> None:
         import torch
 
         from idforge.methods.base import TrainingModule
@@ -252,6 +234,31 @@ class TrainStep:
         self.module = TrainingModule(method, pipe)
         self.model: Any = self.module
         self.distributed = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the optimisation: optimizer, LR schedule, loss scaler, EMA."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": [e.detach().cpu() for e in self.ema] if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            for e, saved in zip(self.ema, state["ema"], strict=True):
+                e.copy_(saved.to(e.device))
+
+    def export_weights(self) -> dict[str, Any] | None:
+        """The method's state dict with the EMA in place of the live weights (``train.export_ema``), else None."""
+        if self.ema is None or not self.cfg.export_ema:
+            return None
+        names = [n for n, p in self.method.modules.named_parameters() if p.requires_grad]
+        return {**self.method.state_dict(), **{n: e.detach() for n, e in zip(names, self.ema, strict=True)}}
 
     def wrap_ddp(self, device: Any) -> None:
         """Wrap in DistributedDataParallel (the process group must exist): only the method's weights are synced."""
@@ -316,10 +323,10 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from idforge.methods.base import TrainBatch, get_method
-    from idforge.methods.testing import identity_gap
+    from idforge.methods.registry import get_method
+    from idforge.methods.types import TrainBatch
     from idforge.train.dataset import PreparedDataset, make_loader, read_prepared
-    from idforge.train.validation import cross_photo_batches, heldout_batches, split_holdout
+    from idforge.train.validation import identity_gap, split_holdout
 
     cfg = spec.train_config()
     spec = spec.model_copy(update={"data_dir": str(local_data(spec.data_dir, spec.storage))})
@@ -337,43 +344,14 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     amp_dtype, frozen_dtype = _precision(cfg, device)
     pipe = load_frozen_pipeline(spec.model, spec.model_kind, frozen_dtype, device, spec.local_files_only, cfg)
     index, info = read_prepared(spec.data_dir)
-    method = get_method(cfg.method, method_config_for_data(cfg.method, cfg.method_config, info))
+    method: Method = get_method(cfg.method, method_config_for_data(cfg.method, cfg.method_config, info))
     method.attach(pipe)
     method.train()
     if cfg.compile_unet and device.type == "cuda":
         pipe.unet = torch.compile(pipe.unet)
 
     stepper = TrainStep(method, pipe, cfg, amp_dtype)
-    params = stepper.params
-    optimizer, lr_schedule, scaler, ema = stepper.optimizer, stepper.lr_schedule, stepper.scaler, stepper.ema
-
-    step = 0
-    with env.latest_checkpoint() as resume_dir:  # noqa: SIM117
-        if resume_dir is not None:
-            state = ckpt.read_state(resume_dir)
-            try:
-                method.load_state_dict(state["method"])
-            except ValueError as exc:
-                raise ConfigError(f"cannot resume from {resume_dir}: {exc}. The checkpoint was written by a run with "
-                                  "another method config; train into a new output directory, or delete that one to "
-                                  "start over") from None
-            optimizer.load_state_dict(state["optimizer"])
-            lr_schedule.load_state_dict(state["lr_schedule"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if ema is not None and state.get("ema") is not None:
-                for e, saved in zip(ema, state["ema"], strict=True):
-                    e.copy_(saved.to(e.device))
-            step = int(state["step"])
-            rng = ckpt.read_rng(resume_dir, rank)
-            if rng is not None:
-                ckpt.restore_rng(rng, generator)
-            else:  # the world size changed: a fresh but deterministic stream for this rank
-                generator.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * step)
-            log.info("rank %d resumed from %s at step %d", rank, resume_dir, step)
-        elif cfg.init_from:
-            _init_from(method, cfg.init_from)
-
+    step = resume(env, stepper, generator, cfg)
     resumed_from = step  # 0 for a fresh start; reported so a recovery is visible in the metrics
     if distributed:
         stepper.wrap_ddp(device)
@@ -384,22 +362,14 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
                               flip_prob=cfg.flip_prob, seed=cfg.seed, keys=train_keys)
     validation = None  # (matched, mismatched) batches of the identity-gap check, built once
     if cfg.validate_every and rank == 0:
-        try:
-            if heldout_keys:
-                heldout = PreparedDataset(spec.data_dir, keys=heldout_keys, ref_includes_target=True)
-                pair = heldout_batches(heldout, dataset, refs, VALIDATION_PAIRS, cfg.seed)
-            else:  # nothing held out: across photos of the training set instead
-                pair = cross_photo_batches(dataset, refs, VALIDATION_PAIRS, cfg.seed)
-            validation = tuple(b.to(device) for b in pair)
-        except ValueError as exc:
-            log.warning("no identity-gap validation: %s", exc)
+        validation = validation_batches(spec.data_dir, dataset, heldout_keys, refs, cfg.seed, device)
     per_step = cfg.batch_size * cfg.grad_accum
     loader = make_loader(dataset, cfg.batch_size, rank, world, cfg.seed, start_sample=step * per_step,
                          num_workers=cfg.loader_workers)
     batches = iter(loader)
     if rank == 0:
         log.info("training %s (%d trainable parameters) on %d items, %d worker(s), from step %d to %d",
-                 cfg.method, sum(p.numel() for p in params), len(dataset), world, step, cfg.steps)
+                 cfg.method, sum(p.numel() for p in stepper.params), len(dataset), world, step, cfg.steps)
 
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
@@ -413,53 +383,23 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
             window[k] = window.get(k, 0.0) + v
         step += 1
         window_steps += 1
-
-        if spec.fault_step is not None and step == spec.fault_step and spec.fault_marker:
-            marker = Path(f"{spec.fault_marker}.rank{rank}")
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-                raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+        _maybe_inject_fault(spec, step, rank)
 
         checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
         if step % cfg.report_every == 0 or checkpoint_now:
             elapsed = time.perf_counter() - window_start
-            metrics = {k: v / window_steps for k, v in window.items()}
-            if distributed:
-                keys = sorted(metrics)
-                t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                metrics = dict(zip(keys, (t / world).tolist(), strict=True))
-            checksum = weight_checksum(params)
-            checksums = [checksum]
-            if distributed:
-                checksums = [None] * world
-                dist.all_gather_object(checksums, checksum)
-            metrics.update(step=step, resumed_from=resumed_from, lr=lr_schedule.get_last_lr()[0], world_size=world,
-                           samples_per_s=window_steps * per_step * world / max(elapsed, 1e-9),
+            metrics = reduce_metrics({k: v / window_steps for k, v in window.items()}, distributed, device)
+            checksum, checksums = _checksums(stepper.params, distributed, world)
+            metrics.update(step=step, resumed_from=resumed_from, lr=stepper.lr_schedule.get_last_lr()[0],
+                           world_size=world, samples_per_s=window_steps * per_step * world / max(elapsed, 1e-9),
                            weight_checksum=checksum, weight_checksums=checksums)
             if validation is not None and (step % cfg.validate_every == 0 or step == cfg.steps):
                 gap = identity_gap(method, pipe, *validation, repeats=8, seed=VALIDATION_SEED)
                 metrics.update(val_matched=gap.match, val_mismatched=gap.mismatch, val_identity_gap=gap.gap)
             writer = None
             if checkpoint_now:
-                state = None
-                if rank == 0:
-                    state = {
-                        "method": {k: v.detach().cpu() for k, v in method.state_dict().items()},
-                        "optimizer": optimizer.state_dict(),
-                        "lr_schedule": lr_schedule.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "ema": [e.detach().cpu() for e in ema] if ema is not None else None,
-                        "step": step,
-                        "samples_per_rank": step * per_step,
-                        "world_size": world,
-                        "config": json.dumps(spec.train, sort_keys=True, default=str),
-                    }
-                export = None
-                if ema is not None and cfg.export_ema:
-                    names = [n for n, p in method.modules.named_parameters() if p.requires_grad]
-                    export = {**method.state_dict(), **{n: e.detach() for n, e in zip(names, ema, strict=True)}}
+                state = checkpoint_state(stepper, step, per_step, world, spec.train) if rank == 0 else None
+                export = stepper.export_weights()
 
                 def writer(d: Path, state=state, export=export) -> None:
                     ckpt.write_rank_files(d, rank, generator, state, method if rank == 0 else None, export)
@@ -478,12 +418,112 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     return last
 
 
-def _init_from(method: Any, path: str) -> None:
+def resume(env: LoopEnv, stepper: TrainStep, generator: Any, cfg: TrainConfig) -> int:
+    """Restore the newest checkpoint ``env`` offers into the method, the optimisation state and this rank's noise
+    generator; returns its step (0 and ``train.init_from``'s weights, if given, when there is none).
+
+    Raises:
+        ConfigError: the checkpoint holds another method config's weights.
+    """
+    method, rank = stepper.method, env.rank
+    with env.latest_checkpoint() as resume_dir:
+        if resume_dir is None:
+            if cfg.init_from:
+                _init_from(method, cfg.init_from)
+            return 0
+        state = ckpt.read_state(resume_dir)
+        try:
+            method.load_state_dict(state["method"])
+        except ValueError as exc:
+            raise ConfigError(f"cannot resume from {resume_dir}: {exc}. The checkpoint was written by a run with "
+                              "another method config; train into a new output directory, or delete that one to "
+                              "start over") from None
+        stepper.load_state_dict(state)
+        step = int(state["step"])
+        rng = ckpt.read_rng(resume_dir, rank)
+        if rng is not None:
+            ckpt.restore_rng(rng, generator)
+        else:  # the world size changed: a fresh but deterministic stream for this rank
+            generator.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * step)
+        log.info("rank %d resumed from %s at step %d", rank, resume_dir, step)
+        return step
+
+
+def checkpoint_state(stepper: TrainStep, step: int, per_step: int, world: int, train: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """Rank 0's ``train_state.pt``: the method's weights, the optimisation state and where the data stream is."""
+    return {
+        "method": {k: v.detach().cpu() for k, v in stepper.method.state_dict().items()},
+        **stepper.state_dict(),
+        "step": step,
+        "samples_per_rank": step * per_step,
+        "world_size": world,
+        "config": json.dumps(train, sort_keys=True, default=str),
+    }
+
+
+def reduce_metrics(metrics: dict[str, float], distributed: bool, device: Any) -> dict[str, float]:
+    """The mean of each metric over the ranks (every rank gets the same dict); itself on one worker."""
+    if not distributed:
+        return metrics
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
+
+
+def _checksums(params: list[Any], distributed: bool, world: int) -> tuple[str, list[Any]]:
+    """(this rank's weight checksum, every rank's): equal on all ranks iff DDP kept the replicas identical."""
+    checksum = weight_checksum(params)
+    if not distributed:
+        return checksum, [checksum]
+    import torch.distributed as dist
+
+    checksums: list[Any] = [None] * world
+    dist.all_gather_object(checksums, checksum)
+    return checksum, checksums
+
+
+def validation_batches(data_dir: str, dataset: Any, heldout_keys: list[str], refs: int, seed: int, device: Any
+                       ) -> tuple[Any, Any] | None:
+    """(matched, mismatched) batches of the identity-gap check on ``device``: held-out photos conditioned on the
+    training set's references when photos were held out, else across photos of the training set; None (and a
+    warning) when the data cannot form a pair."""
+    from idforge.train.dataset import PreparedDataset
+    from idforge.train.validation import cross_photo_batches, heldout_batches
+
+    try:
+        if heldout_keys:
+            heldout = PreparedDataset(data_dir, keys=heldout_keys, ref_includes_target=True)
+            pair = heldout_batches(heldout, dataset, refs, VALIDATION_PAIRS, seed)
+        else:  # nothing held out: across photos of the training set instead
+            pair = cross_photo_batches(dataset, refs, VALIDATION_PAIRS, seed)
+    except ValueError as exc:
+        log.warning("no identity-gap validation: %s", exc)
+        return None
+    return pair[0].to(device), pair[1].to(device)
+
+
+def _maybe_inject_fault(spec: LoopSpec, step: int, rank: int) -> None:
+    """Tests and drills: fail once after ``spec.fault_step`` on each rank that has not failed there yet."""
+    if spec.fault_step is None or step != spec.fault_step or not spec.fault_marker:
+        return
+    marker = Path(f"{spec.fault_marker}.rank{rank}")
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+
+
+def _init_from(method: Method, path: str) -> None:
     """Load a previous ``method.safetensors`` of the same method (strict keys) as the starting weights."""
     from safetensors.torch import load_file
 
     from idforge.errors import ConfigError
-    from idforge.methods.base import read_method_metadata
+    from idforge.methods.checkpoint import read_method_metadata
 
     if not Path(path).is_file():
         raise ConfigError(f"train.init_from={path} does not exist: give the method.safetensors of an earlier run")
@@ -494,7 +534,7 @@ def _init_from(method: Any, path: str) -> None:
     log.info("initialised %s from %s", method.name, path)
 
 
-def _sample_grid(method: Any, pipe: Any, dataset: Any, cfg: TrainConfig, refs: int) -> list[Any]:
+def _sample_grid(method: Method, pipe: Any, dataset: Any, cfg: TrainConfig, refs: int) -> list[Any]:
     """Images of the first identity for each sample prompt (one seed), generated with the live weights."""
     identity = sorted(dataset.members)[0]
     id_refs = dataset.identity_refs(identity, n=refs)

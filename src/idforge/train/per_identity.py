@@ -278,10 +278,10 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
          cfg: FinetuneConfig, parent_run_id: str | None, tracking: Any, result: FinetuneResult) -> None:
     import torch
 
-    from idforge.diffusion.loading import load_pipeline
+    from idforge.diffusion.loading import freeze_pipeline, load_pipeline
     from idforge.diffusion.text import tokenize
     from idforge.io.atomic import atomic_write_text
-    from idforge.methods.base import IdentityRefs, TrainBatch
+    from idforge.methods.types import IdentityRefs, TrainBatch
     from idforge.track import start_run
     from idforge.track.runs import log_metrics
 
@@ -301,11 +301,8 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
                                **{f"recipe.{k}": v for k, v in rec.items()}})
         # -- load --------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
-        pipe = load_pipeline(base_model, dtype=cfg.dtype, device=device)
+        pipe = freeze_pipeline(load_pipeline(base_model, dtype=cfg.dtype, device=device))
         pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False)
         resolution = cfg.resolution or _native_resolution(pipe)
         data = load_identity_data(dataset_dir, identity, resolution, cfg.max_images)
         latents = _encode_latents(pipe, data.images).to(device)

@@ -36,7 +36,7 @@ class TrainResult:
     """What a training run produced."""
 
     output_dir: Path
-    method_path: Path  # method.safetensors (load with idforge.methods.base.load_method)
+    method_path: Path  # method.safetensors (load with idforge.methods.checkpoint.load_method)
     steps: int
     metrics: dict[str, Any]  # last reported metrics of rank 0 (loss, lr, samples_per_s, weight_checksums, ...)
     checkpoint: Path | None = None  # the last training checkpoint (full state)

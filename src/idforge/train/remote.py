@@ -91,7 +91,7 @@ class RemoteTrainResult:
     attached: bool  # True: the job already existed (a retried step), nothing was submitted
     output_uri: str  # where the job wrote (method.safetensors, metrics.json, config.resolved.yaml, ray/)
     local_dir: Path
-    method_path: Path  # local_dir/method.safetensors (load with idforge.methods.base.load_method)
+    method_path: Path  # local_dir/method.safetensors (load with idforge.methods.checkpoint.load_method)
     steps: int
     metrics: dict[str, Any]  # last reported metrics of rank 0 (loss, lr, world_size, ...)
     checkpoint_uri: str | None = None  # the last full-state Ray Train checkpoint

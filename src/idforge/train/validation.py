@@ -9,19 +9,24 @@ of initialisation; an untrained adapter (zero-initialised output paths) shows no
 
 Datasets too small to hold photos out (a few photos per person) use the cross-photo variant instead: each training
 photo conditioned on another photo of its person vs a photo of another person, with fresh noise.
+
+The batch builders here read the prepared cache; the measurement (``identity_gap``) takes any pair of batches, so
+the method tests use it on synthetic ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
+    from torch import Tensor
 
-    from idforge.methods.base import TrainBatch
-    from idforge.methods.testing import IdentityGap
+    from idforge.methods.base import Method
+    from idforge.methods.types import TrainBatch
     from idforge.train.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -54,7 +59,7 @@ def heldout_batches(heldout: PreparedDataset, references: PreparedDataset, refs_
     in ``references``, ``mismatched`` from the other identity of the pair. Both datasets must come from one prepare.
     ``max_pairs`` keeps a seeded subset of the pairs, so a large dataset costs a fixed amount.
     """
-    from idforge.methods.base import TrainBatch
+    from idforge.methods.types import TrainBatch
     from idforge.train.dataset import collate
 
     identities = sorted(references.members)
@@ -92,7 +97,7 @@ def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pa
     reaches the denoiser from a different photo of the person than the one being denoised. ``max_pairs`` keeps a
     seeded subset of the (image, reference, other identity) triples, so a large dataset costs a fixed amount.
     """
-    from idforge.methods.base import TrainBatch
+    from idforge.methods.types import TrainBatch
     from idforge.train.dataset import collate
 
     identities = sorted(dataset.members)
@@ -113,21 +118,6 @@ def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pa
     return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
 
 
-def identity_gap(method: Any, pipe: Any, heldout: PreparedDataset, references: PreparedDataset,
-                 refs_per_item: int = 1, repeats: int = 8, seed: int = 0, max_pairs: int | None = None
-                 ) -> IdentityGap:
-    """Held-out diffusion loss of ``method`` (attached to ``pipe``) with matched vs mismatched identity.
-
-    The measurement is ``idforge.methods.testing.identity_gap`` (fixed noise and timesteps shared by both
-    conditions, ``repeats`` draws, no face loss); this function supplies the batches from the prepared cache.
-    """
-    from idforge.methods.testing import identity_gap as measure
-
-    match, mismatch = heldout_batches(heldout, references, refs_per_item, max_pairs, seed)
-    device = pipe.unet.device
-    return measure(method, pipe, match.to(device), mismatch.to(device), repeats=repeats, seed=seed)
-
-
 def _sample(heldout: PreparedDataset, references: PreparedDataset, row: int, ref_rows: list[int]) -> dict:
     """A held-out target with references taken from another dataset view of the same prepared cache."""
     target = heldout.compose(row, [row], flip=False)
@@ -135,3 +125,87 @@ def _sample(heldout: PreparedDataset, references: PreparedDataset, row: int, ref
     for k in ("face_embeds", "clip_image_embeds", "clip_patch_tokens", "ref_pixels"):
         target[k] = refs[k]
     return target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the measurement
+
+
+def fix_noise(batch: TrainBatch, scheduler: Any, seed: int, t_min: int = 0, t_max: int | None = None) -> TrainBatch:
+    """The batch with fixed noise and timesteps drawn from ``seed`` (for comparable held-out losses)."""
+    import torch
+
+    from idforge.methods.objective import sample_timesteps
+
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch.latents.shape, generator=g)
+    t = sample_timesteps(scheduler, batch.batch_size, "cpu", g, t_min, t_max)
+    return replace(batch, noise=noise.to(batch.latents.device), timesteps=t.to(batch.latents.device))
+
+
+@dataclass(frozen=True)
+class IdentityGap:
+    """Mean held-out diffusion losses with the matching and the mismatched identity; gap = mismatch - match."""
+
+    match: float
+    mismatch: float
+
+    @property
+    def gap(self) -> float:
+        return self.mismatch - self.match
+
+    @property
+    def relative_gap(self) -> float:
+        return self.gap / max(self.match, 1e-12)
+
+
+def held_out_loss(method: Method, pipe: Any, batch: TrainBatch, chunk: int = 16) -> float:
+    """The diffusion part of the training objective (no face loss, no dropout), as a float.
+
+    Evaluated without gradients, ``chunk`` samples at a time (the per-sample mean is the same), so a validation
+    batch of any size fits in the memory of a training step.
+    """
+    import torch
+
+    training = method.modules.training
+    method.modules.eval()
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, batch.batch_size, chunk):
+                part = batch.rows(start, start + chunk)
+                # Without target landmarks no face loss is computed: the measure is the denoising loss alone.
+                out = method.training_loss(replace(part, target_kps=None), pipe)
+                total += float(out.get("diffusion", out["loss"])) * part.batch_size
+    finally:
+        method.modules.train(training)
+    return total / batch.batch_size
+
+
+def identity_gap(method: Method, pipe: Any, batch_match: TrainBatch, batch_mismatch: TrainBatch | None = None,
+                 repeats: int = 4, seed: int = 0, t_min: int = 0, t_max: int | None = None) -> IdentityGap:
+    """Held-out loss of ``batch_match`` with its own identity vs with ``batch_mismatch``'s identity features.
+
+    ``batch_mismatch`` only lends its identity fields (``TrainBatch.with_identity_of``); None = ``batch_match``'s
+    identities rolled by one (sample i gets sample i+1's features; needs samples of different identities).
+    Each repeat draws one fixed noise/timestep set shared by both conditions, so the gap measures identity alone.
+    """
+    import torch
+
+    from idforge.methods.objective import training_scheduler
+
+    if batch_mismatch is None:
+        def roll(t: Tensor | None) -> Tensor | None:
+            return None if t is None else torch.roll(t, 1, dims=0)
+
+        batch_mismatch = replace(batch_match, **{n: roll(getattr(batch_match, n)) for n in (
+            "face_embeds", "clip_image_embeds", "clip_patch_tokens", "ref_pixels", "identity")})
+    mismatched = batch_match.with_identity_of(batch_mismatch)
+    sched = training_scheduler(pipe)
+    match = mismatch = 0.0
+    for r in range(repeats):
+        a = fix_noise(batch_match, sched, seed + r, t_min, t_max)
+        b = replace(mismatched, noise=a.noise, timesteps=a.timesteps)
+        match += held_out_loss(method, pipe, a)
+        mismatch += held_out_loss(method, pipe, b)
+    return IdentityGap(match / repeats, mismatch / repeats)
