@@ -37,12 +37,17 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override a key: --set curate.min_face_px=96 (repeatable).", show_default=False),
 ]
+PresetOpt = Annotated[
+    Optional[str],
+    typer.Option("--preset", help="A method's paper preset (`idforge methods presets`), merged before --config.",
+                 show_default=False),
+]
 
 
-def _load(config: list[Path] | None, overrides: list[str] | None):
+def _load(config: list[Path] | None, overrides: list[str] | None, preset: str | None = None):
     from idforge.config import load_config
 
-    return load_config(config or [], overrides or [])
+    return load_config(config or [], overrides or [], preset=preset)
 
 
 @app.callback()
@@ -59,11 +64,11 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the fully resolved config (defaults + files + --set) as YAML."""
+def config_show(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None) -> None:
+    """Print the fully resolved config (defaults + preset + files + --set) as YAML."""
     from idforge.config import dump_config
 
-    typer.echo(dump_config(_load(config, set_)), nl=False)
+    typer.echo(dump_config(_load(config, set_, preset)), nl=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,6 +118,15 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name, e.g. inf
     from idforge.methods.describe import describe_method
 
     typer.echo(describe_method(name))
+
+
+@methods_app.command("presets")
+def methods_presets() -> None:
+    """The paper presets (`--preset NAME`), one line each: name and the paper it reproduces."""
+    from idforge.presets import available_presets, preset_summary
+
+    for name, path in available_presets().items():
+        typer.echo(f"{name:<20} {preset_summary(path)}")
 
 
 @methods_app.command("inspect")
@@ -193,12 +207,13 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run recorded in --output.")] = True,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Train a tuning-free identity adapter with Ray Train (local CPU workers or a cluster)."""
     from idforge.train.population import train_population
 
     overrides = list(set_ or []) + ([f"train.method={method}"] if method else [])
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, preset)
     result = train_population(cfg, data, model or cfg.model.base, workers=workers, gpus_per_worker=gpus_per_worker,
                               output_dir=output, resume=resume, ray_address=ray_address,
                               local_files_only=cfg.model.local_files_only)
@@ -207,21 +222,27 @@ def train(
 
 @app.command()
 def finetune(
-    method: Annotated[str, typer.Option(help="Per-identity method: id-ea | sefi-ide | pidiff | textual-inversion | "
-                                             "dreambooth-lora.")],
     dataset: Annotated[Path, typer.Option(help="Curated dataset directory.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifacts go to OUTPUT/<identity>/.")],
     identity: Annotated[Optional[list[str]], typer.Option(help="Identity to fine-tune (repeatable).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every identity of the dataset, as parallel Ray tasks.")] = False,
+    method: Annotated[Optional[str], typer.Option(
+        help="Per-identity method: id-ea | sefi-ide | pidiff | textual-inversion | dreambooth-lora "
+             "(default: the --preset's method).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Fine-tune a per-identity method: one identity, or all of them fanned out (failed ones are reported; a rerun
     redoes only what is not done)."""
     from idforge.errors import ConfigError
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, preset)
+    # A preset is named for its method, so `--preset pidiff` alone says which method to fine-tune.
+    method = method or preset
+    if method is None:
+        raise ConfigError("pass --method NAME (or --preset NAME, which fine-tunes the preset's method)")
     base = model or cfg.model.base
     if all_ == bool(identity):
         raise ConfigError("pass exactly one of --identity ID (repeatable) or --all")
@@ -252,11 +273,12 @@ def generate(
     identity: Annotated[Optional[list[str]], typer.Option(help="Only these identities (repeatable).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Prompts x identities x seeds -> images, each with the exact config and seed that made it (resumable)."""
     from idforge.evaluate.generate import generate_images
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, preset)
     result = generate_images(method, artifact, refs, prompts, _seeds(seeds), model, output, cfg,
                              identities=identity or None)
     typer.echo(result.summary())
@@ -332,11 +354,11 @@ def _pipeline_args(args: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _pipeline_config_yaml(config: list[Path] | None, overrides: list[str] | None) -> str:
+def _pipeline_config_yaml(config: list[Path] | None, overrides: list[str] | None, preset: str | None = None) -> str:
     """The resolved config as YAML, with the paths steps read made absolute (``pipelines.runner``)."""
     from pipelines.runner import pipeline_config_yaml
 
-    return pipeline_config_yaml(_load(config, overrides), Path.cwd())
+    return pipeline_config_yaml(_load(config, overrides, preset), Path.cwd())
 
 
 @pipeline_app.command("compile")
@@ -374,6 +396,7 @@ def pipeline_run(
     cache: Annotated[bool, typer.Option(help="Reuse outputs of unchanged steps.")] = True,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Run a pipeline locally (kfp.local SubprocessRunner: no Docker, no pip at run time)."""
     from idforge.errors import ConfigError
@@ -382,7 +405,7 @@ def pipeline_run(
     if not local:
         raise ConfigError("`idforge pipeline run` runs locally: pass --local, or use `idforge pipeline submit`")
     arguments = _pipeline_args(arg)
-    arguments.setdefault("config_yaml", _pipeline_config_yaml(config, set_))
+    arguments.setdefault("config_yaml", _pipeline_config_yaml(config, set_, preset))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
     run = run_local(name, arguments, pipeline_root=pipeline_root, enable_caching=cache)
@@ -407,6 +430,7 @@ def pipeline_submit(
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Submit a pipeline run to a Kubeflow Pipelines endpoint and print its run id."""
     from components.images import Images
@@ -415,7 +439,7 @@ def pipeline_submit(
 
     arguments = _pipeline_args(arg)
     # On a cluster the tracking URI comes from the pods' MLFLOW_TRACKING_URI: do not bake a local path in.
-    arguments.setdefault("config_yaml", dump_config(_load(config, set_)))
+    arguments.setdefault("config_yaml", dump_config(_load(config, set_, preset)))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
     run_id = submit(name, host, arguments, experiment=experiment, images=Images.load(registry, tag),

@@ -197,15 +197,22 @@ def load_config(
     paths: Iterable[str | os.PathLike[str]] = (),
     overrides: Iterable[str] = (),
     model: type[M] = IdforgeConfig,  # type: ignore[assignment]
+    preset: str | None = None,
 ) -> M:
-    """Merge YAML files left to right, apply ``--set`` overrides, validate.
+    """Merge the ``preset`` (``idforge.presets``) first, then YAML files left to right, then ``--set`` overrides;
+    validate.
 
     Raises:
-        ConfigError: a file is missing or malformed, a key is unknown, or a value has the wrong type;
-            the message names the key and the allowed names or values.
+        ConfigError: a file is missing or malformed, a key is unknown, a value has the wrong type, or the preset is
+            unknown; the message names the key and the allowed names or values.
     """
     data: dict[str, Any] = {}
     sources = []
+    if preset:
+        from idforge.presets import read_preset
+
+        data = read_preset(preset)
+        sources.append(f"preset {preset}")
     for p in paths:
         data = _deep_merge(data, _read_yaml(Path(p)))
         sources.append(str(p))
