@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from idforge.errors import ConfigError
 from idforge.methods.base import Method, check_state_keys
-from idforge.methods.checkpoint import CHECKPOINT_FORMAT, load_method, read_method_metadata, save_method
+from idforge.methods.checkpoint import read_method_metadata, save_method
 from idforge.methods.objective import diffusion_loss, predict_x0, sample_timesteps
 from idforge.methods.registry import available_methods, get_method
 from idforge.methods.sampling import SamplingConfig
@@ -149,8 +147,8 @@ def test_read_metadata_rejects_foreign_files(tmp_path):
         read_method_metadata(tmp_path / "missing.safetensors")
 
 
-def test_checkpoint_metadata_and_strict_load(tmp_path, tiny_sd15_dir):
-    from safetensors.torch import load_file, save_file
+def test_checkpoint_metadata_and_description(tmp_path, tiny_sd15_dir):
+    from safetensors.torch import load_file
 
     from idforge.methods.testing import load_frozen_pipeline
 
@@ -175,17 +173,6 @@ def test_checkpoint_metadata_and_strict_load(tmp_path, tiny_sd15_dir):
             m.attach(pipe)
     finally:
         m.detach()
-    # Drop one key and add a stray one: the strict check names both.
-    sd.pop(sorted(sd)[0])
-    sd["image_proj.extra"] = torch.zeros(1)
-    raw_meta = read_method_metadata(path)
-    bad = tmp_path / "bad.safetensors"
-    save_file(sd, str(bad), metadata={"format": CHECKPOINT_FORMAT, "method": "infinite-id",
-                                      "config": json.dumps(raw_meta["config"]), "unet": json.dumps(raw_meta["unet"])})
-    with pytest.raises(ValueError, match=r"missing keys \[clip_mapper.*unexpected keys \[image_proj.extra\]"):
-        load_method(bad, pipe)
-    # A failed load leaves the pipeline untouched.
-    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
 
 
 def test_describe_lists_methods_and_config_keys():

@@ -1,4 +1,5 @@
-"""IDAdapter on the tiny SD1.5- and SDXL-shaped pipelines: gradients, sizes, checkpoints, sampling, off-switch."""
+"""IDAdapter on the tiny SD1.5- and SDXL-shaped pipelines: sizes, the face identity loss, textual injection, the
+MFF mixer, identity flow. The contract every method keeps is in test_methods_contract.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from idforge.methods.checkpoint import load_method, save_method
 from idforge.methods.registry import get_method
 from idforge.methods.testing import (
     grads_with_and_without_checkpointing,
@@ -55,14 +55,8 @@ def _expected_params(cfg, pipe) -> int:
     return mff + adapters + text
 
 
-def _base_grads(pipe) -> list[str]:
-    mods = {n: getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")}
-    return [f"{k}.{n}" for k, mod in mods.items() if mod is not None
-            for n, p in mod.named_parameters() if p.grad is not None]
-
-
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_attaches_trains_only_its_own_parameters_and_counts_match(pipes, kind):
+def test_parameter_count_and_checkpoint_prefixes_follow_the_config(pipes, kind):
     pipe = pipes[kind]
     m = get_method("id-adapter", **CFG)
     m.attach(pipe)
@@ -70,13 +64,6 @@ def test_attaches_trains_only_its_own_parameters_and_counts_match(pipes, kind):
         assert m.num_trainable_parameters() == _expected_params(m.config, pipe)
         assert set(m.state_dict()) == {k for k in m.modules.state_dict()}
         assert {k.split(".")[0] for k in m.state_dict()} == {"mff", "adapter", "text_inj"}
-        perturb_(m, 0.2)  # non-zero gates/injections so every weight is on the gradient path
-        out = m.training_loss(synthetic_batch(pipe, 2, num_refs=2), pipe, generator=torch.Generator().manual_seed(0))
-        assert set(out) == {"loss", "diffusion", "face"} and torch.isfinite(out["loss"])
-        out["loss"].backward()
-        missing = [n for n, p in m.modules.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
-        assert missing == []
-        assert _base_grads(pipe) == []
     finally:
         m.detach()
 
@@ -93,7 +80,6 @@ def test_face_identity_loss_reaches_the_adapter_through_the_real_arcface(pipes):
         torch.testing.assert_close(out["loss"].detach(), out["diffusion"] + out["face"])
         out["loss"].backward()
         grads = {n: p.grad.clone() for n, p in m.modules.named_parameters()}
-        assert _base_grads(pipe) == []
         # The face term alone moves the weights: compare with the diffusion-only gradient.
         for p in m.modules.parameters():
             p.grad = None
@@ -114,90 +100,6 @@ def test_face_loss_window_skips_noisy_timesteps(pipes, attached):
     batch = replace(batch, timesteps=torch.tensor([900, 950]))  # outside [0, 400): no decode, no face term
     out = attached.training_loss(batch, pipe)
     assert float(out["face"]) == 0.0 and torch.equal(out["loss"].detach(), out["diffusion"])
-
-
-def test_save_load_round_trips_bit_exactly(pipes, attached, tmp_path):
-    from idforge.diffusion.text import encode_prompts, unet_call
-
-    pipe = pipes["sd15"]
-    path = save_method(attached, tmp_path / "ida.safetensors")
-    cond = attached.identity_condition(_refs(1), pipe)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        text = attached.encode_prompts(pipe, ["a photo of a man"], cond)
-        with attached.conditioning(cond):
-            before = unet_call(pipe, x, torch.tensor([500]), text)
-    sd = attached.state_dict()
-    attached.detach()
-    loaded = load_method(path, pipe)
-    try:
-        assert loaded.config == attached.config
-        assert sd.keys() == loaded.state_dict().keys()
-        assert all(torch.equal(sd[k], loaded.state_dict()[k]) for k in sd)
-        cond2 = loaded.identity_condition(_refs(1), pipe)
-        with torch.no_grad():
-            text2 = loaded.encode_prompts(pipe, ["a photo of a man"], cond2)
-            with loaded.conditioning(cond2):
-                assert torch.equal(unet_call(pipe, x, torch.tensor([500]), text2), before)
-        assert not torch.equal(text2.hidden, encode_prompts(pipe, ["a photo of a man"]).hidden)
-    finally:
-        loaded.detach()
-        attached.attach(pipe)  # the fixture detaches it
-
-
-def test_generation_is_deterministic_per_seed_and_depends_on_identity(pipes, attached):
-    pipe = pipes["sd15"]
-    cond = attached.identity_condition(_refs(1), pipe)
-    kw = dict(seeds=[0, 1], num_inference_steps=3)
-    a = attached.generate(pipe, ["a photo of a man", "a man on the beach"], cond, **kw)
-    b = attached.generate(pipe, ["a photo of a man", "a man on the beach"], cond, **kw)
-    assert len(a) == 4 and a[0].size == (64, 64)
-    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a, b, strict=True))
-    assert not np.array_equal(np.array(a[0]), np.array(a[1]))  # seed 0 vs seed 1
-    # prompt-major order: the single-prompt call reproduces image (prompt 0, seed 1), up to float rounding of
-    # the different batch size
-    single = attached.generate(pipe, ["a photo of a man"], cond, seeds=[1], num_inference_steps=3)
-    assert np.abs(np.array(single[0], dtype=int) - np.array(a[1], dtype=int)).max() <= 1
-    other = attached.generate(pipe, ["a photo of a man"], attached.identity_condition(_refs(2), pipe), seeds=[1],
-                              num_inference_steps=3)
-    assert not np.array_equal(np.array(other[0]), np.array(a[1]))
-
-
-def test_scale_zero_and_detach_give_the_base_model_exactly(pipes, attached):
-    pipe = pipes["sd15"]
-    cond = attached.identity_condition(_refs(1), pipe)
-    prompt = "a photo of a man"
-    shape = (1, 4, 8, 8)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    with_id = np.array(attached.generate(pipe, [prompt], cond, seeds=[0], num_inference_steps=3)[0])
-    attached.set_scale(0.0)
-    off = np.array(attached.generate(pipe, [prompt], cond, seeds=[0], num_inference_steps=3)[0])
-    attached.set_scale(1.0)
-    attached.detach()
-    try:
-        stock = np.array(pipe(prompt, num_inference_steps=3, guidance_scale=5.0, latents=noise).images[0])
-    finally:
-        attached.attach(pipe)
-    assert np.array_equal(off, stock)
-    assert not np.array_equal(with_id, stock)
-
-
-def test_sdxl_generation_and_its_off_switch(pipes):
-    pipe = pipes["sdxl"]
-    m = get_method("id-adapter", **CFG)
-    m.attach(pipe)
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    try:
-        perturb_(m, 0.2)
-        cond = m.identity_condition(_refs(3), pipe)
-        with_id = m.generate(pipe, ["a photo of a man"], cond, seeds=[0], num_inference_steps=2)
-        m.set_scale(0.0)
-        off = m.generate(pipe, ["a photo of a man"], cond, seeds=[0], num_inference_steps=2)
-    finally:
-        m.detach()
-    stock = pipe("a photo of a man", num_inference_steps=2, guidance_scale=5.0, latents=noise).images[0]
-    assert np.array_equal(np.array(off[0]), np.array(stock))
-    assert not np.array_equal(np.array(with_id[0]), np.array(stock))
 
 
 def test_textual_injection_edits_only_the_class_noun_and_what_follows(pipes, attached):

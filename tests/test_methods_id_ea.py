@@ -1,17 +1,12 @@
-"""ID-EA: pseudo-tokens from the ID-Enhancer, the gated ID-Adapter on cross-attention k/v, artifact round trip."""
+"""ID-EA: pseudo-tokens from the ID-Enhancer, the gated ID-Adapter on cross-attention k/v, what the artifact holds.
+The contract every method keeps is in test_methods_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.fixtures.dataset import (
-    assert_frozen_unchanged,
-    fixed_batch,
-    frozen_snapshot,
-    state_copy,
-    train_steps,
-)
+from tests.fixtures.dataset import fixed_batch, state_copy, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,6 @@ def test_paper_defaults_and_anchor_file():
 
 def test_identity_initialises_tokens_and_only_method_weights_train(pipe):
     m = _method()
-    before = frozen_snapshot(pipe)
     m.attach(pipe)
     anchor = m.enhancer.anchor.clone()
     m.prepare_identity(_refs(0), pipe)
@@ -62,36 +56,19 @@ def test_identity_initialises_tokens_and_only_method_weights_train(pipe):
     after = m.state_dict()
     assert not torch.equal(init["embeds.vectors"], after["embeds.vectors"])
     assert any(not torch.equal(v, after[k]) for k, v in gate_before.items())
-    assert_frozen_unchanged(before, pipe)
     m.detach()
 
 
 def test_artifact_holds_only_embeds_adapter_and_id_tokens(pipe, tmp_path):
     from safetensors import safe_open
 
-    from idforge.methods.personalized import load_artifact
-
     m = _method()
     m.attach(pipe)
     m.prepare_identity(_refs(0), pipe)
-    with torch.no_grad():
-        for k, p in m.modules.named_parameters():
-            if k.endswith("gate"):
-                p.fill_(0.5)  # a trained adapter: its branch contributes
-    prompt = m.config.sample_prompt.format(m.identity_phrase())
-    assert prompt == "<idea-0> <idea-1> wearing an oversized sweater"
-    images = m.generate(pipe, [prompt], m.sample_condition(pipe), num_inference_steps=2, seeds=[1])
+    assert m.config.sample_prompt.format(m.identity_phrase()) == "<idea-0> <idea-1> wearing an oversized sweater"
     m.save_artifact(tmp_path / "a")
-    m.set_scale(0.0)
-    base_like = m.generate(pipe, [prompt], m.sample_condition(pipe), num_inference_steps=2, seeds=[1])
-    assert list(images[0].getdata()) != list(base_like[0].getdata())
     m.detach()
-
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["artifact.json", "learned_embeds.safetensors"]
     with safe_open(str(tmp_path / "a" / "learned_embeds.safetensors"), framework="pt") as fh:
         prefixes = {k.split(".")[0] for k in fh.keys()}
     assert prefixes == {"embeds", "adapter", "id_tokens"}
-    loaded, _ = load_artifact(tmp_path / "a", pipe)
-    again = loaded.generate(pipe, [prompt], loaded.sample_condition(pipe), num_inference_steps=2, seeds=[1])
-    assert list(images[0].getdata()) == list(again[0].getdata())
-    loaded.detach()

@@ -1,17 +1,12 @@
-"""DreamBooth-LoRA: only LoRA A/B train, the loss falls, round trip, ``pipe.load_lora_weights`` reads the export."""
+"""DreamBooth-LoRA: only LoRA A/B train and the loss falls; ``pipe.load_lora_weights`` reads the export. The contract
+every method keeps is in test_methods_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.fixtures.dataset import (
-    assert_frozen_unchanged,
-    fixed_batch,
-    frozen_snapshot,
-    state_copy,
-    train_steps,
-)
+from tests.fixtures.dataset import fixed_batch, state_copy, train_steps
 
 
 @pytest.fixture
@@ -39,7 +34,6 @@ def _unet_out(pipe, text_hidden):
 
 def test_only_lora_trains_and_loss_falls(pipe):
     m = _method(rank=2)
-    before = frozen_snapshot(pipe)
     m.attach(pipe)
     names = [n for n, _ in m.modules.named_parameters()]
     assert names and all(n.endswith(("A.weight", "B.weight")) for n in names)
@@ -48,14 +42,14 @@ def test_only_lora_trains_and_loss_falls(pipe):
     assert last < first
     after = m.state_dict()
     assert all(not torch.equal(init[k], after[k]) for k in init if k.endswith("B.weight"))  # B starts at 0
-    assert_frozen_unchanged(before, pipe)
     m.detach()
 
 
-def test_detach_restores_base_and_round_trip_matches_diffusers_loader(pipe, tiny_sd15_dir, tmp_path):
+def test_diffusers_loader_reads_the_export(pipe, tiny_sd15_dir, tmp_path):
+    import json
+
     from idforge.diffusion.loading import load_pipeline
     from idforge.diffusion.text import encode_prompts
-    from idforge.methods.personalized import load_artifact
 
     text = encode_prompts(pipe, ["a photo of sks person"]).hidden
     base = _unet_out(pipe, text)
@@ -68,12 +62,7 @@ def test_detach_restores_base_and_round_trip_matches_diffusers_loader(pipe, tiny
     assert not torch.allclose(tuned, base)
     m.save_artifact(tmp_path / "a")
     m.detach()
-    assert torch.equal(_unet_out(pipe, text), base)  # LoRA off = the base model, bit for bit
-
-    loaded, meta = load_artifact(tmp_path / "a", pipe)
-    assert meta["identity_phrase"] == "sks person"
-    assert torch.equal(_unet_out(pipe, text), tuned)
-    loaded.detach()
+    assert json.loads((tmp_path / "a" / "artifact.json").read_text())["identity_phrase"] == "sks person"
 
     fresh = load_pipeline(tiny_sd15_dir)
     fresh.load_lora_weights(str(tmp_path / "a"))  # diffusers' own loader, default weight name

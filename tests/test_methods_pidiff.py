@@ -1,17 +1,12 @@
-"""PIDiff: W+ encoder + loader, SCA initialised from text cross-attention, lambda=0 is the base model, style mixing."""
+"""PIDiff: W+ encoder + loader, SCA initialised from text cross-attention, style mixing. The contract every method
+keeps (lambda = scale 0 is the base model, round trips, ...) is in test_methods_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.fixtures.dataset import (
-    assert_frozen_unchanged,
-    fixed_batch,
-    frozen_snapshot,
-    state_copy,
-    train_steps,
-)
+from tests.fixtures.dataset import fixed_batch, state_copy, train_steps
 
 SMALL = {"encoder_image_size": 64, "encoder_width": 8, "mapping_hidden": 64}
 
@@ -67,7 +62,6 @@ def test_paper_defaults():
 
 def test_only_sca_and_mapping_train_and_loss_falls(pipe):
     m = _method(visual_dropout=0.0, text_dropout=0.0, wplus_noise=0.0)
-    before = frozen_snapshot(pipe)
     m.attach(pipe)
     attn = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
     sca = m.modules["sca"]["down_blocks_0_attentions_0_transformer_blocks_0_attn2"]
@@ -82,28 +76,16 @@ def test_only_sca_and_mapping_train_and_loss_falls(pipe):
     after = m.state_dict()
     assert not torch.equal(init["mapping.fc2.weight"], after["mapping.fc2.weight"])
     assert all(torch.equal(v, m.encoder.state_dict()[k]) for k, v in enc_before.items())  # W+ encoder frozen
-    assert_frozen_unchanged(before, pipe)
     m.detach()
 
 
-def test_lambda_zero_is_the_base_model_exactly_and_style_mixing_changes_output(pipe):
-    from idforge.diffusion.text import encode_prompts, unet_call
+def test_style_mixing_takes_coarse_layers_from_one_identity_and_fine_from_another(pipe):
     from idforge.methods.pidiff import mix_wplus
 
-    text = encode_prompts(pipe, ["a photo of a person"])
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        base = unet_call(pipe, x, torch.tensor([400]), text)
     m = _method()
     m.attach(pipe)
     m.eval()
     cond_a, cond_b = m.identity_condition(_refs(0), pipe), m.identity_condition(_refs(1), pipe)
-    with torch.no_grad():
-        m.set_scale(0.0)
-        assert torch.equal(m.denoise(pipe, x, torch.tensor([400]), text, cond_a), base)
-        m.set_scale(0.4)
-        assert not torch.allclose(m.denoise(pipe, x, torch.tensor([400]), text, cond_a), base)
-
     mixed = m.style_mix(cond_a, cond_b)
     w = mixed.tensors["wplus"]
     assert torch.equal(w[:, :7], cond_a.tensors["wplus"][:, :7])
@@ -118,22 +100,3 @@ def test_lambda_zero_is_the_base_model_exactly_and_style_mixing_changes_output(p
     m.set_scale(0.0)
     assert list(img_zero.getdata()) == list(m.generate(pipe, ["a photo of a person"], cond_b, **kw)[0].getdata())
     m.detach()
-
-
-def test_round_trip_keeps_identity_wplus(pipe, tmp_path):
-    from idforge.methods.personalized import load_artifact
-
-    m = _method()
-    m.attach(pipe)
-    m.prepare_identity(_refs(0), pipe)
-    with torch.no_grad():
-        m.modules["mapping"].fc2.bias.add_(0.5)
-    images = m.generate(pipe, ["a photo of a person"], m.sample_condition(pipe), num_inference_steps=2, seeds=[0])
-    m.save_artifact(tmp_path / "a")
-    m.detach()
-    loaded, _ = load_artifact(tmp_path / "a", pipe, **SMALL)
-    assert torch.equal(loaded.sample_condition(pipe).tensors["wplus"], m.sample_condition(pipe).tensors["wplus"])
-    again = loaded.generate(pipe, ["a photo of a person"], loaded.sample_condition(pipe), num_inference_steps=2,
-                            seeds=[0])
-    assert list(images[0].getdata()) == list(again[0].getdata())
-    loaded.detach()

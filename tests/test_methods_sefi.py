@@ -1,17 +1,12 @@
-"""SeFi-IDE: face-wise attention loss, per-stage K/V tokens (K forms keys only, V values only), training, round trip."""
+"""SeFi-IDE: face-wise attention loss, per-stage K/V tokens (K forms keys only, V values only), training. The
+contract every method keeps is in test_methods_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.fixtures.dataset import (
-    assert_frozen_unchanged,
-    fixed_batch,
-    frozen_snapshot,
-    state_copy,
-    train_steps,
-)
+from tests.fixtures.dataset import fixed_batch, state_copy, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +81,6 @@ def test_k_token_forms_only_keys_and_v_token_only_values(pipe):
 
 def test_only_tokens_train_with_attention_loss_and_loss_falls(pipe):
     m = _method(attn_loss_weight=0.1)
-    before = frozen_snapshot(pipe)
     m.attach(pipe)
     batch = fixed_batch(pipe, m)
     with torch.no_grad():
@@ -97,23 +91,4 @@ def test_only_tokens_train_with_attention_loss_and_loss_falls(pipe):
     first, last = train_steps(m, pipe, batch, steps=15, lr=0.05)
     assert last < first
     assert list(init) == ["tokens.kv"] and not torch.equal(init["tokens.kv"], m.state_dict()["tokens.kv"])
-    assert_frozen_unchanged(before, pipe)
     m.detach()
-
-
-def test_round_trip_generates_the_same_image(pipe, tmp_path):
-    from idforge.methods.personalized import load_artifact
-
-    m = _method()
-    m.attach(pipe)
-    with torch.no_grad():
-        m.kv.add_(torch.randn_like(m.kv))
-    prompt = m.prompt("a photo of {}")
-    images = m.generate(pipe, [prompt], m.sample_condition(pipe), num_inference_steps=2, seeds=[0])
-    m.save_artifact(tmp_path / "a")
-    m.detach()
-    loaded, meta = load_artifact(tmp_path / "a", pipe)
-    assert meta["placeholders"] == ["<sefi>"]
-    again = loaded.generate(pipe, [prompt], loaded.sample_condition(pipe), num_inference_steps=2, seeds=[0])
-    assert list(images[0].getdata()) == list(again[0].getdata())
-    loaded.detach()

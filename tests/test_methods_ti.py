@@ -1,17 +1,12 @@
-"""Textual Inversion: only the token vectors train, the loss falls, round trip, diffusers' loader reads the export."""
+"""Textual Inversion: only the token vectors train and the loss falls; diffusers' loader reads the export. The
+contract every method keeps is in test_methods_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.fixtures.dataset import (
-    assert_frozen_unchanged,
-    fixed_batch,
-    frozen_snapshot,
-    state_copy,
-    train_steps,
-)
+from tests.fixtures.dataset import fixed_batch, state_copy, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +24,6 @@ def _method(**cfg):
 
 def test_only_token_vectors_train_and_loss_falls(pipe):
     m = _method(num_tokens=2)
-    before = frozen_snapshot(pipe)
     m.attach(pipe)
     assert m.identity_phrase() == "<idf-0> <idf-1>"
     init = state_copy(m)
@@ -37,11 +31,10 @@ def test_only_token_vectors_train_and_loss_falls(pipe):
     assert last < first
     assert [n for n, _ in m.modules.named_parameters()] == ["embeds.vectors"]
     assert not torch.equal(init["embeds.vectors"], m.state_dict()["embeds.vectors"])
-    assert_frozen_unchanged(before, pipe)  # the embedding matrix is not resized or touched
     m.detach()
 
 
-def test_round_trip_and_diffusers_loader_reads_export(pipe, tiny_sd15_dir, tmp_path):
+def test_diffusers_loader_reads_the_export(pipe, tiny_sd15_dir, tmp_path):
     from idforge.diffusion.loading import load_pipeline
     from idforge.methods.personalized import load_artifact
 
@@ -49,17 +42,11 @@ def test_round_trip_and_diffusers_loader_reads_export(pipe, tiny_sd15_dir, tmp_p
     m.attach(pipe)
     with torch.no_grad():
         m.vectors.add_(torch.randn_like(m.vectors))
-    cond = m.sample_condition(pipe)
-    images = m.generate(pipe, [m.prompt("a photo of {}")], cond, num_inference_steps=2, seeds=[3])
     m.save_artifact(tmp_path / "a")
     m.detach()
 
     loaded, meta = load_artifact(tmp_path / "a", pipe)
-    assert meta["identity_phrase"] == "<idf>"
-    assert torch.equal(loaded.vectors, m.vectors)
-    again = loaded.generate(pipe, [loaded.prompt("a photo of {}")], loaded.sample_condition(pipe),
-                            num_inference_steps=2, seeds=[3])
-    assert list(images[0].getdata()) == list(again[0].getdata())
+    assert meta["identity_phrase"] == "<idf>" and meta["placeholders"] == ["<idf>"]
     ours = loaded.encode_prompts(pipe, ["a photo of <idf>"], loaded.sample_condition(pipe)).hidden
     loaded.detach()
 

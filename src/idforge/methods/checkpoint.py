@@ -61,11 +61,23 @@ def load_method(path: str | os.PathLike[str], pipe: Any | None = None, **config_
 
     ``config_overrides`` change inference-time options (e.g. ``mixed_attention=False``); shape-defining keys must
     match the checkpoint or the strict check fails.
+
+    Raises:
+        ValueError: ``pipe``'s UNet is not the architecture the checkpoint was trained for (checked before anything
+            is built or installed, so the pipeline is left as it was), or the strict key check fails.
     """
     from safetensors.torch import load_file
 
     meta = read_method_metadata(path)
     method = get_method(meta["method"], meta["config"], **config_overrides)
+    if pipe is not None:
+        here = json.loads(json.dumps(method.arch_signature(pipe.unet)))  # as saved: tuples become lists
+        if here != meta["unet"]:
+            differ = {k: (meta["unet"].get(k), here.get(k)) for k in sorted({*here, *meta["unet"]})
+                      if meta["unet"].get(k) != here.get(k)}
+            raise ValueError(f"{path} holds a {meta['method']!r} checkpoint for another UNet architecture "
+                             f"(checkpoint vs this pipeline: {differ}); load it onto the base model it was "
+                             "trained on")
     sd = load_file(str(path))
     method.load_state_dict(sd)  # pending until attach: the module shapes come from the UNet
     if pipe is not None:
