@@ -17,11 +17,22 @@ def curate(
     """Detect, gate, align, matte, dedup and group the photos; every input lands in the manifest.
 
     Its counts go to the artifact's metadata; the parent MLflow run records them (see open_parent_run).
-    """
-    import json
 
+    Args:
+        raw_uri: The raw photos: a folder or an ``s3://bucket/prefix``, read recursively.
+        config_yaml: The resolved idforge config as YAML text (its ``curate`` section applies); "" = defaults.
+        labels_uri: Optional labels CSV, local or ``s3://`` (columns ``identity`` and ``file``/``path``/``source``)
+            naming who is in which photo; "" = identities grouped by face embedding alone.
+
+    Returns:
+        dataset: The curated dataset: manifest.parquet (every input, accepted or rejected with its reason),
+            identities.parquet, embeddings.npy, crops/, masks/, matted/ and report.json; its metadata holds the
+            counts below and ``raw_uri``.
+        metrics: The curation counts (files, faces accepted, identities, rejected rows) and quality metrics.
+    """
     from idforge.config import load_config_text
     from idforge.curate.run import curate_dataset
+    from idforge.ops.kfp_metrics import write_metrics
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
     report = curate_dataset(raw_uri, dataset.path, cfg=cfg, labels=labels_uri or None)
@@ -29,9 +40,5 @@ def curate(
         "files": report.files, "faces_accepted": report.faces_accepted, "identities": report.identities,
         "rejected_rows": report.counts.get("rejected", 0), **report.metrics,
     }  # fmt: skip
-    for key, value in counts.items():
-        metrics.log_metric(key, float(value))
-    # The metrics live in the artifact's metadata; a file at its path lets caches see the artifact exists.
-    with open(metrics.path, "w") as fh:
-        json.dump(dict(metrics.metadata), fh)
+    write_metrics(metrics, counts)
     dataset.metadata.update({"raw_uri": raw_uri, **counts})

@@ -15,7 +15,21 @@ def generate(
     config_yaml: str,
     generated: Output[Dataset],
 ):
-    """Prompts x identities x seeds of the protocol, each image with the exact config that made it."""
+    """Prompts x identities x seeds of the protocol, each image with the exact config that made it.
+
+    Args:
+        model: The trained method's artifact: a population method's checkpoint directory, or one
+            ``<identity>/`` directory per identity for a per-identity method.
+        dataset: The curated dataset whose identities' reference photos condition the generation.
+        method: The registered method name (``idforge methods list``), e.g. ``infinite-id``.
+        base_model: The diffusion base model: a local directory or a hub id already in the local cache.
+        config_yaml: The resolved idforge config as YAML text (its ``generate`` section and protocol); "" =
+            defaults.
+
+    Returns:
+        generated: The images with the exact config of each and index.parquet; metadata ``method`` and
+            ``images`` (how many).
+    """
     from idforge.config import load_config_text
     from idforge.evaluate.generate import generate_images
 
@@ -34,22 +48,33 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],
 ) -> str:
-    """The protocol's metrics -> metrics.parquet, report.html and an MLflow run; returns that run's id."""
-    import json
+    """The protocol's metrics -> metrics.parquet, report.html and an MLflow run; returns that run's id.
+
+    Args:
+        generated: The generated images and their index.parquet (generate's output).
+        dataset: The curated dataset the images are scored against (the identities' reference photos).
+        config_yaml: The resolved idforge config as YAML text (its ``evaluate`` section and protocol); "" =
+            defaults.
+        parent_run_id: The pipeline's parent MLflow run, under which the evaluation run nests; "" = a top-level
+            run.
+
+    Returns:
+        table: metrics.parquet, one row per generated image with every metric of the protocol.
+        metrics: The summary over all images (identity similarity, CLIP-T, CLIP-I, LPIPS, diversity,
+            face-detect rate); metrics that are NaN (no face found) are left out.
+        report: The HTML report with the image grids and the metrics table.
+        Output: The evaluation's MLflow run id ("" with tracking off), what register reads.
+    """
     import shutil
 
     from idforge.config import load_config_text
     from idforge.evaluate.run import evaluate_generated
+    from idforge.ops.kfp_metrics import write_metrics
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
     result = evaluate_generated(generated.path, dataset.path, table.path, cfg, run_name="evaluate",
                                 parent_run_id=parent_run_id or None)
-    for key, value in result.summary.items():
-        if value == value:  # KFP metrics reject NaN (e.g. similarity when no face was found)
-            metrics.log_metric(key, float(value))
-    # The metrics live in the artifact's metadata; a file at its path lets caches see the artifact exists.
-    with open(metrics.path, "w") as fh:
-        json.dump(dict(metrics.metadata), fh)
+    write_metrics(metrics, result.summary)
     shutil.copyfile(result.report, report.path)
     return result.run_id or ""
 
@@ -57,7 +82,20 @@ def evaluate(
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
 def register(eval_run_id: str, config_yaml: str, gates_yaml: str, compare_to_champion: bool = False) -> str:
     """Register the evaluated model; alias ``champion`` only when every gate passes (and, with
-    ``compare_to_champion``, it beats the current champion). Returns the registry's summary line."""
+    ``compare_to_champion``, it beats the current champion).
+
+    Args:
+        eval_run_id: The evaluation's MLflow run (evaluate's output); its metrics are what the gates read.
+        config_yaml: The resolved idforge config as YAML text (its ``tracking``, ``model`` and ``generate``
+            sections); "" = defaults.
+        gates_yaml: The gates as YAML text, in ``configs/gates.yaml``'s format (``metric``, ``op``, ``value`` per
+            gate); "" = ``configs/gates.yaml``.
+        compare_to_champion: Also require the candidate to be no worse than the current ``champion`` on every
+            gated metric before the alias moves (the retrain pipeline's rule).
+
+    Returns:
+        Output: The registry's summary line: the registered version, each gate's result, whether the alias moved.
+    """
     import tempfile
     from pathlib import Path
 

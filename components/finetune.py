@@ -10,7 +10,15 @@ from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
 
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
 def list_identities(dataset: Input[Dataset], max_identities: int = 0) -> List[str]:
-    """Identity ids of a curated dataset, sorted (0 = all)."""
+    """Identity ids of a curated dataset, sorted.
+
+    Args:
+        dataset: The curated dataset (its identities.parquet).
+        max_identities: Keep only the first N identities in sorted order (a smoke run); 0 = all.
+
+    Returns:
+        Output: The identity ids, sorted; the per-identity fan-out iterates over them.
+    """
     from idforge.train.per_identity import list_identities as identities_of
 
     ids = identities_of(dataset.path)
@@ -28,7 +36,23 @@ def finetune_identity(
     model: Output[Model],
 ):
     """Fine-tune ``method`` on one identity; the artifact lands in ``model``/<identity>/ (the layout
-    ``idforge finetune --all`` writes, which generate reads)."""
+    ``idforge finetune --all`` writes, which generate reads).
+
+    Args:
+        dataset: The curated dataset holding the identity's photos (crops, masks, embeddings).
+        identity: The identity id to fine-tune on (one of list_identities' ids).
+        method: A per-identity method (``id-ea``, ``sefi-ide``, ``pidiff``, ``textual-inversion``,
+            ``dreambooth-lora``).
+        base_model: The diffusion base model: a local directory or a hub id already in the local cache.
+        config_yaml: The resolved idforge config as YAML text (its ``finetune`` and ``tracking`` sections); "" =
+            defaults.
+        parent_run_id: The pipeline's parent MLflow run, under which this identity's run nests; "" = a top-level
+            run.
+
+    Returns:
+        model: ``<identity>/`` with the method's weights (safetensors), artifact.json, finetune.json and sample
+            images; metadata ``method``, ``identity``, ``base_model`` and the fine-tune's ``status``.
+    """
     from idforge.config import load_config_text
     from idforge.train.per_identity import finetune_identity as run
 
@@ -41,7 +65,16 @@ def finetune_identity(
 
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
 def gather_models(models: Input[List[Model]], method: str, model: Output[Model]):
-    """One directory ``<identity>/...`` holding every identity's artifact (what generate reads)."""
+    """One directory ``<identity>/...`` holding every identity's artifact (what generate reads).
+
+    Args:
+        models: The per-identity fine-tune outputs collected from the fan-out, one ``<identity>/`` each.
+        method: The method they were fine-tuned with (recorded in the metadata).
+
+    Returns:
+        model: Every identity's ``<identity>/`` directory side by side; metadata ``method`` and ``identities``
+            (how many).
+    """
     import shutil
     from pathlib import Path
 

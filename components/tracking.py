@@ -9,10 +9,20 @@ from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
 def open_parent_run(config_yaml: str, pipeline_name: str, dataset: Input[Dataset]) -> str:
     """Create the parent run: params = the resolved config; the dataset it runs on (its curation counts and
-    report.json). Returns the run id.
+    report.json).
 
     It runs after curation, not before, so that curation (cached) takes no run id: a per-run input would
     change its cache key every time.
+
+    Args:
+        config_yaml: The resolved idforge config as YAML text, logged as the run's params (its ``tracking``
+            section names the store); "" = defaults.
+        pipeline_name: The pipeline's name: the run's name and its ``idforge.pipeline`` tag.
+        dataset: The curated dataset the pipeline runs on; its counts become ``dataset_*`` metrics and its
+            report.json an artifact of the run.
+
+    Returns:
+        Output: The parent run's id, which every later step nests its run under ("" with tracking off).
     """
     import os
 

@@ -25,12 +25,30 @@ def train_adapter(
     ``ray_address`` = the Jobs API of a Ray cluster (``http://idforge-ray-head-svc:8265``): the training runs there
     as a Ray job that this step follows (checkpoints under ``$IDFORGE_CHECKPOINTS``; a retried step re-attaches to
     its job). Any other non-empty address (``ray://``, ``auto``) is joined in-process; empty = a local Ray here.
+
+    Args:
+        prepared: The prepared dataset (prepare's output); with a Ray cluster its ``s3://`` URI is what the
+            workers read.
+        method: A population method (``infinite-id``, ``id-adapter``).
+        base_model: The diffusion base model: a local directory or a hub id already in the local cache.
+        config_yaml: The resolved idforge config as YAML text (its ``train`` and ``model`` sections); "" =
+            defaults. ``method`` and ``init_from`` override its ``train.method``/``train.init_from``.
+        parent_run_id: The pipeline's parent MLflow run, under which the training run nests; "" = a top-level run.
+        workers: Ray Train workers (data-parallel ranks).
+        gpus_per_worker: GPUs each worker asks Ray for; 0 = train on CPU.
+        ray_address: Where Ray runs (see above): a Jobs API URL, a ``ray://``/``auto`` address, or "" = local.
+        init_from: A checkpoint to start from (the champion's, in the retrain pipeline); "" = fresh weights.
+
+    Returns:
+        model: ``method.safetensors``, ``config.resolved.yaml`` and ``metrics.json``; metadata ``method``,
+            ``base_model``, ``steps``, ``mlflow_run_id``, and with a Ray cluster the job id and checkpoint URI.
+        metrics: The last metrics rank 0 reported (loss and its parts, learning rate, samples per second).
     """
     import contextlib
-    import json
     import os
 
     from idforge.config import load_config_text
+    from idforge.ops.kfp_metrics import write_metrics
 
     cfg = load_config_text(
         config_yaml, [f"train.method={method}"] + ([f"train.init_from={init_from}"] if init_from else []),
@@ -59,11 +77,6 @@ def train_adapter(
                 output_dir=model.path, ray_address=ray_address or None,
                 local_files_only=cfg.model.local_files_only,
             )  # fmt: skip
-    for key, value in result.metrics.items():
-        if isinstance(value, (int, float)):
-            metrics.log_metric(key, float(value))
-    # The metrics live in the artifact's metadata; a file at its path lets caches see the artifact exists.
-    with open(metrics.path, "w") as fh:
-        json.dump(dict(metrics.metadata), fh)
+    write_metrics(metrics, result.metrics)
     model.metadata.update({"method": method, "base_model": base_model, "steps": result.steps,
                            "mlflow_run_id": result.mlflow_run_id or ""})

@@ -1,5 +1,5 @@
-"""Unit behaviour of the small stages: pose and blur gates, perceptual hash and duplicates, clustering and
-identity ids, labels parsing, matte compositing."""
+"""Unit behaviour of the small stages: pose and blur measures (the gates: test_curate_gates.py), perceptual
+hash and duplicates, clustering and identity ids, labels parsing, matte compositing."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 
 from idforge.curate import dedup, group
-from idforge.curate.config import CurateConfig
-from idforge.curate.gates import FaceQuality, gate_reason, pose_from_landmarks, sharpness
+from idforge.curate.gates import pose_from_landmarks, sharpness
 from idforge.curate.matte import composite, landmark_matte
 from idforge.errors import DataError
-from idforge.faces import Face
 from idforge.faces.align import ARCFACE_TEMPLATE_112
-
-
-def _face(kps=ARCFACE_TEMPLATE_112, score=0.9, box=(0, 0, 112, 112)) -> Face:
-    return Face(bbox=box, kps=np.asarray(kps, np.float32), det_score=score)
 
 
 def test_pose_is_zero_for_the_template_and_grows_with_nose_offset():
@@ -32,16 +26,6 @@ def test_pose_is_zero_for_the_template_and_grows_with_nose_offset():
     rot = ARCFACE_TEMPLATE_112 @ np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
     yaw, roll = pose_from_landmarks(rot)
     assert abs(yaw) < 1 and roll == pytest.approx(30, abs=0.5)  # roll does not leak into yaw
-
-
-def test_gates_apply_in_order():
-    cfg = CurateConfig(min_face_px=64)
-    ok = FaceQuality(size_px=100, sharpness=300, yaw_deg=5, roll_deg=0)
-    assert gate_reason(_face(), ok, cfg) == ""
-    assert gate_reason(_face(), FaceQuality(40, 300, 5, 0), cfg) == "face_too_small"
-    assert gate_reason(_face(score=0.3), ok, cfg) == "low_score"
-    assert gate_reason(_face(), FaceQuality(100, 300, 70, 0), cfg) == "extreme_pose"
-    assert gate_reason(_face(), FaceQuality(100, 3, 5, 0), cfg) == "blurry"
 
 
 def test_sharpness_drops_with_blur():
