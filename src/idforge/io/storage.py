@@ -144,6 +144,22 @@ def _local_files(root: Path) -> list[str]:
     return sorted(out)
 
 
+def _checked_relative(rel: str, uri: str) -> str:
+    """``rel`` (a listed key relative to the synced prefix) if it is safe to join onto a local directory.
+
+    A key is the server's to name: one spelled ``../x``, ``/etc/x`` or ``a//b`` would otherwise write outside the
+    destination (or somewhere unexpected inside it).
+
+    Raises:
+        StorageError: an absolute key, an empty, '.' or '..' segment, a backslash or a NUL character.
+    """
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or any(p in {"", ".", ".."} for p in parts):
+        raise StorageError(f"refusing to download {uri}: its key {rel!r} would not stay inside the destination "
+                           "directory (absolute, empty, '.' or '..' segments): rename the object")
+    return rel
+
+
 def _progress(items: list[str], enabled: bool, desc: str):  # type: ignore[no-untyped-def]
     if not enabled:
         return items
@@ -269,7 +285,7 @@ class Storage(ABC):
             raise StorageError(f"download_dir: no objects under {uri}: check the URI, or upload the data first")
         result = SyncResult()
         for info in _progress(listed, progress, f"download {uri}"):  # type: ignore[arg-type]
-            rel = self._rel(uri, info.uri)
+            rel = _checked_relative(self._rel(uri, info.uri), info.uri)
             dest = root / rel
             if dest.is_file() and dest.stat().st_size == info.size:
                 if self._known_sha256(self._with_meta(info)) == _sha256_file(dest):
