@@ -9,7 +9,7 @@ import pytest
 
 from idforge.config import StorageConfig
 from idforge.errors import StorageError
-from idforge.io.arrow_fs import ray_storage, s3_filesystem
+from idforge.io.s3_clients import ray_storage, s3_filesystem
 from idforge.io.storage import open_storage
 from tests.fixtures.s3 import S3Server
 

@@ -579,6 +579,14 @@ class S3Storage(Storage):
         elif isinstance(exc, InvalidResponseError):
             # Some servers (rclone's) send error XML as text/xml, which minio refuses to parse: read the code here.
             code = _xml_error_code(getattr(exc, "_body", None)) or f"HTTP {getattr(exc, '_code', '?')}"
+        if isinstance(exc, urllib3.exceptions.SSLError) or (
+            isinstance(exc, urllib3.exceptions.MaxRetryError) and isinstance(exc.reason, urllib3.exceptions.SSLError)
+        ):
+            reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+            return StorageError(
+                f"TLS with the S3 endpoint {self.url} failed for {uri} ({str(reason).splitlines()[0][:160]}): "
+                "if it uses a private CA, set storage.ca_bundle (or $SSL_CERT_FILE) to that CA's PEM file"
+            )
         if isinstance(exc, urllib3.exceptions.MaxRetryError) and isinstance(
             exc.reason, urllib3.exceptions.ResponseError
         ):

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from idforge.errors import ConfigError, DataError
-from idforge.io.arrow_fs import ray_storage
 from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.io.s3_clients import ray_storage
 from idforge.io.uri import join_uri
 from idforge.train.config import TrainConfig
 from idforge.train.loop import LocalEnv, LoopSpec, local_data, run_loop

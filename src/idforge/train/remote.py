@@ -14,7 +14,7 @@ Two halves, one module:
 Data and output locations are URIs the cluster can read: local paths on one machine (or a volume every node mounts
 at the same path), ``s3://`` on a cluster. With an ``s3://`` output, Ray Train's checkpoints go to ``<output>/ray``
 (persistent storage every node reaches, written through the configured endpoint: see
-:mod:`idforge.io.arrow_fs`; ``train.storage_path`` overrides it) and the exported files are uploaded
+:mod:`idforge.io.s3_clients`; ``train.storage_path`` overrides it) and the exported files are uploaded
 next to it; with a local output everything lands under that directory, checkpoints in ``<output>/ray``.
 
 The job id is a hash of everything that defines the run (config, data, model, output, workers): a retried pipeline

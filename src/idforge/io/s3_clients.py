@@ -1,8 +1,11 @@
-"""pyarrow's S3 filesystem built from our storage config: the one Ray Train writes its checkpoints through.
+"""The S3 clients besides minio, configured from the same StorageConfig (endpoint, credentials from the
+environment, region, TLS and its CA bundle), so none of them falls back to AWS or to its own trust store.
 
-Left to itself Ray resolves ``s3://`` with pyarrow's defaults, which means AWS (and whatever credentials chain the
-node has). :func:`ray_storage` gives Ray the configured endpoint, the credentials of the environment variables the
-config names, the signing region and the CA bundle, the same settings :class:`~idforge.io.storage.S3Storage` uses.
+- pyarrow's ``S3FileSystem``: what Ray Train writes its checkpoints through. Left to itself Ray resolves ``s3://``
+  with pyarrow's defaults, which means AWS (and whatever credentials chain the node has); :func:`ray_storage` gives
+  it the configured endpoint.
+- DVC (s3fs underneath): :func:`dvc_remote_options` are the ``dvc remote modify`` settings of a remote on the
+  configured endpoint. Credentials are not among them: DVC reads them from the same environment variables.
 """
 
 from __future__ import annotations
@@ -10,13 +13,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from idforge.io.storage import ca_bundle, resolve_endpoint, s3_credentials, s3_region
+from idforge.io.storage import ca_bundle, endpoint_url, resolve_endpoint, s3_credentials, s3_region
 from idforge.io.uri import is_s3_uri, parse_s3_uri
 
 if TYPE_CHECKING:
     from idforge.config import StorageConfig
 
-__all__ = ["s3_filesystem", "ray_storage"]
+__all__ = ["s3_filesystem", "ray_storage", "dvc_remote_options"]
 
 
 def s3_filesystem(cfg: StorageConfig | None = None, *, connect_timeout_s: float = 5.0,
@@ -52,3 +55,20 @@ def ray_storage(storage_path: str, cfg: StorageConfig | None = None) -> tuple[st
         return storage_path, None
     loc = parse_s3_uri(storage_path)
     return f"{loc.bucket}/{loc.key}".rstrip("/"), s3_filesystem(cfg)
+
+
+def dvc_remote_options(cfg: StorageConfig | None = None) -> dict[str, str]:
+    """``{option: value}`` for ``dvc remote modify REMOTE OPTION VALUE``: the endpoint URL, the signing region and,
+    with a CA bundle, ``ssl_verify`` pointing at it (DVC's S3 remote verifies TLS against that file)."""
+    from idforge.config import StorageConfig
+
+    cfg = cfg or StorageConfig()
+    host, _, _ = resolve_endpoint(cfg)
+    options = {"endpointurl": endpoint_url(cfg)}
+    region = s3_region(cfg, host)
+    if region:
+        options["region"] = region
+    bundle = ca_bundle(cfg)
+    if bundle:
+        options["ssl_verify"] = bundle
+    return options
