@@ -238,8 +238,11 @@ def load_config_text(text: str, overrides: Iterable[str] = (), source: str = "<y
 
 
 def dump_config(cfg: BaseModel) -> str:
-    """The fully resolved config as YAML (every default spelled out)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The fully resolved config as YAML (every default spelled out), with no URL keeping its password: this text
+    is what resolved-config files, MLflow artifacts, pipeline parameters and Ray job environments hold."""
+    from idforge.redact import redact
+
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def write_resolved_config(cfg: BaseModel, out_dir: str | os.PathLike[str], name: str = "config.resolved.yaml") -> Path:
