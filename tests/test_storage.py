@@ -15,6 +15,7 @@ from idforge.config import StorageConfig
 from idforge.errors import StorageError
 from idforge.io.storage import (
     LocalStorage,
+    ObjectInfo,
     S3Storage,
     Storage,
     endpoint_url,
@@ -398,3 +399,19 @@ def test_file_uris_on_the_local_backend(tmp_path: Path) -> None:
         storage.read_text("s3://bucket/key")
     with pytest.raises(StorageError, match="directory"):
         storage.delete(join_uri(root, "x"))
+
+
+@pytest.mark.parametrize("key", ["../escape.txt", "a/../../escape.txt", "/etc/escape.txt", "a//b.txt", "./a.txt"])
+def test_download_dir_refuses_listed_keys_that_leave_the_destination(tmp_path: Path, key: str) -> None:
+    class HostileListing(LocalStorage):
+        """A server's listing is the server's to spell: this one names a key outside the synced prefix."""
+
+        def list_info(self, prefix: str, recursive: bool = True) -> list[ObjectInfo]:
+            return [ObjectInfo(f"{prefix.rstrip('/')}/{key}", 1, None)]
+
+    src = tmp_path / "src"
+    src.mkdir()
+    dest = tmp_path / "sub" / "dest"
+    with pytest.raises(StorageError, match=r"refusing to download .*would not stay inside the destination"):
+        HostileListing().download_dir(str(src), dest)
+    assert not (tmp_path / "sub").exists() and not (tmp_path / "escape.txt").exists()

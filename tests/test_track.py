@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +28,7 @@ from idforge.track import (
     tracking_uri,
     ui_command,
 )
-from tests.fixtures.process import free_ports, stop_group, wait_ready
+from tests.fixtures.tracking import MlflowServer
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 
@@ -279,39 +276,19 @@ def test_mlflow_limit_is_applied(mlflow_uri: str) -> None:
 
 
 @pytest.mark.slow
-def test_logging_through_an_mlflow_server(
-    _mlflow_template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_logging_through_an_mlflow_server(mlflow_server: MlflowServer, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    db = tmp_path / "server.db"
-    shutil.copyfile(_mlflow_template_db, db)
-    (port,) = free_ports(1)
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(tmp_path / "served")]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log_file = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        def healthy() -> bool:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                return resp.status == 200
-
-        wait_ready(proc, healthy, what="mlflow server", log_path=tmp_path / "server.log", timeout_s=90)
-
-        with start_run(TrackingConfig(uri=uri, experiment="served"), run_name="http") as run:
-            log_config({"lr": 0.001})
-            log_metrics({"loss": 0.75}, step=3)
-            log_image_grid(_tiles(2), rows=1, cols=2, artifact_file="grids/g.png")
-        client = _client(uri)
-        got = client.get_run(run.info.run_id)
-        assert got.info.status == "FINISHED" and got.data.params == {"lr": "0.001"}
-        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(3, 0.75)]
-        assert got.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied through the server
-        assert _artifact_paths(client, run.info.run_id) == {"config.resolved.yaml", "grids/g.png"}
-        assert list((tmp_path / "served").rglob("g.png"))  # landed in the server's artifact destination
-        assert "MLFLOW_TRACKING_URI" not in os.environ
-    finally:
-        stop_group(proc, grace_s=20)
-        log_file.close()
+    uri = mlflow_server.uri
+    with start_run(TrackingConfig(uri=uri, experiment="served"), run_name="http") as run:
+        log_config({"lr": 0.001})
+        log_metrics({"loss": 0.75}, step=3)
+        log_image_grid(_tiles(2), rows=1, cols=2, artifact_file="grids/g.png")
+    client = _client(uri)
+    got = client.get_run(run.info.run_id)
+    assert got.info.status == "FINISHED" and got.data.params == {"lr": "0.001"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(3, 0.75)]
+    assert got.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied through the server
+    assert _artifact_paths(client, run.info.run_id) == {"config.resolved.yaml", "grids/g.png"}
+    assert list(mlflow_server.artifacts.rglob("g.png"))  # landed in the server's artifact destination
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -107,31 +107,55 @@ def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir
 
 
 @pytest.mark.slow
-def test_s3_data_and_output(ray_head, s3_server, prepared_dir, tiny_sd15_dir, tmp_path):
+def test_s3_checkpoints_outlive_a_dead_run_and_no_resume_starts_over(ray_head, s3_server, prepared_dir,
+                                                                     tiny_sd15_dir, tmp_path):
     from idforge.io.storage import open_storage
+    from idforge.ops.ray_jobs import RayJobError, run_ray_job
 
-    storage_env = dict(s3_server.env)
+    storage_env = dict(s3_server.env)  # the test head has no S3 settings of its own (a cluster's pods do)
     base = f"s3://{s3_server.bucket}/remote-{tmp_path.name}"
+    data, out = f"{base}/prepared", f"{base}/out"
+    cfg, model = _cfg(None), str(tiny_sd15_dir)
     with pytest.MonkeyPatch.context() as mp:  # this process reads the same server
         for k, v in storage_env.items():
             mp.setenv(k, v)
         store = open_storage(base)
-        store.upload_dir(prepared_dir, f"{base}/prepared")
-        # Ray Train's checkpoints stay on this one node's disk: pyarrow marks S3 "directories" with empty
-        # `key/` objects, which MinIO stores and rclone's test server refuses (on a cluster <output>/ray is used).
-        cfg = _cfg(None)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": str(tmp_path / "ray")})})
-        # The test head has no S3 settings of its own (a cluster's pods get them from the ConfigMap and Secret).
-        result = train_on_ray_cluster(cfg, f"{base}/prepared", str(tiny_sd15_dir), "infinite-id",
-                                      f"{base}/out", ray_head, log_sink=lambda _c: None, timeout_s=240,
-                                      local_dir=tmp_path / "local", env_vars=storage_env)
+        store.upload_dir(prepared_dir, data)
+
+        def checkpoints() -> list[str]:
+            return [u.rsplit("/", 1)[0] for u in store.list(f"{out}/ray/train") if u.endswith("/train_state.pt")]
+
+        # 1. The run dies after its second step, before that step's checkpoint: step 1's lies on the bucket
+        # (written by Ray Train through the configured endpoint; AWS would refuse these credentials).
+        _, config_yaml = remote._resolved_config_yaml(cfg, "infinite-id")
+        entrypoint = remote.build_entrypoint(data, out, model, "infinite-id", 1, 0.0, python=sys.executable)
+        entrypoint += f" --fault-step 2 --fault-marker {shlex.quote(str(tmp_path / 'fault'))}"
+        with pytest.raises(RayJobError, match="FAILED"):
+            run_ray_job(ray_head, entrypoint, {"env_vars": {**storage_env, remote.CONFIG_ENV: config_yaml}},
+                        job_id=f"idforge-test-dies-{tmp_path.name}"[:60], log_sink=lambda _c: None, timeout_s=240)
+        assert (tmp_path / "fault.rank0").is_file()  # it died where it was told to
+        (dead_ckpt,) = checkpoints()
+        assert dead_ckpt.startswith(f"{out}/ray/train/checkpoint_")
+        assert not store.exists(f"{out}/method.safetensors")  # nothing exported by the dead run
+
+        # 2. The retried step (a new job, as on another node) resumes from the S3 checkpoint and finishes.
+        result = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
+                                      timeout_s=240, local_dir=tmp_path / "local", env_vars=storage_env)
         assert result.status is JobStatus.SUCCEEDED and result.steps == 2
+        assert result.metrics["resumed_from"] == 1
+        assert result.checkpoint_uri.startswith(f"{out}/ray/train/checkpoint_")
+        assert checkpoints() == [result.checkpoint_uri]  # keep_checkpoints=1: step 1's is gone
         assert sorted(p.name for p in result.local_dir.iterdir()) == sorted(remote.OUTPUT_FILES)
-        assert result.checkpoint_uri.startswith(str(tmp_path / "ray" / "train" / "checkpoint_"))
-        assert Path(result.checkpoint_uri, "method.safetensors").is_file()
-        # the job uploaded its outputs to the bucket and this side fetched them from there
-        assert store.read_bytes(f"{base}/out/method.safetensors") == result.method_path.read_bytes()
-        assert json.loads(store.read_text(f"{base}/out/train_job.json"))["output"] == f"{base}/out"
+        assert store.read_bytes(f"{out}/method.safetensors") == result.method_path.read_bytes()
+        assert json.loads(store.read_text(f"{out}/train_job.json"))["output"] == out
+
+        # 3. resume=False on the same S3 output: a new job (not a re-attach to the finished one) from step 0.
+        fresh = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
+                                     timeout_s=240, local_dir=tmp_path / "fresh", env_vars=storage_env,
+                                     resume=False)
+        assert not fresh.attached and fresh.job_id != result.job_id
+        assert fresh.metrics["resumed_from"] == 0 and fresh.steps == 2
+        assert checkpoints() == [fresh.checkpoint_uri] and fresh.checkpoint_uri != result.checkpoint_uri
 
 
 @pytest.mark.slow
@@ -202,6 +226,8 @@ def test_entrypoint_and_job_id(tmp_path, monkeypatch):
     assert remote.derive_job_id(*key) == remote.derive_job_id(*key)
     assert remote.derive_job_id(*key) != remote.derive_job_id(*key[:4], "/other", 2, 0.0)
     assert remote.derive_job_id(*key) != remote.derive_job_id(*key[:5], 4, 0.0)
+    # starting over is another run: it must not re-attach to the job that trained the old one
+    assert remote.derive_job_id(*key, resume=False) != remote.derive_job_id(*key)
 
     monkeypatch.setenv("IDFORGE_CHECKPOINTS", "s3://idforge/checkpoints")
     uri = remote.default_output_uri("s3://idforge/kfp/run-1/train/model", "id-adapter", tmp_path)

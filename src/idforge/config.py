@@ -54,7 +54,10 @@ class StorageConfig(Section):
     """S3/MinIO connection. Credentials come from the environment, never from a config file."""
 
     endpoint: str | None = Field(default=None, description="host:port of the S3 API; None = AWS default / local only")
-    secure: bool = False
+    secure: bool = Field(default=False, description="TLS for a bare host:port endpoint (https:// / http:// set it)")
+    ca_bundle: str | None = Field(
+        default=None, description="PEM file of the CA that signs the endpoint's certificate (a private CA); "
+        "None = $SSL_CERT_FILE, else the certifi bundle. Every S3 client honours it (minio, pyarrow/Ray, s3fs, DVC)")
     region: str | None = None
     access_key_env: str = "AWS_ACCESS_KEY_ID"
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
@@ -235,8 +238,11 @@ def load_config_text(text: str, overrides: Iterable[str] = (), source: str = "<y
 
 
 def dump_config(cfg: BaseModel) -> str:
-    """The fully resolved config as YAML (every default spelled out)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The fully resolved config as YAML (every default spelled out), with no URL keeping its password: this text
+    is what resolved-config files, MLflow artifacts, pipeline parameters and Ray job environments hold."""
+    from idforge.redact import redact
+
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def write_resolved_config(cfg: BaseModel, out_dir: str | os.PathLike[str], name: str = "config.resolved.yaml") -> Path:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from idforge.errors import DataError
+from idforge.io.identity import check_identity
 
 DEFAULT_THRESHOLDS = {"insightface": 0.35, "opencv": 0.40}
 
@@ -60,9 +60,6 @@ def cluster_id(member_keys: list[str]) -> str:
     return "id-" + hashlib.sha256("\n".join(sorted(member_keys)).encode()).hexdigest()[:12]
 
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
 def read_labels(path: str | Path) -> dict[str, str]:
     """labels.csv -> {key: identity}. Columns: ``identity`` and one of ``file``/``path``/``source`` (first found in
     that order: some label files use ``source`` for provenance); keys may be the source as given, the path relative
@@ -81,11 +78,7 @@ def read_labels(path: str | Path) -> dict[str, str]:
             key, ident = (row.get(key_col) or "").strip(), (row.get("identity") or "").strip()
             if not key or not ident:
                 raise DataError(f"labels file {path} line {line_no}: empty {key_col} or identity")
-            if _SAFE.sub("", ident) != ident:
-                raise DataError(
-                    f"labels file {path} line {line_no}: identity {ident!r} may only use letters, digits, . _ -"
-                )
-            out[key] = ident
+            out[key] = check_identity(ident, f"labels file {path} line {line_no}")
     return out
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from idforge.errors import ConfigError, DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.io.identity import identity_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -88,7 +89,7 @@ def resolve_artifact(artifact: str | os.PathLike[str] | None, identity: str) -> 
     if a.is_file():
         return a
     if a.is_dir():
-        for d in (a / identity, a):
+        for d in (identity_path(a, identity), a):
             meta = d / ARTIFACT_META
             if meta.is_file():
                 try:
@@ -98,8 +99,8 @@ def resolve_artifact(artifact: str | os.PathLike[str] | None, identity: str) -> 
             for n in ARTIFACT_NAMES:
                 if (d / n).is_file():
                     return d / n
-            if d is a and (a / f"{identity}.safetensors").is_file():
-                return a / f"{identity}.safetensors"
+            if d is a and identity_path(a, identity, ".safetensors").is_file():
+                return identity_path(a, identity, ".safetensors")
         raise DataError(
             f"artifact directory {a} has no checkpoint for identity {identity!r} (looked for "
             f"{identity}/{ARTIFACT_META}, {identity}/method.safetensors, {identity}.safetensors, method.safetensors)"

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from idforge.errors import DataError
+from idforge.io.identity import check_identity
 
 if TYPE_CHECKING:  # pragma: no cover
     from idforge.faces import FaceAnalyzer
@@ -95,6 +96,8 @@ def discover_references(
             found = {root.name: _images_in(root)}
     elif root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:
         found = {root.stem: [root]}
+    for ident in found:  # each names output folders and artifact lookups: one rule for all of them
+        check_identity(ident, f"references {root}")
     if not found:
         raise DataError(
             f"references {root}: no identities found; give a curated dataset dir (manifest.parquet), "

@@ -58,6 +58,9 @@ __all__ = [
     "endpoint_url",
     "localize",
     "ENDPOINT_ENV_VARS",
+    "s3_credentials",
+    "s3_region",
+    "ca_bundle",
     # URI helpers, re-exported so callers need one import
     "S3Location",
     "is_local",
@@ -139,6 +142,22 @@ def _local_files(root: Path) -> list[str]:
             if full.is_file():
                 out.append(full.relative_to(root).as_posix())
     return sorted(out)
+
+
+def _checked_relative(rel: str, uri: str) -> str:
+    """``rel`` (a listed key relative to the synced prefix) if it is safe to join onto a local directory.
+
+    A key is the server's to name: one spelled ``../x``, ``/etc/x`` or ``a//b`` would otherwise write outside the
+    destination (or somewhere unexpected inside it).
+
+    Raises:
+        StorageError: an absolute key, an empty, '.' or '..' segment, a backslash or a NUL character.
+    """
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or any(p in {"", ".", ".."} for p in parts):
+        raise StorageError(f"refusing to download {uri}: its key {rel!r} would not stay inside the destination "
+                           "directory (absolute, empty, '.' or '..' segments): rename the object")
+    return rel
 
 
 def _progress(items: list[str], enabled: bool, desc: str):  # type: ignore[no-untyped-def]
@@ -266,7 +285,7 @@ class Storage(ABC):
             raise StorageError(f"download_dir: no objects under {uri}: check the URI, or upload the data first")
         result = SyncResult()
         for info in _progress(listed, progress, f"download {uri}"):  # type: ignore[arg-type]
-            rel = self._rel(uri, info.uri)
+            rel = _checked_relative(self._rel(uri, info.uri), info.uri)
             dest = root / rel
             if dest.is_file() and dest.stat().st_size == info.size:
                 if self._known_sha256(self._with_meta(info)) == _sha256_file(dest):
@@ -438,6 +457,48 @@ def endpoint_url(cfg: StorageConfig | None = None, env: Mapping[str, str] | None
     return f"{'https' if secure else 'http'}://{host}"
 
 
+def s3_credentials(cfg: StorageConfig, url: str) -> tuple[str, str]:
+    """(access key, secret key) from the environment variables ``cfg`` names.
+
+    Raises:
+        StorageError: either is unset, naming the variables to set.
+    """
+    access = os.environ.get(cfg.access_key_env)
+    secret = os.environ.get(cfg.secret_key_env)
+    if not access or not secret:
+        missing = [n for n, v in ((cfg.access_key_env, access), (cfg.secret_key_env, secret)) if not v]
+        raise StorageError(
+            f"no S3 credentials for {url}: set {' and '.join('$' + m for m in missing)} in the environment "
+            "(storage.access_key_env/secret_key_env name other variables)"
+        )
+    return access, secret
+
+
+def s3_region(cfg: StorageConfig, endpoint: str) -> str | None:
+    """The signing region: ``cfg.region``, ``$AWS_REGION``/``$AWS_DEFAULT_REGION``, else us-east-1 off AWS.
+
+    A region must be given for non-AWS endpoints: otherwise clients ask each bucket for its location first, a call
+    some S3 servers answer in a form the clients reject. MinIO, SeaweedFS and most S3 servers accept us-east-1.
+    """
+    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region is None and not endpoint.endswith("amazonaws.com"):
+        region = "us-east-1"
+    return region
+
+
+def ca_bundle(cfg: StorageConfig) -> str | None:
+    """The CA bundle S3 clients verify the endpoint with: ``storage.ca_bundle``, else ``$SSL_CERT_FILE``, else None
+    (each client's default trust store).
+
+    Raises:
+        StorageError: the configured file does not exist.
+    """
+    path = cfg.ca_bundle or os.environ.get("SSL_CERT_FILE") or None
+    if cfg.ca_bundle and not Path(cfg.ca_bundle).is_file():
+        raise StorageError(f"storage.ca_bundle {cfg.ca_bundle} is not a file: give the PEM file of the S3 CA")
+    return path
+
+
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 
 
@@ -468,14 +529,7 @@ class S3Storage(Storage):
             raise StorageError(f"S3 part_size {part_size} is below the protocol minimum {MIN_PART_SIZE} (5 MiB)")
         self.part_size = part_size
         self.endpoint, self.secure, self._endpoint_source = resolve_endpoint(self.cfg)
-        access = os.environ.get(self.cfg.access_key_env)
-        secret = os.environ.get(self.cfg.secret_key_env)
-        if not access or not secret:
-            missing = [n for n, v in ((self.cfg.access_key_env, access), (self.cfg.secret_key_env, secret)) if not v]
-            raise StorageError(
-                f"no S3 credentials for {self.url}: set {' and '.join('$' + m for m in missing)} in the environment "
-                "(storage.access_key_env/secret_key_env name other variables)"
-            )
+        access, secret = s3_credentials(self.cfg, self.url)
         self._client = self._make_client(access, secret, connect_timeout, read_timeout, retries)
 
     @property
@@ -494,21 +548,16 @@ class S3Storage(Storage):
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             maxsize=10,
             cert_reqs="CERT_REQUIRED",
-            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            ca_certs=ca_bundle(self.cfg) or certifi.where(),
             retries=urllib3.Retry(total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
         )
-        # A region must be given for non-AWS endpoints: otherwise minio asks each bucket for its location first, a
-        # call some S3 servers answer in a form minio rejects. MinIO and most S3 servers accept us-east-1.
-        region = self.cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region is None and not self.endpoint.endswith("amazonaws.com"):
-            region = "us-east-1"
         return Minio(
             self.endpoint,
             access_key=access,
             secret_key=secret,
             session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
             secure=self.secure,
-            region=region,
+            region=s3_region(self.cfg, self.endpoint),
             http_client=http,
         )
 
@@ -530,6 +579,14 @@ class S3Storage(Storage):
         elif isinstance(exc, InvalidResponseError):
             # Some servers (rclone's) send error XML as text/xml, which minio refuses to parse: read the code here.
             code = _xml_error_code(getattr(exc, "_body", None)) or f"HTTP {getattr(exc, '_code', '?')}"
+        if isinstance(exc, urllib3.exceptions.SSLError) or (
+            isinstance(exc, urllib3.exceptions.MaxRetryError) and isinstance(exc.reason, urllib3.exceptions.SSLError)
+        ):
+            reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+            return StorageError(
+                f"TLS with the S3 endpoint {self.url} failed for {uri} ({str(reason).splitlines()[0][:160]}): "
+                "if it uses a private CA, set storage.ca_bundle (or $SSL_CERT_FILE) to that CA's PEM file"
+            )
         if isinstance(exc, urllib3.exceptions.MaxRetryError) and isinstance(
             exc.reason, urllib3.exceptions.ResponseError
         ):

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from idforge.errors import ConfigError
+from idforge.redact import redact
 from idforge.track.runs import active_run_id
 
 __all__ = ["flatten_config", "log_config"]
@@ -40,7 +41,8 @@ def flatten_config(cfg: BaseModel | Mapping[str, Any], max_len: int | None = Non
     Lists stay one JSON value; empty sections become ``"{}"``. Values longer than MLflow's limit (``max_len``,
     default ``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``) are cut and end with ``...``.
     """
-    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
+    # Params are visible to everyone who can read the experiment: no URL keeps its password here.
+    data = redact(cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg))
     limit = _max_param_len() if max_len is None else max_len
     out: dict[str, str] = {}
 
@@ -75,7 +77,7 @@ def log_config(cfg: BaseModel | Mapping[str, Any], artifact_file: str = "config.
 
     from idforge.config import dump_config
 
-    text = dump_config(cfg) if isinstance(cfg, BaseModel) else yaml.safe_dump(dict(cfg), sort_keys=False)
+    text = dump_config(cfg) if isinstance(cfg, BaseModel) else yaml.safe_dump(redact(dict(cfg)), sort_keys=False)
     try:
         mlflow.log_params(params)
     except MlflowException as exc:

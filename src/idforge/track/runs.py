@@ -37,12 +37,19 @@ DEFAULT_EXPERIMENT = "idforge"
 
 
 def tracking_uri(cfg: TrackingConfig | None = None) -> str:
-    """``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns.db`` (an absolute path)."""
+    """``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns.db`` (an absolute path).
+
+    A URI with a password (``https://user:pw@host``) comes back without it, its credentials moved to
+    ``$MLFLOW_TRACKING_USERNAME``/``$MLFLOW_TRACKING_PASSWORD`` (where MLflow's client reads them, and this process's
+    children inherit them): the URI is passed on to workers, configs and logs, the password must not be.
+    """
+    from idforge.redact import export_url_credentials
+
     if cfg is not None and cfg.uri:
-        return cfg.uri
+        return export_url_credentials(cfg.uri)
     env = os.environ.get(ENV_URI)
     if env:
-        return env
+        return export_url_credentials(env)
     return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
 
 

@@ -29,10 +29,14 @@ def rng_file(rank: int) -> str:
 def capture_rng(generator: Any) -> dict[str, Any]:
     import torch
 
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "generator": generator.get_state(),
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        # numpy's state as a tensor and plain numbers: the file then loads with weights_only=True (no pickled
+        # numpy objects, so no code can ride along in a checkpoint)
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -45,7 +49,9 @@ def restore_rng(state: dict[str, Any], generator: Any) -> None:
 
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -79,7 +85,7 @@ def read_state(directory: Path) -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {directory} has no {STATE_FILE}")
-    # weights_only: a checkpoint is data, not code (tensors, dicts, numbers; the RNG states include numpy arrays).
+    # weights_only: a checkpoint is data, not code (tensors, dicts, numbers).
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -89,4 +95,4 @@ def read_rng(directory: Path, rank: int) -> dict[str, Any] | None:
     path = Path(directory) / rng_file(rank)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from idforge.train.finetune_config import FinetuneConfig
-from idforge.train.per_identity import FinetuneResult, finetune_identity, is_done, list_identities
+from idforge.train.per_identity import FinetuneResult, artifact_dir, finetune_identity, is_done, list_identities
 
 if TYPE_CHECKING:
     from idforge.config import TrackingConfig
@@ -101,7 +101,7 @@ def finetune_all(
     if unknown:
         raise ConfigError(f"identities {unknown[:5]} are not in {dataset_dir}; known: {', '.join(all_ids[:10])}")
     todo = [i for i in wanted if cfg.force or not is_done(out, i)]
-    skipped = [FinetuneResult(identity=i, method=method, status="skipped", artifact_dir=str(out / i))
+    skipped = [FinetuneResult(identity=i, method=method, status="skipped", artifact_dir=str(artifact_dir(out, i)))
                for i in wanted if i not in todo]
     # Workers get the resolved URI: their environment is not the driver's.
     tracking = tracking or TrackingConfig()

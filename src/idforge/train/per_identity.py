@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from idforge.errors import DataError
+from idforge.io.identity import check_identity, identity_path
 from idforge.train.finetune_config import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class IdentityData:
 
 
 def artifact_dir(output_dir: str | os.PathLike[str], identity: str) -> Path:
-    return Path(output_dir) / identity
+    return identity_path(output_dir, identity)
 
 
 def is_done(output_dir: str | os.PathLike[str], identity: str) -> bool:
@@ -84,7 +85,7 @@ def is_done(output_dir: str | os.PathLike[str], identity: str) -> bool:
 
 
 def read_status(output_dir: str | os.PathLike[str], identity: str) -> dict[str, Any] | None:
-    p = Path(output_dir) / STATUS_DIR / f"{identity}.json"
+    p = identity_path(Path(output_dir) / STATUS_DIR, identity, ".json")
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -92,7 +93,7 @@ def _write_status(output_dir: Path, result: FinetuneResult) -> None:
     from idforge.io.atomic import atomic_write_text
 
     (output_dir / STATUS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / STATUS_DIR / f"{result.identity}.json",
+    atomic_write_text(identity_path(output_dir / STATUS_DIR, result.identity, ".json"),
                       json.dumps(result.to_json(), indent=2, sort_keys=True))
 
 
@@ -110,10 +111,17 @@ def list_identities(dataset_dir: str | os.PathLike[str]) -> list[str]:
     root = Path(dataset_dir)
     ids_path, manifest = root / "identities.parquet", root / "manifest.parquet"
     if ids_path.is_file():
-        return sorted(str(i) for i in pd.read_parquet(ids_path)["identity"].unique())
-    if manifest.is_file():
+        ids = pd.read_parquet(ids_path)["identity"].unique()
+        source = ids_path
+    elif manifest.is_file():
         df = pd.read_parquet(manifest)
-        return sorted(str(i) for i in df.loc[df["status"] == "accepted", "identity"].dropna().unique())
+        ids, source = df.loc[df["status"] == "accepted", "identity"].dropna().unique(), manifest
+    else:
+        ids, source = None, None
+    if source is not None:
+        # Each becomes a directory under the output (and is removed and replaced there): a name like '..' would
+        # reach outside it. Datasets curated before names were checked are refused here too.
+        return sorted(check_identity(str(i), f"{source}") for i in ids)
     raise DataError(f"{root} is not a curated dataset (no identities.parquet or manifest.parquet); "
                     "run idforge curate first")
 
@@ -260,6 +268,7 @@ def finetune_identity(
     cls = method_class(method)
     if getattr(cls, "regime", None) != "per-identity":
         raise ConfigError(f"method {method!r} is a population method; train it with idforge train, not finetune")
+    check_identity(identity, "finetune --identity")
     result = FinetuneResult(identity=identity, method=method, status="failed")
     try:
         _run(cls, method, identity, Path(dataset_dir), base_model, out_root, cfg, parent_run_id, tracking, result)
@@ -354,7 +363,7 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         # -- save (temp dir, then one rename: a reader never sees a half-written identity) ---------------------
         t0 = time.perf_counter()
         final = artifact_dir(out_root, identity)
-        tmp = out_root / f".{identity}.tmp-{os.getpid()}"
+        tmp = out_root / f".{check_identity(identity)}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         method.save_artifact(tmp, cfg.class_noun)

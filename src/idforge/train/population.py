@@ -23,6 +23,8 @@ from typing import Any
 
 from idforge.errors import ConfigError, DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.io.s3_clients import ray_storage
+from idforge.io.uri import join_uri
 from idforge.train.config import TrainConfig
 from idforge.train.loop import LocalEnv, LoopSpec, local_data, run_loop
 
@@ -151,6 +153,18 @@ def _ray_session(address: str | None, num_cpus: int, num_gpus: int) -> Iterator[
         ray.shutdown()
 
 
+def _forget_run(run_state: str, out: Path, storage_cfg: Any) -> None:
+    """``resume=False``: remove Ray's state of the previous run (its checkpoints, locally or on S3) and the MLflow
+    run it recorded, so the new run starts from step 0 instead of restoring them."""
+    from idforge.io.storage import open_storage
+
+    store = open_storage(run_state, storage_cfg)
+    if store.exists(run_state):
+        log.warning("resume=False: removing the previous run state at %s", run_state)
+        store.delete(run_state, recursive=True)
+    (out / "mlflow_run_id").unlink(missing_ok=True)
+
+
 def _check_data(data_dir: Path) -> dict[str, Any]:
     from idforge.train.dataset import read_prepared
 
@@ -209,11 +223,10 @@ def train_population(
     out.mkdir(parents=True, exist_ok=True)
     storage = train_cfg.storage_path or str(out / "ray")
     name = run_name or RUN_NAME
-    local_run = Path(storage) / name
-    if not resume and "://" not in storage and local_run.exists():
-        log.warning("resume=False: removing the previous run state at %s", local_run)
-        shutil.rmtree(local_run)
-        (out / "mlflow_run_id").unlink(missing_ok=True)
+    run_state = join_uri(storage, name)
+    if not resume:
+        _forget_run(run_state, out, storage_cfg)
+    ray_path, ray_fs = ray_storage(storage, storage_cfg)  # s3:// -> the configured endpoint, not AWS
     use_gpu = gpus_per_worker > 0
     tracking = _resolved_tracking(tracking_cfg)
     model_arg = str(Path(model).resolve()) if Path(model).exists() else model
@@ -235,7 +248,7 @@ def train_population(
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
                 run_config=RunConfig(
-                    name=name, storage_path=storage,
+                    name=name, storage_path=ray_path, storage_filesystem=ray_fs,
                     failure_config=FailureConfig(max_failures=train_cfg.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
                 ),
@@ -244,7 +257,7 @@ def train_population(
         if result.error is not None:
             raise result.error
         if result.checkpoint is None:
-            raise DataError(f"training at {local_run} ended without a checkpoint")
+            raise DataError(f"training at {run_state} ended without a checkpoint")
         with result.checkpoint.as_directory() as d:
             final = _export(Path(d), out, train_cfg, root, result.metrics, info)
         if mlflow_run_id is not None:

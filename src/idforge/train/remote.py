@@ -7,12 +7,14 @@ Two halves, one module:
   :func:`idforge.ops.ray_jobs.run_ray_job`, streams its log, and on success copies ``method.safetensors``,
   ``metrics.json`` and ``config.resolved.yaml`` from the output location into a local directory.
 - :func:`main` (``python -m idforge.train.remote ...``, the job's entrypoint on the head) reads the resolved config
-  from an environment variable of the job's ``runtime_env``, makes the data readable on every node, runs
+  from an environment variable of the job's ``runtime_env``, passes the data URI on to the workers (each reads an
+  ``s3://`` prefix itself, wherever Ray places it), runs
   :func:`idforge.train.population.train_population` on the cluster's Ray, and puts the outputs at the output URI.
 
 Data and output locations are URIs the cluster can read: local paths on one machine (or a volume every node mounts
 at the same path), ``s3://`` on a cluster. With an ``s3://`` output, Ray Train's checkpoints go to ``<output>/ray``
-(persistent storage every node reaches; ``train.storage_path`` overrides it) and the exported files are uploaded
+(persistent storage every node reaches, written through the configured endpoint: see
+:mod:`idforge.io.s3_clients`; ``train.storage_path`` overrides it) and the exported files are uploaded
 next to it; with a local output everything lands under that directory, checkpoints in ``<output>/ray``.
 
 The job id is a hash of everything that defines the run (config, data, model, output, workers): a retried pipeline
@@ -131,9 +133,11 @@ def default_output_uri(key: str, method: str, fallback_dir: str | os.PathLike[st
 
 
 def derive_job_id(method: str, config_yaml: str, data_uri: str, model: str, output_uri: str, workers: int,
-                  gpus_per_worker: float) -> str:
-    """``idforge-train-<method>-<16 hex>``: the same run definition always gives the same id."""
-    digest = _digest(method, config_yaml, data_uri, model, output_uri, workers, float(gpus_per_worker))
+                  gpus_per_worker: float, resume: bool = True) -> str:
+    """``idforge-train-<method>-<16 hex>``: the same run definition always gives the same id (a run started over
+    with ``resume=False`` is another one: it must not re-attach to the job that trained the old one)."""
+    parts: tuple[Any, ...] = (method, config_yaml, data_uri, model, output_uri, workers, float(gpus_per_worker))
+    digest = _digest(*parts) if resume else _digest(*parts, "no-resume")
     return f"idforge-train-{method}-{digest[:16]}"
 
 
@@ -272,7 +276,8 @@ def train_on_ray_cluster(
     output_uri = _check_uri("output_uri", output_uri)
     model = str(Path(model).resolve()) if Path(model).exists() else model
     resolved, config_yaml = _resolved_config_yaml(cfg, method)
-    base_id = job_id or derive_job_id(method, config_yaml, data_uri, model, output_uri, workers, gpus_per_worker)
+    base_id = job_id or derive_job_id(method, config_yaml, data_uri, model, output_uri, workers, gpus_per_worker,
+                                       resume)
     chosen, attached = _pick_job_id(address, base_id, connect_timeout_s)
     entrypoint = build_entrypoint(data_uri, output_uri, model, method, workers, gpus_per_worker, python=python,
                                   parent_run_id=parent_run_id, resume=resume)
@@ -306,36 +311,6 @@ def train_on_ray_cluster(
 # the job side (runs on the head: `python -m idforge.train.remote ...`)
 
 
-def _stage_on_every_node(data_uri: str, cache_dir: str, storage_cfg: Any) -> Path:
-    """Download ``data_uri`` into ``cache_dir`` on every alive node (one Ray task pinned to each); the local path.
-
-    Training workers read the prepared shards from local disk wherever Ray places them; ``localize`` names its
-    cache entry by the content's digest, so the path is the same on every node.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from idforge.io.storage import localize
-
-    storage_json = storage_cfg.model_dump(mode="json") if storage_cfg is not None else None
-
-    @ray.remote(num_cpus=0)
-    def stage(uri: str, cache: str, storage: dict[str, Any] | None) -> str:
-        from idforge.config import StorageConfig
-
-        return str(localize(uri, cache, StorageConfig.model_validate(storage) if storage else None))
-
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    refs = [stage.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-        data_uri, cache_dir, storage_json) for node in nodes]
-    paths = sorted(set(ray.get(refs)))
-    if len(paths) != 1:
-        raise DataError(f"staging {data_uri} gave different paths on the nodes: {paths}: set $IDFORGE_JOB_SCRATCH "
-                        f"to a directory that exists on every node")
-    log.info("staged %s on %d node(s) at %s", data_uri, len(nodes), paths[0])
-    return Path(paths[0])
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m idforge.train.remote",
                                      description="The Ray job of idforge population training "
@@ -352,6 +327,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parent-run-id", help="MLflow run to nest the training run under")
     parser.add_argument("--no-resume", dest="resume", action="store_false")
     parser.add_argument("--ray-address", default="auto", help="Ray inside the job (default: the job's cluster)")
+    parser.add_argument("--fault-step", type=int, help="recovery drills: every rank fails once after this step")
+    parser.add_argument("--fault-marker", help="recovery drills: path prefix of the files that say a rank failed")
     return parser.parse_args(argv)
 
 
@@ -396,13 +373,15 @@ def run_job(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=args.ray_address, log_to_driver=True)
     try:
-        data = args.data if is_local(args.data) else str(_stage_on_every_node(args.data, str(scratch / "data"),
-                                                                                cfg.storage))
+        # An s3:// data URI goes to the workers as it is: each localizes it wherever Ray places it (autoscaled
+        # nodes included), instead of copies staged on the nodes alive at submit time.
+        data = _absolute(args.data)
         parent = start_run(cfg.tracking, run_id=args.parent_run_id) if args.parent_run_id else contextlib.nullcontext()
         with parent:
             result = train_population(
                 cfg, data, args.model, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                 output_dir=out_dir, resume=args.resume, local_files_only=cfg.model.local_files_only,
+                fault_step=args.fault_step, fault_marker=args.fault_marker,
             )  # fmt: skip
     finally:
         ray.shutdown()
