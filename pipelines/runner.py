@@ -56,6 +56,45 @@ def compile_all(out_dir: str | os.PathLike[str] = COMPILED_DIR, images: Images |
     return paths
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+#: KFP parameter type -> parser of its command-line text (``--arg name=value`` always arrives as a string).
+_PARSERS: dict[str, Callable[[str], Any]] = {"String": str, "Integer": int, "Float": float, "Boolean": _parse_bool}
+_EXAMPLES = {"Integer": "an integer such as 2", "Float": "a number such as 0.5", "Boolean": "true or false"}
+
+
+def typed_arguments(name: str, raw: Mapping[str, str], images: Images | None = None) -> dict[str, Any]:
+    """``raw`` (name -> text from ``--arg``) converted to each parameter's declared type in pipeline ``name``.
+
+    Raises:
+        PipelineError: a parameter the pipeline does not declare, or a value that is not of its type (one line
+            naming the parameter, its type and the value).
+    """
+    inputs = build(name, images).component_spec.inputs or {}
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key not in inputs:
+            raise PipelineError(f"pipeline {name!r} has no parameter {key!r}; its parameters: {', '.join(inputs)}")
+        kind = inputs[key].type
+        parse = _PARSERS.get(kind)
+        if parse is None:  # an artifact input: passed as given (kfp reports a mismatch itself)
+            out[key] = text
+            continue
+        try:
+            out[key] = parse(text)
+        except ValueError:
+            raise PipelineError(f"pipeline {name!r} parameter {key!r} is {kind}: got {text!r}, expected "
+                                f"{_EXAMPLES.get(kind, kind)}") from None
+    return out
+
+
 @dataclass
 class LocalRun:
     name: str

@@ -202,7 +202,9 @@ def train(
     method: Annotated[Optional[str], typer.Option(help="Population method: infinite-id | id-adapter.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP ranks).")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(help="0 = CPU workers.")] = 0.0,
+    gpus_per_worker: Annotated[
+        float, typer.Option(help="0 = CPU workers; -1 = auto (one GPU each where there are GPUs).")
+    ] = 0.0,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: a local Ray.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run recorded in --output.")] = True,
     config: ConfigOpt = None,
@@ -400,11 +402,11 @@ def pipeline_run(
 ) -> None:
     """Run a pipeline locally (kfp.local SubprocessRunner: no Docker, no pip at run time)."""
     from idforge.errors import ConfigError
-    from pipelines.runner import run_local
+    from pipelines.runner import run_local, typed_arguments
 
     if not local:
         raise ConfigError("`idforge pipeline run` runs locally: pass --local, or use `idforge pipeline submit`")
-    arguments = _pipeline_args(arg)
+    arguments = typed_arguments(name, _pipeline_args(arg))
     arguments.setdefault("config_yaml", _pipeline_config_yaml(config, set_, preset))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
@@ -435,14 +437,15 @@ def pipeline_submit(
     """Submit a pipeline run to a Kubeflow Pipelines endpoint and print its run id."""
     from components.images import Images
     from idforge.config import dump_config
-    from pipelines.runner import submit
+    from pipelines.runner import submit, typed_arguments
 
-    arguments = _pipeline_args(arg)
+    images = Images.load(registry, tag)
+    arguments = typed_arguments(name, _pipeline_args(arg), images)
     # On a cluster the tracking URI comes from the pods' MLFLOW_TRACKING_URI: do not bake a local path in.
     arguments.setdefault("config_yaml", dump_config(_load(config, set_, preset)))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
-    run_id = submit(name, host, arguments, experiment=experiment, images=Images.load(registry, tag),
+    run_id = submit(name, host, arguments, experiment=experiment, images=images,
                     service_account=service_account, pipeline_root=pipeline_root)
     typer.echo(run_id)
 
