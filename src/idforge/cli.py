@@ -52,6 +52,9 @@ def _load(config: list[Path] | None, overrides: list[str] | None, preset: str | 
 
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    from idforge.logs import quiet_known_notices
+
+    quiet_known_notices()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -344,6 +347,19 @@ ArgOpt = Annotated[
 ]
 
 
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", help="Show every step's full output (default: one line per step, the rest in "
+                                         "a log file under outputs/logs/).")
+]
+
+
+def _quiet_log(name: str, verbose: bool) -> Path | None:
+    """Where a quiet local run writes its full log (None: ``--verbose``, everything on screen)."""
+    from pipelines.console import default_log_path
+
+    return None if verbose else default_log_path(Path("outputs"), name)
+
+
 def _pipeline_args(args: list[str] | None) -> dict[str, str]:
     from idforge.errors import ConfigError
 
@@ -396,6 +412,7 @@ def pipeline_run(
     gates: Annotated[Optional[Path], typer.Option(help="Gates YAML passed as gates_yaml.")] = None,
     pipeline_root: Annotated[Path, typer.Option(help="Where task outputs go.")] = Path("outputs/kfp"),
     cache: Annotated[bool, typer.Option(help="Reuse outputs of unchanged steps.")] = True,
+    verbose: VerboseOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     preset: PresetOpt = None,
@@ -410,8 +427,11 @@ def pipeline_run(
     arguments.setdefault("config_yaml", _pipeline_config_yaml(config, set_, preset))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
-    run = run_local(name, arguments, pipeline_root=pipeline_root, enable_caching=cache)
+    log_file = _quiet_log(name, verbose)
+    run = run_local(name, arguments, pipeline_root=pipeline_root, enable_caching=cache, log_file=log_file)
     typer.echo(f"pipeline {name} finished; outputs under {run.pipeline_root}")
+    if log_file is not None:
+        typer.echo(f"full log: {log_file}")
 
 
 @pipeline_app.command("submit")
@@ -468,20 +488,26 @@ def demo(
     clip: Annotated[Optional[str], typer.Option(help="CLIP id or dir (default: a tiny random CLIP).")] = None,
     method: Annotated[str, typer.Option(help="Method to train and evaluate.")] = "infinite-id",
     cache: Annotated[bool, typer.Option(help="Reuse outputs of unchanged steps.")] = True,
+    verbose: VerboseOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """The main job: the end-to-end pipeline on data/samples with embedded defaults (run from the repo root)."""
     from pipelines.demo import run_demo
 
+    log_file = _quiet_log("demo", verbose)
+    if log_file is not None:
+        typer.echo(f"end-to-end pipeline on data/samples (one line per step; full log: {log_file})")
     result = run_demo(Path.cwd(), model=model, clip=clip, method=method, config_files=config, overrides=set_,
-                      cache=cache)
+                      cache=cache, log_file=log_file)
     typer.echo("")
     typer.secho(f"end-to-end pipeline finished in {result.seconds:.0f} s", fg=typer.colors.GREEN)
     typer.echo(f"  pipeline outputs : {result.pipeline_root}")
     typer.echo(f"  report           : {result.report or 'not found (see the evaluate step log above)'}")
     typer.echo(f"  MLflow store     : {result.tracking_uri}")
     typer.echo(f"  MLflow UI        : {result.mlflow_ui}")
+    if result.log_file is not None:
+        typer.echo(f"  full log         : {result.log_file}")
 
 
 def main() -> None:
