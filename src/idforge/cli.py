@@ -483,6 +483,28 @@ def pipeline_status(
 
 
 @app.command()
+def doctor(
+    ray_address: Annotated[Optional[str], typer.Option(help="A Ray head to check (http://HEAD:8265).")] = None,
+    kfp_host: Annotated[Optional[str], typer.Option(help="A Kubeflow Pipelines endpoint to check.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """What this environment has and lacks for the config: torch and GPUs, models, S3, MLflow, Ray, KFP.
+
+    Exit code 0 only when everything the config needs is there; each gap comes with its fix."""
+    from idforge.doctor import format_table, run_checks
+
+    rows = run_checks(_load(config, set_), ray_address=ray_address, kfp_host=kfp_host)
+    for line in format_table(rows):
+        typer.echo(line)
+    failed = [r.name for r in rows if r.failed]
+    if failed:
+        typer.secho(f"{len(failed)} needed thing(s) missing: {', '.join(failed)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.secho("everything this config needs is here", fg=typer.colors.GREEN)
+
+
+@app.command()
 def demo(
     model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default: a tiny random SD1.5).")] = None,
     clip: Annotated[Optional[str], typer.Option(help="CLIP id or dir (default: a tiny random CLIP).")] = None,
