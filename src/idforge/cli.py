@@ -483,6 +483,36 @@ def pipeline_status(
 
 
 @app.command()
+def personalize(
+    photos: Annotated[Path, typer.Option(help="A folder of photos of one person.")],
+    method: Annotated[Optional[str], typer.Option(help="Method (default: the --preset's).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        help='Prompt, "{}" where the person goes (repeatable), e.g. "a photo of {} on the beach".')] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where dataset, model, images, grid go.")] = Path(
+        "outputs/personalize"),
+    model: Annotated[Optional[Path], typer.Option(
+        help="A trained population adapter (method.safetensors) for id-adapter / infinite-id.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="0..3 or 1,5,9 (default 0,1).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """One command from one person's photos to images of them: curate, fine-tune (or condition an adapter),
+    generate, and write a grid and a report."""
+    from idforge.errors import ConfigError
+    from idforge.personalize import personalize as run
+
+    cfg = _load(config, set_, preset)
+    method = method or preset
+    if method is None:
+        raise ConfigError("pass --method NAME (or --preset NAME)")
+    result = run(photos, method, list(prompt or []), output, cfg, artifact=model, seeds=_seeds(seeds))
+    typer.echo(f"{result.identity}: {result.photos_used} photo(s) -> {result.generated}")
+    typer.echo(f"  grid   : {result.grid}")
+    typer.echo(f"  report : {result.report}")
+
+
+@app.command()
 def doctor(
     ray_address: Annotated[Optional[str], typer.Option(help="A Ray head to check (http://HEAD:8265).")] = None,
     kfp_host: Annotated[Optional[str], typer.Option(help="A Kubeflow Pipelines endpoint to check.")] = None,
