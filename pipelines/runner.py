@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from idforge.errors import IdforgeError
 log = logging.getLogger(__name__)
 
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class PipelineError(IdforgeError):
@@ -56,6 +60,45 @@ def compile_all(out_dir: str | os.PathLike[str] = COMPILED_DIR, images: Images |
     return paths
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+#: KFP parameter type -> parser of its command-line text (``--arg name=value`` always arrives as a string).
+_PARSERS: dict[str, Callable[[str], Any]] = {"String": str, "Integer": int, "Float": float, "Boolean": _parse_bool}
+_EXAMPLES = {"Integer": "an integer such as 2", "Float": "a number such as 0.5", "Boolean": "true or false"}
+
+
+def typed_arguments(name: str, raw: Mapping[str, str], images: Images | None = None) -> dict[str, Any]:
+    """``raw`` (name -> text from ``--arg``) converted to each parameter's declared type in pipeline ``name``.
+
+    Raises:
+        PipelineError: a parameter the pipeline does not declare, or a value that is not of its type (one line
+            naming the parameter, its type and the value).
+    """
+    inputs = build(name, images).component_spec.inputs or {}
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key not in inputs:
+            raise PipelineError(f"pipeline {name!r} has no parameter {key!r}; its parameters: {', '.join(inputs)}")
+        kind = inputs[key].type
+        parse = _PARSERS.get(kind)
+        if parse is None:  # an artifact input: passed as given (kfp reports a mismatch itself)
+            out[key] = text
+            continue
+        try:
+            out[key] = parse(text)
+        except ValueError:
+            raise PipelineError(f"pipeline {name!r} parameter {key!r} is {kind}: got {text!r}, expected "
+                                f"{_EXAMPLES.get(kind, kind)}") from None
+    return out
+
+
 @dataclass
 class LocalRun:
     name: str
@@ -81,17 +124,32 @@ def pipeline_config_yaml(cfg: Any, base_dir: str | os.PathLike[str]) -> str:
     return dump_config(cfg)
 
 
+def _ignore_local_runner_notices() -> None:
+    """Silence kfp.local's per-task notices that hold for every step of ours by design: the cluster settings
+    (cpu/memory requests, accelerators) and the container images the pipelines carry for Kubeflow do not apply to
+    the local subprocess runner. Our own warnings and every other one stay."""
+    warnings.filterwarnings("ignore", message=r"Task '.*': settings \[.*\] have no effect in the current local "
+                            r"runner", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom or non-Python "
+                            r"base image", category=RuntimeWarning)
+
+
 def run_local(
     name: str,
     arguments: Mapping[str, Any] | None = None,
     pipeline_root: str | os.PathLike[str] = "outputs/kfp",
     enable_caching: bool = True,
+    log_file: str | os.PathLike[str] | None = None,
 ) -> LocalRun:
     """Run a pipeline in this Python environment with kfp's SubprocessRunner (no Docker, no pip at run time).
 
     Cached tasks (same component, image, command and inputs) are reused across runs when ``enable_caching``.
+    With ``log_file`` the run is quiet (``pipelines.console``): one line per step on stdout, everything the runner
+    and the steps print in that file; a failure's message carries the failing step's last lines and the file.
     """
     from kfp import local
+
+    from pipelines.console import StepConsole
 
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -103,13 +161,20 @@ def run_local(
     )
     pipeline = build(name)
     started = time.time()
+    console = StepConsole(Path(log_file)) if log_file is not None else None
     try:
-        task = pipeline(**dict(arguments or {}))
+        with console.capture() if console else contextlib.nullcontext(), warnings.catch_warnings():
+            _ignore_local_runner_notices()
+            task = pipeline(**dict(arguments or {}))
     except TypeError as exc:
         raise PipelineError(f"bad arguments for pipeline {name!r}: {exc}") from None
     except RuntimeError as exc:
-        # kfp.local raises RuntimeError naming the failed task; its log is above in the output.
-        raise PipelineError(f"pipeline {name!r} failed: {exc}") from None
+        # kfp.local raises RuntimeError naming the failed task; its log is above in the output (or in the file).
+        where = ""
+        if console is not None:
+            tail = "\n".join(f"    {line}" for line in console.failure_tail())
+            where = f"\n  last lines of the failing step:\n{tail}\n  full log: {console.log_path}"
+        raise PipelineError(f"pipeline {name!r} failed: {_ANSI.sub('', str(exc))}{where}") from None
     log.info("pipeline %s finished in %.1f s", name, time.time() - started)
     outputs = dict(getattr(task, "outputs", {}) or {})
     return LocalRun(name=name, pipeline_root=root, outputs=outputs)

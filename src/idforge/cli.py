@@ -52,6 +52,9 @@ def _load(config: list[Path] | None, overrides: list[str] | None, preset: str | 
 
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    from idforge.logs import quiet_known_notices
+
+    quiet_known_notices()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -202,7 +205,9 @@ def train(
     method: Annotated[Optional[str], typer.Option(help="Population method: infinite-id | id-adapter.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP ranks).")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(help="0 = CPU workers.")] = 0.0,
+    gpus_per_worker: Annotated[
+        float, typer.Option(help="0 = CPU workers; -1 = auto (one GPU each where there are GPUs).")
+    ] = 0.0,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: a local Ray.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run recorded in --output.")] = True,
     config: ConfigOpt = None,
@@ -342,6 +347,19 @@ ArgOpt = Annotated[
 ]
 
 
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", help="Show every step's full output (default: one line per step, the rest in "
+                                         "a log file under outputs/logs/).")
+]
+
+
+def _quiet_log(name: str, verbose: bool) -> Path | None:
+    """Where a quiet local run writes its full log (None: ``--verbose``, everything on screen)."""
+    from pipelines.console import default_log_path
+
+    return None if verbose else default_log_path(Path("outputs"), name)
+
+
 def _pipeline_args(args: list[str] | None) -> dict[str, str]:
     from idforge.errors import ConfigError
 
@@ -394,22 +412,26 @@ def pipeline_run(
     gates: Annotated[Optional[Path], typer.Option(help="Gates YAML passed as gates_yaml.")] = None,
     pipeline_root: Annotated[Path, typer.Option(help="Where task outputs go.")] = Path("outputs/kfp"),
     cache: Annotated[bool, typer.Option(help="Reuse outputs of unchanged steps.")] = True,
+    verbose: VerboseOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     preset: PresetOpt = None,
 ) -> None:
     """Run a pipeline locally (kfp.local SubprocessRunner: no Docker, no pip at run time)."""
     from idforge.errors import ConfigError
-    from pipelines.runner import run_local
+    from pipelines.runner import run_local, typed_arguments
 
     if not local:
         raise ConfigError("`idforge pipeline run` runs locally: pass --local, or use `idforge pipeline submit`")
-    arguments = _pipeline_args(arg)
+    arguments = typed_arguments(name, _pipeline_args(arg))
     arguments.setdefault("config_yaml", _pipeline_config_yaml(config, set_, preset))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
-    run = run_local(name, arguments, pipeline_root=pipeline_root, enable_caching=cache)
+    log_file = _quiet_log(name, verbose)
+    run = run_local(name, arguments, pipeline_root=pipeline_root, enable_caching=cache, log_file=log_file)
     typer.echo(f"pipeline {name} finished; outputs under {run.pipeline_root}")
+    if log_file is not None:
+        typer.echo(f"full log: {log_file}")
 
 
 @pipeline_app.command("submit")
@@ -435,14 +457,15 @@ def pipeline_submit(
     """Submit a pipeline run to a Kubeflow Pipelines endpoint and print its run id."""
     from components.images import Images
     from idforge.config import dump_config
-    from pipelines.runner import submit
+    from pipelines.runner import submit, typed_arguments
 
-    arguments = _pipeline_args(arg)
+    images = Images.load(registry, tag)
+    arguments = typed_arguments(name, _pipeline_args(arg), images)
     # On a cluster the tracking URI comes from the pods' MLFLOW_TRACKING_URI: do not bake a local path in.
     arguments.setdefault("config_yaml", dump_config(_load(config, set_, preset)))
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
-    run_id = submit(name, host, arguments, experiment=experiment, images=Images.load(registry, tag),
+    run_id = submit(name, host, arguments, experiment=experiment, images=images,
                     service_account=service_account, pipeline_root=pipeline_root)
     typer.echo(run_id)
 
@@ -460,25 +483,83 @@ def pipeline_status(
 
 
 @app.command()
+def personalize(
+    photos: Annotated[Path, typer.Option(help="A folder of photos of one person.")],
+    method: Annotated[Optional[str], typer.Option(help="Method (default: the --preset's).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        help='Prompt, "{}" where the person goes (repeatable), e.g. "a photo of {} on the beach".')] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where dataset, model, images, grid go.")] = Path(
+        "outputs/personalize"),
+    model: Annotated[Optional[Path], typer.Option(
+        help="A trained population adapter (method.safetensors) for id-adapter / infinite-id.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="0..3 or 1,5,9 (default 0,1).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """One command from one person's photos to images of them: curate, fine-tune (or condition an adapter),
+    generate, and write a grid and a report."""
+    from idforge.errors import ConfigError
+    from idforge.personalize import personalize as run
+
+    cfg = _load(config, set_, preset)
+    method = method or preset
+    if method is None:
+        raise ConfigError("pass --method NAME (or --preset NAME)")
+    result = run(photos, method, list(prompt or []), output, cfg, artifact=model, seeds=_seeds(seeds))
+    typer.echo(f"{result.identity}: {result.photos_used} photo(s) -> {result.generated}")
+    typer.echo(f"  grid   : {result.grid}")
+    typer.echo(f"  report : {result.report}")
+
+
+@app.command()
+def doctor(
+    ray_address: Annotated[Optional[str], typer.Option(help="A Ray head to check (http://HEAD:8265).")] = None,
+    kfp_host: Annotated[Optional[str], typer.Option(help="A Kubeflow Pipelines endpoint to check.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """What this environment has and lacks for the config: torch and GPUs, models, S3, MLflow, Ray, KFP.
+
+    Exit code 0 only when everything the config needs is there; each gap comes with its fix."""
+    from idforge.doctor import format_table, run_checks
+
+    rows = run_checks(_load(config, set_), ray_address=ray_address, kfp_host=kfp_host)
+    for line in format_table(rows):
+        typer.echo(line)
+    failed = [r.name for r in rows if r.failed]
+    if failed:
+        typer.secho(f"{len(failed)} needed thing(s) missing: {', '.join(failed)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.secho("everything this config needs is here", fg=typer.colors.GREEN)
+
+
+@app.command()
 def demo(
     model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default: a tiny random SD1.5).")] = None,
     clip: Annotated[Optional[str], typer.Option(help="CLIP id or dir (default: a tiny random CLIP).")] = None,
     method: Annotated[str, typer.Option(help="Method to train and evaluate.")] = "infinite-id",
     cache: Annotated[bool, typer.Option(help="Reuse outputs of unchanged steps.")] = True,
+    verbose: VerboseOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """The main job: the end-to-end pipeline on data/samples with embedded defaults (run from the repo root)."""
     from pipelines.demo import run_demo
 
+    log_file = _quiet_log("demo", verbose)
+    if log_file is not None:
+        typer.echo(f"end-to-end pipeline on data/samples (one line per step; full log: {log_file})")
     result = run_demo(Path.cwd(), model=model, clip=clip, method=method, config_files=config, overrides=set_,
-                      cache=cache)
+                      cache=cache, log_file=log_file)
     typer.echo("")
     typer.secho(f"end-to-end pipeline finished in {result.seconds:.0f} s", fg=typer.colors.GREEN)
     typer.echo(f"  pipeline outputs : {result.pipeline_root}")
     typer.echo(f"  report           : {result.report or 'not found (see the evaluate step log above)'}")
     typer.echo(f"  MLflow store     : {result.tracking_uri}")
     typer.echo(f"  MLflow UI        : {result.mlflow_ui}")
+    if result.log_file is not None:
+        typer.echo(f"  full log         : {result.log_file}")
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from idforge.errors import ConfigError, IdforgeError, ModelNotFoundError
+from idforge.logs import quiet_known_notices
 
 if TYPE_CHECKING:
     import torch
@@ -184,6 +185,7 @@ def load_pipeline(
     every image, and a blacked-out image would silently corrupt identity metrics. Raises ``ModelNotFoundError``
     (one line) when the model cannot be found or loaded, ``ConfigError`` for a bad kind/dtype.
     """
+    quiet_known_notices()
     label = os.fspath(id_or_path)
     _check_kind(kind)
     _check_dtype(dtype)
@@ -263,6 +265,7 @@ def load_components(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Components:
     """UNet, VAE, text encoder(s), tokenizer(s) and schedulers of a pipeline, loaded as :func:`load_pipeline` does."""
+    quiet_known_notices()
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
     pipe = load_pipeline(
@@ -302,6 +305,7 @@ def load_clip(
 
     Raises ``ModelNotFoundError`` (one line, naming ``model.clip``) when any of them cannot be found or loaded.
     """
+    quiet_known_notices()
     label = os.fspath(id_or_path)
     _check_dtype(dtype)
     source = resolve_model(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from idforge.errors import ConfigError
 from idforge.io.atomic import atomic_path
+from idforge.logs import quiet_known_notices
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,7 @@ def make_tiny(out_dir: str | Path, kind: str = "sd15", seed: int = 0) -> Path:
     The same ``seed`` gives bit-identical weights. Returns ``out_dir`` as a ``Path``.
     Raises ``ConfigError`` for an unknown ``kind``.
     """
+    quiet_known_notices()
     if kind not in KINDS:
         raise ConfigError(f"make_tiny: kind={kind!r} is not one of {', '.join(KINDS)}; pass --kind sd15|sdxl|clip")
     out = Path(out_dir).expanduser()

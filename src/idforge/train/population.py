@@ -165,6 +165,49 @@ def _forget_run(run_state: str, out: Path, storage_cfg: Any) -> None:
     (out / "mlflow_run_id").unlink(missing_ok=True)
 
 
+def resolve_gpus_per_worker(requested: float, workers: int, ray_address: str | None) -> float:
+    """The GPUs each worker gets: ``requested``, checked against what exists, or chosen when ``requested < 0`` (auto).
+
+    A local Ray started here believes whatever GPU count it is given, so a GPU request on a machine without CUDA
+    devices would fail deep in Ray (``Distributed package doesn't have NCCL built in``): it is refused here. A
+    connected cluster may add GPU nodes through its autoscaler, so there a shortfall is only a warning.
+    Auto: one GPU per worker where there are GPUs (CUDA devices here, or any ``GPU`` resource on the cluster), else
+    CPU workers.
+
+    Raises:
+        ConfigError: GPUs requested for a local Ray on a machine that has fewer than the workers need.
+    """
+    import ray
+
+    connected = ray.is_initialized() or bool(ray_address)
+    if connected:
+        if not ray.is_initialized():  # resources are only known once connected: decided inside the session
+            return requested
+        available = float(ray.cluster_resources().get("GPU", 0))
+        where = "the Ray cluster"
+    else:
+        import torch
+
+        available = float(torch.cuda.device_count())
+        where = "this machine"
+    if requested < 0:
+        chosen = 1.0 if available >= 1 else 0.0
+        log.info("gpus_per_worker=auto: %s has %g GPU(s) -> %g per worker", where, available, chosen)
+        return chosen
+    needed = requested * workers
+    if needed > available:
+        fix = ("pass gpus_per_worker=0 (`--gpus-per-worker 0`, `--arg gpus_per_worker=0`) for CPU workers, or -1 to "
+               "use GPUs only where there are any")
+        if connected:
+            log.warning("gpus_per_worker=%g x %d worker(s) needs %g GPU(s) but %s has %g now: training waits for "
+                        "the autoscaler to add GPU nodes; if it has none, %s", requested, workers, needed, where,
+                        available, fix)
+        else:
+            raise ConfigError(f"gpus_per_worker={requested:g} x {workers} worker(s) needs {needed:g} GPU(s), but "
+                              f"{where} has {available:g} (torch sees no CUDA device): {fix}")
+    return requested
+
+
 def _check_data(data_dir: Path) -> dict[str, Any]:
     from idforge.train.dataset import read_prepared
 
@@ -196,7 +239,8 @@ def train_population(
         data_dir: a ``prepare`` output directory, or its ``s3://`` copy (every worker localizes it).
         model: base model id or directory (the one the data was prepared with).
         workers: Ray Train workers (DDP ranks); gloo on CPU, NCCL on GPU.
-        gpus_per_worker: 0 = CPU workers; 1 = one GPU each (fractions share a GPU).
+        gpus_per_worker: 0 = CPU workers; 1 = one GPU each (fractions share a GPU); < 0 = auto (one each where
+            there are GPUs, else CPU). GPUs asked of a local machine that has none are refused at once.
         output_dir: where ``method.safetensors``, ``config.resolved.yaml`` and ``metrics.json`` go.
         resume: continue the run recorded in ``output_dir`` (if any) from its latest checkpoint.
         ray_address: a Ray cluster address ("ray://host:10001", "auto"); None starts a local Ray.
@@ -227,7 +271,8 @@ def train_population(
     if not resume:
         _forget_run(run_state, out, storage_cfg)
     ray_path, ray_fs = ray_storage(storage, storage_cfg)  # s3:// -> the configured endpoint, not AWS
-    use_gpu = gpus_per_worker > 0
+    # Checked before anything starts where the machine decides (local Ray), again once connected to a cluster.
+    gpus_per_worker = resolve_gpus_per_worker(gpus_per_worker, workers, ray_address)
     tracking = _resolved_tracking(tracking_cfg)
     model_arg = str(Path(model).resolve()) if Path(model).exists() else model
     with _mlflow_run(tracking, out, f"train-{train_cfg.method}", train_cfg, root, resume) as mlflow_run_id:
@@ -237,11 +282,13 @@ def train_population(
             local_files_only=local_files_only, tracking=tracking, mlflow_run_id=mlflow_run_id,
             fault_step=fault_step, fault_marker=str(fault_marker) if fault_marker else None,
         )
-        resources = {"CPU": train_cfg.cpus_per_worker}
-        if use_gpu:
-            resources["GPU"] = gpus_per_worker
         with _ray_session(ray_address, num_cpus=max(workers * train_cfg.cpus_per_worker, 1),
-                          num_gpus=int(workers * gpus_per_worker + 0.999) if use_gpu else 0):
+                          num_gpus=int(workers * gpus_per_worker + 0.999) if gpus_per_worker > 0 else 0):
+            gpus_per_worker = resolve_gpus_per_worker(gpus_per_worker, workers, ray_address)
+            use_gpu = gpus_per_worker > 0
+            resources = {"CPU": train_cfg.cpus_per_worker}
+            if use_gpu:
+                resources["GPU"] = gpus_per_worker
             trainer = TorchTrainer(
                 train_fn,
                 train_loop_config=spec.model_dump(mode="json"),

@@ -265,8 +265,8 @@ def train_on_ray_cluster(
     """
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
-    if gpus_per_worker < 0:
-        raise ConfigError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
+    if gpus_per_worker < 0 and gpus_per_worker != -1:
+        raise ConfigError(f"gpus_per_worker must be >= 0, or -1 for auto; got {gpus_per_worker}")
     if not isinstance(model, str) or not model.strip():
         raise ConfigError("model is empty: pass the base model id or directory the data was prepared with")
     address = normalize_address(address)
