@@ -1,4 +1,5 @@
-"""The training loop in-process (no Ray): bad inputs fail with clear errors, init_from, the bench's step runs."""
+"""The training loop in-process (no Ray): bad inputs fail with clear errors, init_from, the bench's step runs, the base
+model stays frozen, a killed run resumes bit-exactly, held-out photos are measured against training references."""
 
 from __future__ import annotations
 
@@ -114,3 +115,89 @@ def test_validation_batches_are_capped_and_evaluated_in_chunks(prepared_dir, tin
         assert held_out_loss(method, pipe, batch, chunk=3) == pytest.approx(whole, rel=1e-5)
     finally:
         method.detach()
+
+
+def test_the_loop_freezes_every_base_weight(prepared_dir, tiny_sd15_dir):
+    """After an optimizer step no base weight asks for or keeps a gradient (the optimizer holds only the method's
+    weights, so an unfrozen base model would train nothing but would keep and allocate its .grad every step)."""
+    import torch
+
+    from idforge.methods.registry import get_method
+    from idforge.methods.types import TrainBatch
+    from idforge.train.dataset import PreparedDataset, collate, read_prepared
+    from idforge.train.loop import TrainStep, load_frozen_pipeline, method_config_for_data
+
+    cfg = TrainConfig(method="infinite-id", steps=1, batch_size=2, lr=1e-3)
+    pipe = load_frozen_pipeline(str(tiny_sd15_dir), "auto", "float32", torch.device("cpu"), True, cfg)
+    _, info = read_prepared(prepared_dir)
+    method = get_method(cfg.method, method_config_for_data(cfg.method, {}, info))
+    method.attach(pipe)
+    try:
+        method.train()
+        ds = PreparedDataset(prepared_dir)
+        step = TrainStep(method, pipe, cfg)
+        step([TrainBatch.from_dict(collate([ds[0], ds[1]]))])
+        own = {id(p) for p in method.modules.parameters()}
+        base = [(f"{c}.{n}", p) for c in ("unet", "vae", "text_encoder") for n, p in getattr(pipe, c).named_parameters()
+                if id(p) not in own]
+        assert len(base) > 100
+        assert [n for n, p in base if p.requires_grad] == []
+        assert [n for n, p in base if p.grad is not None] == []
+        assert all(not getattr(pipe, c).training for c in ("unet", "vae", "text_encoder"))
+    finally:
+        method.detach()
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_bit_exactly(prepared_dir, tiny_sd15_dir, tmp_path):
+    """Killed after step 3, restarted from the step-2 checkpoint: the same weights, EMA and metrics at the end as a
+    run never interrupted (the data stream, the noise generator, the optimizer and the EMA all resume)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from idforge.train.population import train_local
+
+    cfg = TrainConfig(method="infinite-id", steps=4, batch_size=2, lr=1e-2, checkpoint_every=2, report_every=2,
+                      ema=True, ema_decay=0.5)
+    whole = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "whole")
+    marker = tmp_path / "fault"
+    with pytest.raises(RuntimeError, match="injected fault at step 3"):
+        train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "killed", fault_step=3,
+                    fault_marker=marker)
+    resumed = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "killed", fault_step=3,
+                          fault_marker=marker)
+    assert resumed.metrics["resumed_from"] == 2 and whole.metrics["resumed_from"] == 0
+    assert resumed.metrics["weight_checksum"] == whole.metrics["weight_checksum"]  # the live weights
+    a, b = load_file(whole.method_path), load_file(resumed.method_path)  # the exported EMA weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics["loss"] == whole.metrics["loss"]
+
+
+def test_held_out_photos_are_measured_against_references_from_the_training_photos(prepared_dir):
+    """The loop's identity-gap pair: each held-out photo is conditioned on a TRAINING photo of its own identity
+    (matched) and of the other identity (mismatched), never on itself or another held-out photo."""
+    import torch
+
+    from idforge.train.dataset import PreparedDataset, read_prepared
+    from idforge.train.loop import validation_batches
+    from idforge.train.validation import split_holdout
+
+    index, _ = read_prepared(prepared_dir)
+    train_keys, held_keys = split_holdout(index, 1)
+    assert len(held_keys) == 2 and not set(held_keys) & set(train_keys)  # one photo of each of the 2 identities
+    full = PreparedDataset(prepared_dir)
+    by_key = {full.all_items.at[r, "key"]: (full.all_items.at[r, "identity"], full.item(r)) for r in full.targets}
+    training = PreparedDataset(prepared_dir, keys=train_keys)
+    matched, mismatched = validation_batches(str(prepared_dir), training, held_keys, 1, 0, torch.device("cpu"))
+
+    def key_of(tensor, field):
+        found = [k for k, (_, item) in by_key.items() if torch.equal(item[field], tensor)]
+        assert len(found) == 1
+        return found[0]
+
+    assert matched.batch_size == mismatched.batch_size == 2
+    for i in range(matched.batch_size):
+        target = key_of(matched.latents[i], "latents")
+        assert target in held_keys and torch.equal(mismatched.latents[i], matched.latents[i])
+        own, other = key_of(matched.face_embeds[i, 0], "face_embed"), key_of(mismatched.face_embeds[i, 0], "face_embed")
+        assert own in train_keys and other in train_keys
+        assert by_key[own][0] == by_key[target][0] != by_key[other][0]
