@@ -26,11 +26,12 @@ from idforge.config import IdforgeConfig
 from tests.fixtures.process import LOOPBACK, free_ports, stop_group, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a registration, two model loads and a model server: ~30 s on an idle 2-core machine
 NAME = "served"
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir, samples_dir):
+def registered(tmp_path_factory, _mlflow_template_db, tiny_sd15_dir, tiny_clip_dir, samples_dir):
     import mlflow
     from mlflow import MlflowClient
 
@@ -40,6 +41,7 @@ def registered(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir, samples_dir):
     from tests.test_generate_plain_method import PlainNoIdentity
 
     root = tmp_path_factory.mktemp("registered")
+    shutil.copyfile(_mlflow_template_db, root / "mlruns.db")  # migrated once per session
     uri = f"sqlite:///{(root / 'mlruns.db').as_posix()}"
     cfg = IdforgeConfig.model_validate({
         "model": {"base": str(tiny_sd15_dir), "clip": str(tiny_clip_dir)},
@@ -65,8 +67,20 @@ def registered(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir, samples_dir):
         # a version whose base model is a hub id this machine does not have
         missing = register_run(runs[1], gates, cfg, base_model="example-org/not-cached-anywhere", **kw)
         photos = [base64.b64encode((samples_dir / "obama" / f).read_bytes()).decode() for f in ("1.jpg", "2.jpg")]
-        yield {"uri": uri, "root": root, "result": result, "missing": missing, "photos": photos,
-               "base": tiny_sd15_dir, "clip": tiny_clip_dir}
+        try:
+            yield {"uri": uri, "root": root, "result": result, "missing": missing, "photos": photos,
+                   "base": tiny_sd15_dir, "clip": tiny_clip_dir}
+        finally:
+            mlflow.set_tracking_uri(None)  # back to $MLFLOW_TRACKING_URI for the tests after this module
+
+
+@pytest.fixture(scope="module")
+def loaded(registered):
+    """The passing version through MLflow's Python client, loaded once for the module."""
+    import mlflow
+
+    mlflow.set_tracking_uri(registered["uri"])
+    return mlflow.pyfunc.load_model(f"models:/{NAME}/{registered['result'].version}")
 
 
 def _request(photos: list[str]) -> pd.DataFrame:
@@ -108,12 +122,10 @@ def test_a_version_references_the_base_model_and_carries_its_code(registered):
                       "seed": ("long", 0), "scheduler": ("string", "")}
 
 
-def test_load_model_predict_takes_the_params(registered):
-    import mlflow
-
+def test_load_model_predict_takes_the_params(registered, loaded):
     from idforge.errors import DataError
 
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{registered['result'].version}")
+    model = loaded
     req = _request(registered["photos"])
     plain = _pixels(model.predict(req)["image"][0])
     assert (plain == _pixels(model.predict(req, params={"num_inference_steps": 2})["image"][0])).all()  # default
@@ -146,8 +158,7 @@ def test_an_unavailable_base_model_fails_clearly_and_can_be_pointed_elsewhere(re
     assert model.predict(_request(registered["photos"]))["image"][0]
 
 
-def test_mlflow_models_serve_answers_rest_calls_with_params(registered, tmp_path):
-    import mlflow
+def test_mlflow_models_serve_answers_rest_calls_with_params(registered, loaded, tmp_path):
     import requests
 
     (port,) = free_ports(1)
@@ -178,8 +189,7 @@ def test_mlflow_models_serve_answers_rest_calls_with_params(registered, tmp_path
         assert (a["seed"], b["seed"]) == (0, 5)
         assert _differ(_pixels(a["image"]), _pixels(b["image"]))
         # the server and the Python client give the same picture for the same request
-        local = mlflow.pyfunc.load_model(f"models:/{NAME}/{registered['result'].version}")
-        same = local.predict(_request(registered["photos"]), params={"num_inference_steps": 4, "seed": 5})
+        same = loaded.predict(_request(registered["photos"]), params={"num_inference_steps": 4, "seed": 5})
         assert np.abs(_pixels(same["image"][0]) - _pixels(b["image"])).max() <= 2
         bad = call({"scheduler": "Nope"})
         assert bad.status_code >= 400 and "params.scheduler='Nope'" in bad.text
