@@ -96,7 +96,16 @@ class CurateConfig(Section):
     model_dir: str | None = None
     min_face_px: int = 64
     min_images_per_identity: int = 2
-    # Process-pool size over input files (1 = in this process); models load once per worker.
+    # local: a process pool on this machine (per-file cache, resumable). ray: Ray Data over the files, an actor pool
+    # of `workers` actors (face models loaded once per actor), results written straight to the output storage.
+    engine: Literal["local", "ray"] = "local"
+    # engine=ray: the Ray cluster to join (`ray.init(address=...)`, e.g. ray://head:10001 or auto); None: start a
+    # local Ray with `workers` x `threads_per_worker` CPUs for this run.
+    ray_address: str | None = None
+    # engine=ray: files per actor call (the mediapipe matte runs once per call over its faces).
+    ray_batch_files: int = Field(default=16, ge=1)
+    # Process-pool size over input files (1 = in this process), or the Ray actor pool's size; models load once per
+    # worker.
     workers: int = Field(default=1, ge=1)
     # Inference threads per worker; 1 keeps one worker per core from oversubscribing the machine.
     threads_per_worker: int = Field(default=1, ge=1)

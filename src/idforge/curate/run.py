@@ -42,11 +42,11 @@ def _split_cfg(cfg) -> tuple[CurateConfig, Any]:
     return cfg.curate, getattr(cfg, "storage", None)
 
 
-def _work_dir(ccfg: CurateConfig) -> Path:
+def work_dir(ccfg: CurateConfig) -> Path:
     return Path(ccfg.work_dir).expanduser() if ccfg.work_dir else Path.home() / ".cache" / "idforge" / "curate"
 
 
-def _list_inputs(root: Path) -> tuple[list[str], int]:
+def list_inputs(root: Path) -> tuple[list[str], int]:
     """Relative paths of every file under ``root`` (sorted) and how many hidden entries were skipped."""
     if root.is_file():
         return [root.name], 0
@@ -62,7 +62,7 @@ def _list_inputs(root: Path) -> tuple[list[str], int]:
     return sorted(rels), hidden
 
 
-def _source_of(input_uri: str, root: Path, rel: str) -> str:
+def source_of(input_uri: str, root: Path, rel: str) -> str:
     from idforge.io.uri import is_s3_uri, join_uri
 
     if is_s3_uri(input_uri):
@@ -70,6 +70,44 @@ def _source_of(input_uri: str, root: Path, rel: str) -> str:
     if root.is_file():
         return str(input_uri)
     return str(Path(str(input_uri)) / rel)
+
+
+def check_local_output(input: str, output: str, root: Path | None) -> Path:
+    """The local output folder, after refusing an output inside the input (``root``: the local input, None for
+    S3), an input inside the output, and an existing folder that is not a curated dataset."""
+    from idforge.curate.manifest import is_curated
+
+    final = Path(output).expanduser()
+    if root is not None:
+        if root.is_dir() and final.resolve().is_relative_to(root.resolve()):
+            raise DataError(f"curate output {output} lies inside the input {input}; choose a folder outside it")
+        if root.resolve().is_relative_to(final.resolve()):
+            raise DataError(f"curate input {input} lies inside the output {output}, which is replaced on success; "
+                            "choose an output folder outside the input")
+    if final.exists() and not is_curated(final) and (final.is_file() or any(final.iterdir())):
+        # The output is replaced as a whole: never replace something that is not a curated dataset.
+        raise DataError(f"curate output {output} exists and is not a curated dataset; give a new or empty folder")
+    return final
+
+
+def read_label_map(labels: str | None, work: Path, storage_cfg) -> dict[str, str]:
+    """{key: identity} of the labels CSV (local or ``s3://``), {} without one."""
+    if not labels:
+        return {}
+    from idforge.curate.group import read_labels
+    from idforge.io.storage import localize
+    from idforge.io.uri import is_s3_uri
+
+    # labels may live beside the photos on S3: localize() returns local paths unchanged
+    local_labels = localize(str(labels), work / "labels", storage_cfg) if is_s3_uri(str(labels)) else labels
+    return read_labels(local_labels)
+
+
+def check_matte(ccfg: CurateConfig) -> None:
+    if ccfg.matte.backend == "mediapipe":
+        from idforge.curate.matte import check_matte_env, matte_python
+
+        check_matte_env(matte_python(ccfg.matte))  # fail before the long part, with the fix in the message
 
 
 def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None) -> CurateReport:
@@ -86,43 +124,27 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         DataError: the input holds no files, or the output lies inside the input. ConfigError: the matte
         environment is missing for ``matte.backend=mediapipe``. StorageError: an S3 location is unreachable.
     """
-    from idforge.curate.manifest import is_curated
     from idforge.io.storage import localize, open_storage
     from idforge.io.uri import is_s3_uri
 
     ccfg, storage_cfg = _split_cfg(cfg)
+    if ccfg.engine == "ray":
+        from idforge.curate.ray_engine import curate_on_ray
+
+        return curate_on_ray(input, output, ccfg, storage_cfg, labels)
     t_start = time.perf_counter()
-    work = _work_dir(ccfg)
+    work = work_dir(ccfg)
     root = localize(input, work / "inputs", storage_cfg, progress=ccfg.progress)
     s3_out = is_s3_uri(str(output))
     if s3_out:
         final = work / "outputs" / hashlib.sha256(str(output).encode()).hexdigest()[:16]
     else:
-        final = Path(output).expanduser()
-        if root.is_dir() and final.resolve().is_relative_to(root.resolve()):
-            raise DataError(f"curate output {output} lies inside the input {input}; choose a folder outside it")
-        if root.resolve().is_relative_to(final.resolve()):
-            raise DataError(f"curate input {input} lies inside the output {output}, which is replaced on success; "
-                            "choose an output folder outside the input")
-        if final.exists() and not is_curated(final) and (
-            final.is_file() or any(final.iterdir())
-        ):
-            # The output is replaced as a whole: never replace something that is not a curated dataset.
-            raise DataError(f"curate output {output} exists and is not a curated dataset; give a new or empty folder")
-    rels, hidden = _list_inputs(root)
+        final = check_local_output(input, output, root)
+    rels, hidden = list_inputs(root)
     if not rels:
         raise DataError(f"curate input {input} holds no files; point --input at a folder of photos")
-    label_map = {}
-    if labels:
-        from idforge.curate.group import read_labels
-
-        # labels may live beside the photos on S3: localize() returns local paths unchanged
-        local_labels = localize(str(labels), work / "labels", storage_cfg) if is_s3_uri(str(labels)) else labels
-        label_map = read_labels(local_labels)
-    if ccfg.matte.backend == "mediapipe":
-        from idforge.curate.matte import check_matte_env, matte_python
-
-        check_matte_env(matte_python(ccfg.matte))  # fail before the long part, with the fix in the message
+    label_map = read_label_map(labels, work, storage_cfg)
+    check_matte(ccfg)
 
     from idforge.curate.process import FileTask, config_digest, model_identity, run_tasks
 
@@ -134,7 +156,7 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         shutil.rmtree(partial / sub, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     reuse = final / "cache" if (final / "cache").is_dir() else None
-    tasks = [FileTask(i, str(root / r) if root.is_dir() else str(root), r, _source_of(str(input), root, r))
+    tasks = [FileTask(i, str(root / r) if root.is_dir() else str(root), r, source_of(str(input), root, r))
              for i, r in enumerate(rels)]
     log.info("curating %d files from %s with %s (%d worker(s))", len(tasks), input, ccfg.backend, ccfg.workers)
     t0 = time.perf_counter()
