@@ -6,8 +6,10 @@ the per-file work spread over a Ray cluster.
    the face models once, reads its files' bytes from the input storage, runs the per-file stages
    (:func:`curate_file`, what a retry calls again), mattes its batch's faces in one call, writes crops, masks and
    mattes straight to the output storage and returns the batch's manifest rows with their embeddings.
-3. ``write_parquet`` streams those rows to ``<output>/_staging/`` (partitioned parquet, on the output storage).
-4. A global step on the driver reads the staged rows (columns it needs), runs dedup and grouping on the FAISS
+   Each batch's rows go to the output storage as one parquet part, ``<output>/_staging/part-<first file>.parquet``
+   (named by the batch's first file: a retried batch rewrites its own part, never adds one); the map returns
+   one small summary row per file.
+3. A global step on the driver reads the staged rows (columns it needs), runs dedup and grouping on the FAISS
    similarity graph (``curate/stages.py``, the local engine's code) and writes the manifest, identities,
    embeddings and report; the staging parts are removed.
 
@@ -48,7 +50,7 @@ class FileOutcome:
 
 
 def list_input(input_uri: str, storage_cfg=None) -> tuple[list[dict[str, str]], int]:
-    """[{"rel", "source"}] of every file under ``input_uri`` sorted by ``rel``, and how many hidden entries
+    """[{"index", "rel", "source"}] of every file under ``input_uri`` sorted by ``rel``, and how many hidden entries
     (dot-files, dot-folders) were skipped. Only names are listed; no byte is read."""
     from idforge.curate.run import list_inputs, source_of
     from idforge.io.storage import open_storage
@@ -64,10 +66,10 @@ def list_input(input_uri: str, storage_cfg=None) -> tuple[list[dict[str, str]], 
                 hidden += 1
             else:
                 rels.append(rel)
-        return [{"rel": r, "source": join_uri(prefix, r)} for r in sorted(rels)], hidden
+        return [{"index": i, "rel": r, "source": join_uri(prefix, r)} for i, r in enumerate(sorted(rels))], hidden
     root = Path(input_uri).expanduser()
     rels, hidden = list_inputs(root)
-    return [{"rel": r, "source": source_of(input_uri, root, r)} for r in rels], hidden
+    return [{"index": i, "rel": r, "source": source_of(input_uri, root, r)} for i, r in enumerate(rels)], hidden
 
 
 def curate_file(item: dict[str, str], data: bytes, ccfg: CurateConfig, analyzer, digest: str, label: str,
@@ -100,7 +102,7 @@ def _staged_schema():
 class CurateFiles:
     """The Ray Data actor: face models loaded once in ``__init__``; ``__call__`` curates a batch of files."""
 
-    def __init__(self, cfg_json: str, storage_json: str | None, digest: str, output: str,
+    def __init__(self, cfg_json: str, storage_json: str | None, digest: str, output: str, staging: str,
                  label_map: dict[str, str]) -> None:
         import cv2
 
@@ -112,7 +114,7 @@ class CurateFiles:
         self.storage_cfg = StorageConfig.model_validate_json(storage_json) if storage_json else None
         cv2.setNumThreads(self.cfg.threads_per_worker)
         self.analyzer = load_curate_analyzer(self.cfg, num_threads=self.cfg.threads_per_worker)
-        self.digest, self.output, self.label_map = digest, output, label_map
+        self.digest, self.output, self.staging, self.label_map = digest, output, staging, label_map
         self.out = open_storage(output, self.storage_cfg)
 
     def _read(self, source: str) -> bytes:
@@ -120,10 +122,15 @@ class CurateFiles:
 
         return open_storage(source, self.storage_cfg).read_bytes(source)
 
-    def __call__(self, batch):  # pandas DataFrame of {"rel", "source"} -> pyarrow Table of staged rows
+    def __call__(self, batch):  # pandas DataFrame of {"index", "rel", "source"} -> one summary row per file
+        import io
+
+        import pandas as pd
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         from idforge.curate.stages import label_of
+        from idforge.io.uri import join_uri
 
         with tempfile.TemporaryDirectory(prefix="idforge-curate-") as tmp:
             work = Path(tmp)
@@ -145,7 +152,13 @@ class CurateFiles:
                                phash=int(np.uint64(face.phash).view(np.int64)) if face else None,
                                embedding=o.embeddings[face.emb_index].tolist() if face else None)
                     records.append(rec)
-            return pa.Table.from_pylist(records, schema=_staged_schema())
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(records, schema=_staged_schema()), buf)
+            first = int(batch["index"].min())
+            self.out.write_bytes(join_uri(self.staging, f"part-{first:09d}.parquet"), buf.getvalue())
+        return pd.DataFrame({"rel": batch["rel"], "rows": [len(o.rows) for o in outcomes],
+                             "seconds": [sum(v for k, v in o.timings.items() if not k.startswith("cpu_"))
+                                         for o in outcomes]})
 
     def _matte(self, faces: list[AcceptedFace], work: Path) -> None:
         """Person matte and composite paths per face: the landmark matte the per-file stage made, or one mediapipe
@@ -188,13 +201,17 @@ class CurateFiles:
 
 def _read_staged(staging: str, storage_cfg) -> tuple[list[ManifestRow], list[AcceptedFace], np.ndarray]:
     """Every staged row in manifest order (relative path, face), the accepted faces and their embeddings."""
+    import io
+
+    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
 
-    from idforge.io.storage import arrow_filesystem
+    from idforge.io.storage import open_storage
 
-    fs, path = arrow_filesystem(staging, storage_cfg)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    storage = open_storage(staging, storage_cfg)
+    parts = sorted(u for u in storage.list(staging) if u.endswith(".parquet"))
+    table = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in parts])
     table = table.sort_by([("rel", "ascending"), ("face_index", "ascending")])
     rows: list[ManifestRow] = []
     faces: list[AcceptedFace] = []
@@ -240,7 +257,7 @@ def curate_on_ray(input: str, output: str, ccfg: CurateConfig, storage_cfg=None,
     from idforge.curate.process import config_digest, model_identity
     from idforge.curate.run import check_local_output, check_matte, read_label_map, work_dir
     from idforge.io.atomic import replace_dir
-    from idforge.io.storage import arrow_filesystem, open_storage
+    from idforge.io.storage import open_storage
     from idforge.io.uri import is_s3_uri, join_uri
 
     t_start = time.perf_counter()
@@ -273,14 +290,15 @@ def curate_on_ray(input: str, output: str, ccfg: CurateConfig, storage_cfg=None,
         with stages.timed(timings, "per_file_wall"):
             ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ccfg.ray_batch_files)))
             ds = ds.map_batches(
-                CurateFiles, batch_size=ccfg.ray_batch_files, batch_format="pandas", concurrency=ccfg.workers,
-                num_cpus=ccfg.threads_per_worker,
+                CurateFiles, batch_size=ccfg.ray_batch_files, batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=ccfg.workers), num_cpus=ccfg.threads_per_worker,
                 fn_constructor_kwargs={"cfg_json": ccfg.model_dump_json(), "digest": digest, "output": dest,
-                                       "storage_json": storage_cfg.model_dump_json() if storage_cfg else None,
-                                       "label_map": label_map},
+                                       "staging": staging, "label_map": label_map,
+                                       "storage_json": storage_cfg.model_dump_json() if storage_cfg else None},
             )
-            fs, path = arrow_filesystem(staging, storage_cfg)
-            ds.write_parquet(path, filesystem=fs)
+            done = sum(len(b["rel"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+            if done != len(items):
+                raise DataError(f"curation on Ray returned {done} of {len(items)} files; see the Ray logs")
     finally:
         if started:
             ray.shutdown()

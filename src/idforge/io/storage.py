@@ -842,25 +842,6 @@ def open_storage(uri_or_path: str | os.PathLike[str], cfg: StorageConfig | None 
     raise StorageError(f"unsupported storage scheme {scheme!r} in {uri_or_path!r}: use a local path, file:// or s3://")
 
 
-def arrow_filesystem(uri: str | os.PathLike[str], cfg: StorageConfig | None = None):  # type: ignore[no-untyped-def]
-    """(``pyarrow.fs.FileSystem``, path in it) for a local path or ``s3://`` URI, for readers and writers that take
-    a pyarrow filesystem (Ray Data's ``write_parquet``, ``pyarrow.dataset``). Same endpoint, TLS, region and
-    credential variables as :class:`S3Storage`."""
-    import pyarrow.fs as pafs
-
-    if isinstance(uri, str) and is_s3_uri(uri):
-        loc = parse_s3_uri(uri)
-        s3 = S3Storage(cfg)  # validates endpoint and credentials, with the same messages
-        region = s3.cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        fs = pafs.S3FileSystem(
-            access_key=os.environ[s3.cfg.access_key_env], secret_key=os.environ[s3.cfg.secret_key_env],
-            session_token=os.environ.get("AWS_SESSION_TOKEN") or None, endpoint_override=s3.endpoint,
-            scheme="https" if s3.secure else "http", region=region,
-        )
-        return fs, f"{loc.bucket}/{loc.key}".rstrip("/")
-    return pafs.LocalFileSystem(), str(local_path(uri))
-
-
 def localize(
     uri: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str],
