@@ -13,6 +13,8 @@ def curate(
     dataset: Output[Dataset],
     metrics: Output[Metrics],
     labels_uri: str = "",
+    engine: str = "",
+    ray_address: str = "",
 ):
     """Detect, gate, align, matte, dedup and group the photos; every input lands in the manifest.
 
@@ -23,6 +25,10 @@ def curate(
         config_yaml: The resolved idforge config as YAML text (its ``curate`` section applies); "" = defaults.
         labels_uri: Optional labels CSV, local or ``s3://`` (columns ``identity`` and ``file``/``path``/``source``)
             naming who is in which photo; "" = identities grouped by face embedding alone.
+        engine: ``local`` (a process pool in this pod) or ``ray`` (Ray Data over the files, an actor pool of
+            ``curate.workers`` actors); "" = the config's ``curate.engine``.
+        ray_address: With engine ``ray``: the Ray cluster to join (``ray://head:10001``); "" = the config's
+            ``curate.ray_address``, else a Ray started inside this pod.
 
     Returns:
         dataset: The curated dataset: manifest.parquet (every input, accepted or rejected with its reason),
@@ -34,7 +40,9 @@ def curate(
     from idforge.curate.run import curate_dataset
     from idforge.ops.kfp_metrics import write_metrics
 
-    cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
+    overrides = [f"curate.engine={engine}"] if engine else []
+    overrides += [f"curate.ray_address={ray_address}"] if ray_address else []
+    cfg = load_config_text(config_yaml, overrides, source="pipeline parameter config_yaml")
     report = curate_dataset(raw_uri, dataset.path, cfg=cfg, labels=labels_uri or None)
     counts = {
         "files": report.files, "faces_accepted": report.faces_accepted, "identities": report.identities,

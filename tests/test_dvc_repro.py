@@ -146,8 +146,9 @@ def test_repro_runs_every_stage_and_leaves_outputs(reproduced: tuple[Path, dict[
     assert _ran(log) == STAGES, log[-3000:]
 
     out = root / "outputs" / "dvc"
-    for rel in ["models/tiny-sd15/model_index.json", "models/tiny-clip/config.json", "dataset/manifest.parquet",
-                "dataset/identities.parquet", "prepared/index.parquet", "train/method.safetensors",
+    for rel in ["models/tiny-sd15/model_index.json", "models/tiny-clip/config.json",
+                "dataset/manifest.parquet/part-00000.parquet", "dataset/identities.parquet",
+                "prepared/index.parquet", "train/method.safetensors",
                 "generated/index.parquet", "eval/metrics.parquet", "eval/aggregates.parquet", "eval/report.html",
                 "eval/summary.json"]:
         assert (out / rel).is_file(), f"{rel} missing after dvc repro"

@@ -153,13 +153,16 @@ def curate(
     input: Annotated[str, typer.Option("--input", "-i", help="Folder or s3://bucket/prefix of raw photos.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Dataset directory (or s3:// URI) to write.")],
     labels: Annotated[Optional[Path], typer.Option(help="CSV of source,identity to seed or override grouping.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="Curate on this Ray cluster with Ray Data (sets curate.engine=ray and curate.ray_address).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Raw photos -> aligned, quality-gated, identity-grouped dataset with a manifest of every input."""
     from idforge.curate.run import curate_dataset
 
-    cfg = _load(config, set_)
+    cfg = _load(config, [*(set_ or []), *(["curate.engine=ray", f"curate.ray_address={ray_address}"]
+                                           if ray_address else [])])
     report = curate_dataset(input, output, cfg=cfg, labels=str(labels) if labels else None)
     typer.echo(report.summary())
 

@@ -1,8 +1,9 @@
 """Curation settings (the ``curate:`` section of a config file).
 
 Nested sections follow the stages: decode -> detect -> gates -> align -> matte -> dedup -> grouping. Everything
-that changes what one input file produces (decode, detect, gates, align, backend, model_dir, min_face_px) is part
-of the per-file cache key, so changing it re-processes the files; matte, dedup and grouping are cheap and re-run.
+that changes what one input file produces (decode, detect, gates, align, backend, model_dir, min_face_px,
+input_alignment) is part of the per-file cache key, so changing it re-processes the files; matte, dedup and
+grouping are cheap and re-run.
 """
 
 from __future__ import annotations
@@ -95,8 +96,22 @@ class CurateConfig(Section):
     # Directory of an insightface model pack (buffalo_l, antelopev2) or None for the embedded default.
     model_dir: str | None = None
     min_face_px: int = 64
+    # How the inputs are framed. raw: photos (the detector alone). auto: photos or face-filling aligned crops
+    # (a second detection on a padded canvas when the first finds nothing). arcface112 / ffhq: every input is a
+    # crop aligned to that template (ArcFace 112x112 as WebFace/MS1M ship; FFHQ 512/1024): its landmarks are the
+    # template's and no detector runs.
+    input_alignment: Literal["auto", "raw", "arcface112", "ffhq"] = "raw"
     min_images_per_identity: int = 2
-    # Process-pool size over input files (1 = in this process); models load once per worker.
+    # local: a process pool on this machine (per-file cache, resumable). ray: Ray Data over the files, an actor pool
+    # of `workers` actors (face models loaded once per actor), results written straight to the output storage.
+    engine: Literal["local", "ray"] = "local"
+    # engine=ray: the Ray cluster to join (`ray.init(address=...)`, e.g. ray://head:10001 or auto); None: start a
+    # local Ray with `workers` x `threads_per_worker` CPUs for this run.
+    ray_address: str | None = None
+    # engine=ray: files per actor call (the mediapipe matte runs once per call over its faces).
+    ray_batch_files: int = Field(default=16, ge=1)
+    # Process-pool size over input files (1 = in this process), or the Ray actor pool's size; models load once per
+    # worker.
     workers: int = Field(default=1, ge=1)
     # Inference threads per worker; 1 keeps one worker per core from oversubscribing the machine.
     threads_per_worker: int = Field(default=1, ge=1)

@@ -8,7 +8,12 @@ lexicographically first source, so the choice does not depend on file order.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from idforge.curate.knn import SimilarityGraph
 
 
 def phash(rgb: np.ndarray, hash_size: int = 8, highfreq_factor: int = 4) -> int:
@@ -30,11 +35,12 @@ def hamming(a: int, b: int) -> int:
 
 def find_duplicates(
     emb: np.ndarray,
-    hashes: list[int],
+    hashes: list[int] | np.ndarray,
     order_keys: list[tuple],
     same_person: float,
     phash_max_distance: int,
     embedding_min_similarity: float,
+    graph: SimilarityGraph | None = None,
 ) -> list[int]:
     """For each face, -1 if kept, else the index of the kept face it duplicates.
 
@@ -42,38 +48,33 @@ def find_duplicates(
         emb: (N, D) L2-normalised embeddings.
         hashes: N perceptual hashes.
         order_keys: N sort keys; the smallest key of a duplicate set is kept (e.g. (-size, source, face_index)).
+        graph: the faces' similarity graph at ``same_person`` (``curate/knn.py``), built here when None. Only its
+            edges are judged: memory O(N k), not the N x N pairs.
     """
     n = emb.shape[0]
     if n == 0:
         return []
     from scipy.sparse import coo_matrix
-
-    # Blocks of rows keep memory at block x N instead of N x N; only same-person pairs get their hashes compared.
-    rows_i, rows_j = [], []
-    hash_arr = np.array(hashes, dtype=np.uint64)
-    for start in range(0, n, 2048):
-        sim = emb[start : start + 2048] @ emb.T
-        ii, jj = np.nonzero(sim >= same_person)
-        ii = ii + start
-        keep = jj > ii
-        ii, jj = ii[keep], jj[keep]
-        if ii.size == 0:
-            continue
-        s = sim[ii - start, jj]
-        xor = np.bitwise_xor(hash_arr[ii], hash_arr[jj])
-        dist = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
-        dup = (dist <= phash_max_distance) | (s >= embedding_min_similarity)
-        rows_i.append(ii[dup])
-        rows_j.append(jj[dup])
-    ii = np.concatenate(rows_i) if rows_i else np.zeros(0, np.int64)
-    jj = np.concatenate(rows_j) if rows_j else np.zeros(0, np.int64)
-    close = coo_matrix((np.ones(ii.size, dtype=np.int8), (ii, jj)), shape=(n, n))
     from scipy.sparse.csgraph import connected_components
 
+    if graph is None:
+        from idforge.curate.knn import knn_graph
+
+        graph = knn_graph(emb, same_person)
+    ii, jj, s = graph.i, graph.j, graph.sim
+    hash_arr = np.asarray([int(h) for h in hashes], dtype=np.uint64)
+    xor = np.bitwise_xor(hash_arr[ii], hash_arr[jj])
+    dist = np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
+    dup = (dist <= phash_max_distance) | (s >= embedding_min_similarity)
+    close = coo_matrix((np.ones(int(dup.sum()), dtype=np.int8), (ii[dup], jj[dup])), shape=(n, n))
     _, comp = connected_components(close, directed=False)
     out = [-1] * n
-    for c in np.unique(comp):
-        members = sorted(np.flatnonzero(comp == c).tolist(), key=lambda k: order_keys[k])
-        for k in members[1:]:
-            out[k] = members[0]
+    order = np.argsort(comp, kind="stable")
+    bounds = np.flatnonzero(np.diff(comp[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) < 2:
+            continue
+        ranked = sorted(members.tolist(), key=lambda k: order_keys[k])
+        for k in ranked[1:]:
+            out[k] = ranked[0]
     return out

@@ -18,6 +18,8 @@ MANIFEST = "manifest.parquet"
 IDENTITIES = "identities.parquet"
 EMBEDDINGS = "embeddings.npy"
 REPORT = "report.json"
+# Rows per manifest part: ~50 MB parts at a million faces, one part for any small dataset.
+ROWS_PER_PART = 100_000
 
 STATUSES = ("accepted", "rejected")
 # Every reason code a row can carry (file-level, face-level, then dataset-level).
@@ -91,18 +93,66 @@ def write_table(rows: list[dict], schema, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def read_manifest(dataset: str | os.PathLike[str]):
-    """The manifest of a curated dataset directory as a pandas DataFrame (schema-checked)."""
+def manifest_path(dataset: str | os.PathLike[str]) -> Path:
+    """Where a dataset's manifest lives: ``manifest.parquet``, a parquet dataset directory (``part-*.parquet``) or,
+    as older datasets and small fixtures write it, a single parquet file."""
+    return Path(dataset) / MANIFEST
+
+
+def is_curated(dataset: str | os.PathLike[str]) -> bool:
+    """True when ``dataset`` holds a manifest (directory or file)."""
+    path = manifest_path(dataset)
+    return path.is_file() or (path.is_dir() and any(path.glob("*.parquet")))
+
+
+def manifest_columns(dataset: str | os.PathLike[str]) -> list[str]:
+    """The manifest's column names, from its parquet footers (no rows read)."""
+    import pyarrow.dataset as pads
+
+    if not is_curated(dataset):
+        raise DataError(f"{dataset} is not a curated dataset: {MANIFEST} is missing (run `idforge curate`)")
+    return list(pads.dataset(str(manifest_path(dataset)), format="parquet").schema.names)
+
+
+def write_manifest(rows: list[dict], dataset: str | os.PathLike[str], rows_per_part: int = ROWS_PER_PART) -> Path:
+    """Write the manifest rows (in the order given) as a parquet dataset directory of ``rows_per_part``-row parts
+    (``part-00000.parquet`` ...), atomically: readers see the old manifest or the whole new one."""
+    from idforge.io.atomic import atomic_path
+
+    final = manifest_path(dataset)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        for part, start in enumerate(range(0, max(len(rows), 1), rows_per_part)):
+            write_table(rows[start:start + rows_per_part], manifest_schema(), tmp / f"part-{part:05d}.parquet")
+    return final
+
+
+def read_manifest(dataset: str | os.PathLike[str], columns: list[str] | None = None, filters=None,
+                  accepted_only: bool = False):
+    """The manifest of a curated dataset as a pandas DataFrame, read lazily: only ``columns`` (None: all) and the
+    rows passing ``filters`` (a pyarrow expression or DNF list such as ``[("identity", "=", "ann")]``) are
+    materialised. ``accepted_only`` adds ``status == "accepted"``. Rows come in manifest order.
+
+    Raises:
+        DataError: no manifest, or it lacks the columns asked for (re-run ``idforge curate``).
+    """
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    path = Path(dataset) / MANIFEST
-    if not path.is_file():
+    path = manifest_path(dataset)
+    if not is_curated(dataset):
         raise DataError(f"{dataset} is not a curated dataset: {MANIFEST} is missing (run `idforge curate`)")
-    table = pq.read_table(str(path))
-    missing = set(manifest_schema().names) - set(table.schema.names)
+    ds = pads.dataset(str(path), format="parquet")
+    want = list(columns) if columns is not None else list(manifest_schema().names)
+    missing = sorted(set(want) - set(ds.schema.names))
     if missing:
-        raise DataError(f"{path} lacks columns {sorted(missing)}; re-run `idforge curate` with this version")
-    return table.to_pandas()
+        raise DataError(f"{path} lacks columns {missing}; re-run `idforge curate` with this version")
+    expr = pq.filters_to_expression(filters) if isinstance(filters, list) else filters
+    if accepted_only:
+        status = pads.field("status") == "accepted"
+        expr = status if expr is None else expr & status
+    # a dataset's parts are listed in name order, and rows keep their order within each part
+    return ds.to_table(columns=want if columns is not None else None, filter=expr).to_pandas()
 
 
 def read_identities(dataset: str | os.PathLike[str]):

@@ -45,7 +45,8 @@ class FileTask:
 
 def config_digest(cfg: CurateConfig, models: dict[str, Any]) -> str:
     """Digest of everything that changes one file's per-file outputs (config sections + model identity)."""
-    per_file = cfg.model_dump(include={"backend", "model_dir", "min_face_px", "decode", "detect", "gates", "align"})
+    per_file = cfg.model_dump(include={"backend", "model_dir", "min_face_px", "decode", "detect", "gates", "align",
+                                       "input_alignment"})
     per_file.pop("model_dir", None)  # where the models live does not matter, what they are does (models below)
     blob = json.dumps({"v": PROCESS_VERSION, "cfg": per_file, "models": models}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -85,7 +86,7 @@ def analyse_file(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[
     """
     from idforge.curate.align import align
     from idforge.curate.decode import Rejected, decode_image
-    from idforge.curate.detect import detect_faces
+    from idforge.curate.detect import find_faces
     from idforge.curate.gates import gate_reason, measure
 
     timings: dict[str, float] = {}
@@ -110,7 +111,7 @@ def analyse_file(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[
     record.update(format=dec.format, mode=dec.mode, width=dec.source_size[0], height=dec.source_size[1],
                   scale=dec.scale)
     lap("decode")
-    faces = detect_faces(analyzer, dec.rgb)
+    faces = find_faces(analyzer, dec.rgb, cfg.input_alignment)
     lap("detect")
     if not faces:
         record.update(status="rejected", reason="no_face", detail="no face found by the detector")

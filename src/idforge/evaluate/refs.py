@@ -65,7 +65,9 @@ def _aligned_column(manifest: Any) -> str:
 def references_prealigned(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` holds template-aligned crops (a curated dataset, or a folder with the marker file)."""
     root = Path(path)
-    return (root / "manifest.parquet").is_file() or (root / PREALIGNED_MARKER).is_file()
+    from idforge.curate.manifest import is_curated
+
+    return is_curated(root) or (root / PREALIGNED_MARKER).is_file()
 
 
 def discover_references(
@@ -76,14 +78,14 @@ def discover_references(
     Raises:
         DataError: nothing usable at ``path``, or a requested identity is not there.
     """
-    import pandas as pd
+    from idforge.curate.manifest import is_curated, manifest_columns, read_manifest
 
     root = Path(path)
     found: dict[str, list[Path]] = {}
-    if (root / "manifest.parquet").is_file():
-        m = pd.read_parquet(root / "manifest.parquet")
-        if "status" in m.columns:
-            m = m[m["status"] == "accepted"]
+    if is_curated(root):
+        have = manifest_columns(root)
+        cols = [c for c in ("identity", "aligned_ffhq", "aligned") if c in have]
+        m = read_manifest(root, columns=cols, accepted_only="status" in have)
         col = _aligned_column(m)
         m = m[m["identity"].notna() & (m["identity"].astype(str) != "") & m[col].notna() & (m[col].astype(str) != "")]
         for ident, grp in m.groupby("identity", sort=True):

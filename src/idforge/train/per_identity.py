@@ -108,14 +108,16 @@ def list_identities(dataset_dir: str | os.PathLike[str]) -> list[str]:
     """
     import pandas as pd
 
+    from idforge.curate.manifest import is_curated, read_manifest
+
     root = Path(dataset_dir)
-    ids_path, manifest = root / "identities.parquet", root / "manifest.parquet"
+    ids_path = root / "identities.parquet"
     if ids_path.is_file():
-        ids = pd.read_parquet(ids_path)["identity"].unique()
+        ids = pd.read_parquet(ids_path, columns=["identity"])["identity"].unique()
         source = ids_path
-    elif manifest.is_file():
-        df = pd.read_parquet(manifest)
-        ids, source = df.loc[df["status"] == "accepted", "identity"].dropna().unique(), manifest
+    elif is_curated(root):
+        ids = read_manifest(root, columns=["identity"], accepted_only=True)["identity"].dropna().unique()
+        source = root / "manifest.parquet"
     else:
         ids, source = None, None
     if source is not None:
@@ -149,15 +151,15 @@ def load_identity_data(dataset_dir: str | os.PathLike[str], identity: str, resol
     Raises ``DataError`` naming the identity or file when it is absent or unreadable.
     """
     import numpy as np
-    import pandas as pd
     import torch
 
+    from idforge.curate.manifest import is_curated, read_manifest
+
     root = Path(dataset_dir)
-    manifest_path = root / "manifest.parquet"
-    if not manifest_path.is_file():
+    if not is_curated(root):
         raise DataError(f"{root} has no manifest.parquet; run idforge curate first")
-    df = pd.read_parquet(manifest_path)
-    rows = df[(df["status"] == "accepted") & (df["identity"].astype(str) == identity)].sort_values("sha256")
+    # only this identity's rows are materialised (a row filter on the parquet dataset)
+    rows = read_manifest(root, filters=[("identity", "=", identity)], accepted_only=True).sort_values("sha256")
     if rows.empty:
         known = ", ".join(list_identities(root)[:10])
         raise DataError(f"identity {identity!r} has no accepted images in {root}; known identities: {known}")

@@ -180,15 +180,20 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
     """
     import pandas as pd
 
+    from idforge.curate import manifest as mf
+
     root = Path(dataset_dir)
-    manifest_path = root / "manifest.parquet"
-    if not manifest_path.is_file():
+    manifest_path = mf.manifest_path(root)
+    if not mf.is_curated(root):
         raise DataError(f"{manifest_path} does not exist: point --dataset at the output of `idforge curate`")
-    manifest = pd.read_parquet(manifest_path)
     need = {"status", "identity", "sha256", "embedding_row", "aligned", "aligned_ffhq"}
-    missing = sorted(need - set(manifest.columns))
+    have = mf.manifest_columns(root)
+    missing = sorted(need - set(have))
     if missing:
         raise DataError(f"{manifest_path} lacks columns {missing}: re-run `idforge curate` to rewrite it")
+    # the accepted rows only, and only the columns this reads
+    wanted = need | {"source", "face_index", "mask", "matted", "landmarks5"}
+    manifest = mf.read_manifest(root, columns=[c for c in have if c in wanted], accepted_only=True)
     emb_path = root / "embeddings.npy"
     if not emb_path.is_file():
         raise DataError(f"{emb_path} does not exist: re-run `idforge curate` on the photos")
