@@ -191,3 +191,22 @@ def test_adapter_at_inference_saves_adapter_and_fused_tokens(pipe, tmp_path):
     again = loaded.generate(pipe, [prompt], loaded.sample_condition(pipe), num_inference_steps=2, seeds=[1])
     assert list(images[0].getdata()) == list(again[0].getdata())
     loaded.detach()
+
+
+def test_preset_is_the_release_and_modules_have_its_shapes():
+    from pathlib import Path
+
+    from idforge.config import load_config
+    from idforge.methods.id_ea import IDAdapter, IDEnhancer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config([root / "configs" / "presets" / "id-ea.yaml"])  # a preset is an ordinary --config overlay
+    assert cfg.model.base == "stabilityai/stable-diffusion-2-1-base"
+    assert (cfg.finetune.resolution, cfg.finetune.sample_steps, cfg.generate.num_inference_steps) == (512, 50, 50)
+    assert _method(**cfg.finetune.method_config).config == _method().config  # the defaults are the release's
+    # SD2.1-base text width 1024 ([T] l.66-91, 209-241): fc1 2048->1024 + MHA(1024); the Enhancer's 512->1024,
+    # q and kv 1024->1024, MHA(1024), 1024->2048.
+    mha = 4 * 1024 * 1024 + 4 * 1024
+    assert sum(p.numel() for p in IDAdapter(1024, 8, 0.4).parameters()) == 2048 * 1024 + 1024 + mha + 1
+    assert sum(p.numel() for p in IDEnhancer(512, 1024, 8).parameters()) \
+        == 512 * 1024 + 1024 + 2 * (1024 * 1024 + 1024) + mha + 1024 * 2048 + 2048

@@ -208,3 +208,11 @@ def test_artifact_records_the_stage_reading(pipe, tmp_path):
     meta = json.loads((tmp_path / "a" / "artifact.json").read_text())
     assert meta["placeholders"] == ["<sefi>"] and meta["stage_by"] == "layer"
     assert sorted(set(meta["stages"].values())) == [0, 1, 2, 3, 4]
+
+
+def test_preset_loads_as_a_config_and_matches_the_defaults():
+    from idforge.config import load_config
+
+    cfg = load_config(preset="sefi-ide")
+    assert cfg.model.base == "runwayml/stable-diffusion-v1-5"
+    assert _method(**cfg.finetune.method_config).config == _method().config
