@@ -194,13 +194,10 @@ def test_adapter_at_inference_saves_adapter_and_fused_tokens(pipe, tmp_path):
 
 
 def test_preset_is_the_release_and_modules_have_its_shapes():
-    from pathlib import Path
-
     from idforge.config import load_config
     from idforge.methods.id_ea import IDAdapter, IDEnhancer
 
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config([root / "configs" / "presets" / "id-ea.yaml"])  # a preset is an ordinary --config overlay
+    cfg = load_config(preset="id-ea")
     assert cfg.model.base == "stabilityai/stable-diffusion-2-1-base"
     assert (cfg.finetune.resolution, cfg.finetune.sample_steps, cfg.generate.num_inference_steps) == (512, 50, 50)
     assert _method(**cfg.finetune.method_config).config == _method().config  # the defaults are the release's
