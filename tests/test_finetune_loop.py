@@ -134,3 +134,38 @@ def test_recipe_defaults_come_from_the_method_and_overrides_win():
     assert (r["steps"], r["batch_size"], r["effective_lr"]) == (320, 8, pytest.approx(0.012))
     r = recipe(m, FinetuneConfig(steps=5, batch_size=2, scale_lr=False))
     assert (r["steps"], r["batch_size"], r["effective_lr"]) == (5, 2, 0.0015)
+    r = recipe(m, FinetuneConfig())
+    assert (r["eps"], r["flip_prob"], r["max_images"], r["weight_decay"]) == (1e-7, 0.5, 1, 1e-2)  # the release's
+    assert recipe(m, FinetuneConfig(max_images=3))["max_images"] == 3
+
+
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_recipe_flips_and_image_cap_reach_the_batches(flip_prob, curated_tiny_dataset, tiny_sd15_dir, tmp_path,
+                                                      monkeypatch, one_torch_thread):
+    import torch
+
+    from idforge.config import TrackingConfig
+    from idforge.diffusion.loading import load_pipeline
+    from idforge.methods.textual_inversion import TextualInversion
+    from idforge.train.finetune_config import FinetuneConfig
+    from idforge.train.per_identity import _encode_latents, finetune_identity, load_identity_data
+
+    seen = []
+    original = TextualInversion.training_loss
+
+    def spy(self, batch, pipe, **kw):
+        seen.append(batch.latents.detach().cpu().clone())
+        return original(self, batch, pipe, **kw)
+
+    monkeypatch.setattr(TextualInversion, "training_loss", spy)
+    cfg = FinetuneConfig(method_config={"train": {"flip_prob": flip_prob, "max_images": 1}}, steps=3, batch_size=2,
+                         sample_steps=1, sample_seeds=[0], num_threads=1, device="cpu")
+    finetune_identity("textual-inversion", "id00", curated_tiny_dataset, tiny_sd15_dir, tmp_path, cfg,
+                      tracking=TrackingConfig(enabled=False))
+    pipe = load_pipeline(tiny_sd15_dir)
+    images = load_identity_data(curated_tiny_dataset, "id00", 64, max_images=1).images
+    plain, mirrored = _encode_latents(pipe, images)[0], _encode_latents(pipe, torch.flip(images, dims=[-1]))[0]
+    rows = torch.cat(seen)
+    assert rows.shape[0] == 6 and not torch.allclose(plain, mirrored)
+    want = mirrored if flip_prob else plain  # one image (max_images=1): every row is it, mirrored when flipped
+    assert all(torch.allclose(row, want, atol=1e-5) for row in rows)

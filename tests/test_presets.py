@@ -111,6 +111,8 @@ def test_wheel_ships_the_presets(repo_root, tmp_path):
     shipped = {n for n in names if n.startswith("idforge/resources/presets/")}
     assert shipped == {f"idforge/resources/presets/{name}.yaml" for name in SHIPPED}
     assert shipped, "no preset in the wheel"
+    # other package data the methods read at run time (ID-EA's released name list and captions)
+    assert {"idforge/resources/id_ea_anchor_names.txt", "idforge/resources/id_ea_prompt_templates.txt"} <= names
 
 
 # -- the format of every shipped preset (new presets are picked up automatically) --------------------------------

@@ -1,25 +1,44 @@
-"""ID-EA (Jin et al., 2025): textual inversion whose pseudo-tokens are initialised and guided by the identity.
+"""ID-EA (Jin, Kim, Lee; SMC 2025): textual inversion guided by the identity, as its authors released it.
 
-- Textual ID anchor: the mean input embedding of a list of well-known names (``configs/id_ea_anchor_names.txt``,
-  one name per line): a point of the text embedding space where "a person's name" lives.
-- ID-Enhancer (``self.enhancer``, trained, not saved): the ArcFace embedding f (512) of the identity fused with the
-  anchor a into ``num_tokens`` identity-enhanced embeddings ``e_k = a + W_k f`` (in the token-embedding space, D).
-  They initialise the pseudo-token vectors v_k (cross-initialisation guided by the face instead of a fixed word).
-- ID-Adapter (``modules["adapter"]``): on every text cross-attention layer a decoupled key/value branch reads the
-  identity-enhanced embedding, ``out = Attn(q, K_text, V_text) + scale * tanh(g) * Attn(q, W_k e, W_v e)``, with
-  W_k/W_v initialised from the layer's own to_k/to_v and the gate g = 0 (an untrained adapter changes nothing).
-  The text condition's keys/values are thereby adapted by the identity so the pseudo-words find the face region.
-- Loss: diffusion MSE + ``reg_weight`` * mean squared L2 norm of v (the paper's embedding regularisation, 8e-4).
+What the release (``github.com/Whslee/ID-EA``, ``train.py`` at 9481a95) does, and so what we do:
 
-Paper defaults (``train_arcross_adapter_kv.py`` command): 2 pseudo-tokens, 320 steps, batch 8, lr 0.0015 scaled by
-the batch (``--scale_lr``), reg 8e-4, SD2.1-base. The artifact is ``learned_embeds.safetensors`` holding the learned
-vectors (``embeds.``), the adapter (``adapter.``) and the identity-enhanced tokens it reads (``id_tokens.``); load it
-and prompt with e.g. ``"{} wearing an oversized sweater"`` (``{}`` = the pseudo-words).
+- Two pseudo-words ``<idea-0> <idea-1>`` (``modules["embeds"]``, (2, D)) are the only thing inference uses.
+- Cross-Initialisation (release ``utils.py``, ``celeb_names_cross_init``): over a list of well-known names
+  (the release's 691-line ``wiki_names_v2.txt``, packaged as ``idforge/resources/id_ea_anchor_names.txt``) average
+  the input embeddings of each name's 1st and of its 2nd token; run ``BOS m1 m2 EOS PAD...`` through the frozen text
+  encoder and take the OUTPUT states at positions 1-2 as the tokens' initial INPUT embeddings (``cross_init``).
+- ID-Adapter (``IDAdapter``): acts once, on the text-encoder output, before the UNet: the 77 text tokens plus the
+  2 fused identity tokens (``fc1``: 2D -> D) go through one multi-head self-attention (8 heads) and the first 77
+  come out gated, ``y + 0.4 * tanh(gamma) * S`` with scalar gamma = 0 at the start (GLIGEN-style: an untrained
+  adapter changes nothing). Every cross-attention layer sees the same adapted context; no per-layer branch.
+- Loss: the diffusion MSE plus 8e-4 x the mean Mahalanobis distance of the tokens to their initial embeddings,
+  with the covariance of those initial embeddings plus 2e-5 I, pseudo-inverted (``mahalanobis``).
+- Recipe: one AdamW group at 0.0015 x batch 8 (``--scale_lr``), eps 1e-7, weight decay 1e-2, constant lr, 320
+  steps; one image of the identity, flipped with p = 0.5; captions from the release's ImageNet templates filled
+  with ``"face of <v0> <v1> person"`` (``idforge/resources/id_ea_prompt_templates.txt``).
+- Inference: only the two learned embeddings in the stock SD2.1-base pipeline (DPM-Solver, 50 steps, CFG 7.5). The
+  artifact therefore holds only ``embeds.``; ``adapter_at_inference=True`` also saves the adapter and the identity's
+  fused tokens (``id_tokens.``) and applies the adapter to the conditional prompts when sampling.
+
+Where we differ from the release, and why:
+
+- ID-Enhancer (``IDEnhancer``): the release builds it (ArcFace 512 -> Linear(512, D) copied into 2 queries, keys and
+  values the 2 cross-init embeddings through their own Linear(D, D) each, ``MultiheadAttention(D, 8)``, then
+  Linear(D, 2D)) but never gives it to the optimiser, so it is a fixed random projection that changes on every run.
+  The paper describes a trained Enhancer fusing the ArcFace feature with the name anchor by cross-attention, so ours
+  is the same architecture and trains in the same AdamW group. It is not saved (inference does not use it).
+- Face input: the release reads the face from a hard-coded path (``input_images/00006/00006.jpg``, whatever the
+  training folder) through timm's ``vit_tiny_patch8_112.arcface_ms1mv3``; ours is the identity's own curated
+  ArcFace embedding (L2-normalised 512-d, as the release's is), averaged over the training images.
+- The release marks the UNet's ``to_k``/``to_v`` trainable but never optimises them: they stay frozen here too.
+- The release's CLIP encoder accepts ``inputs_embeds``; we write the vectors at the placeholder positions with a
+  token hook on the stock encoder (``PlaceholderTokens``), which computes the same output.
 """
 
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,120 +46,154 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from idforge.diffusion.attention import context_of, finish, prepare, route, sdpa
 from idforge.methods.base import MethodConfig
 from idforge.methods.objective import diffusion_loss
-from idforge.methods.personalized import (
-    PersonalizedConfig,
-    PersonalizedMethod,
-    PlaceholderTokens,
-    TrainRecipe,
-    token_embedding,
-)
+from idforge.methods.personalized import PersonalizedConfig, PersonalizedMethod, PlaceholderTokens, TrainRecipe
 from idforge.methods.registry import register_method
 from idforge.methods.textual_inversion import TokenVectors, placeholder_words
-from idforge.methods.types import Condition, IdentityRefs, TrainBatch
+from idforge.methods.types import IdentityRefs, TrainBatch
 
 log = logging.getLogger(__name__)
 
+ANCHOR_NAMES = "id_ea_anchor_names.txt"
+PROMPT_TEMPLATES = "id_ea_prompt_templates.txt"
 
-def default_anchor_file() -> Path:
-    """``configs/id_ea_anchor_names.txt`` of the source checkout (the repository root holds ``configs/``)."""
-    return Path(__file__).resolve().parents[3] / "configs" / "id_ea_anchor_names.txt"
+
+def _resource_lines(name: str) -> list[str]:
+    """Non-comment, non-blank lines of a packaged resource file (``idforge/resources/<name>``)."""
+    text = resources.files("idforge").joinpath("resources", name).read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
 def read_anchor_names(path: str | Path | None = None) -> list[str]:
-    """Names from a text file (one per line, '#' comments and blank lines ignored).
+    """Names from a text file (one per line, '#' comments and blank lines ignored); None = the released list.
 
     Raises:
         ValueError: the file is missing or holds no names (the message names the file and the config key).
     """
-    p = Path(path) if path is not None else default_anchor_file()
+    if path is None:
+        return _resource_lines(ANCHOR_NAMES)
+    p = Path(path)
     if not p.is_file():
         raise ValueError(f"ID-EA anchor names file {p} does not exist; set id_ea anchor_names_file to a text file "
-                         "with one well-known name per line")
+                         "with one well-known name per line (or leave it unset for the released list)")
     names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
     if not names:
         raise ValueError(f"ID-EA anchor names file {p} holds no names")
     return names
 
 
+def release_templates() -> list[str]:
+    """The release's 81 training captions, ``{}`` = the pseudo-words (``"a photo of a face of {} person"``...)."""
+    return _resource_lines(PROMPT_TEMPLATES)
+
+
 class IDEAConfig(PersonalizedConfig):
-    num_tokens: int = Field(default=2, ge=1, description="pseudo-tokens (paper: --n_persudo_tokens 2)")
+    num_tokens: int = Field(default=2, ge=1, description="pseudo-tokens (release: --n_persudo_tokens 2)")
     placeholder: str = Field(default="<idea>")
     face_dim: int = Field(default=512, ge=1, description="ArcFace embedding size")
-    anchor_names_file: str | None = Field(default=None, description="None = configs/id_ea_anchor_names.txt")
-    enhancer_init_std: float = Field(default=0.01, ge=0, description="init std of the face->token projection")
-    reg_weight: float = Field(default=8e-4, ge=0, description="embedding L2 regularisation (paper 8e-4)")
+    anchor_names_file: str | None = Field(default=None, description="None = the release's name list (packaged)")
+    heads: int = Field(default=8, ge=1, description="heads of the Enhancer's and the Adapter's attention (release 8)")
+    adapter_beta: float = Field(default=0.4, description="beta of y + beta*tanh(gamma)*S (release train.py l.320)")
+    adapter_at_inference: bool = Field(default=False, description="apply the ID-Adapter when sampling (release: no)")
+    reg_weight: float = Field(default=8e-4, ge=0, description="weight of the Mahalanobis regulariser (release 8e-4)")
+    reg_ridge: float = Field(default=2e-5, gt=0, description="added to the covariance's diagonal (release 2e-5)")
+    templates: list[str] = Field(default_factory=release_templates,
+                                 description="training captions ('{}' = the pseudo-words); the release's by default")
     sample_prompt: str = "{} wearing an oversized sweater"
-    train: TrainRecipe = Field(default_factory=lambda: TrainRecipe(steps=320, batch_size=8, lr=0.0015, scale_lr=True))
+    train: TrainRecipe = Field(default_factory=lambda: TrainRecipe(
+        steps=320, batch_size=8, lr=0.0015, scale_lr=True, weight_decay=1e-2, eps=1e-7, flip_prob=0.5, max_images=1))
 
 
 class IDEnhancer(nn.Module):
-    """face (B, face_dim) -> identity-enhanced embeddings (B, n, D) = anchor + W face (per token)."""
+    """face (B, face_dim) + anchor (n, D) -> fused identity tokens (B, n, 2D), by cross-attention.
 
-    def __init__(self, face_dim: int, dim: int, n: int, anchor: Tensor, init_std: float) -> None:
+    The face, expanded to D, is the query of each of the n tokens; keys and values are the n anchor embeddings.
+    """
+
+    def __init__(self, face_dim: int, dim: int, heads: int) -> None:
         super().__init__()
-        self.n, self.dim = n, dim
-        self.proj = nn.Linear(face_dim, n * dim)
-        nn.init.normal_(self.proj.weight, std=init_std)
-        nn.init.zeros_(self.proj.bias)
-        self.register_buffer("anchor", anchor.detach().clone().float())
+        self.expand = nn.Linear(face_dim, dim)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.out = nn.Linear(dim, 2 * dim)
 
-    def forward(self, face: Tensor) -> Tensor:
-        delta = self.proj(face.float()).view(face.shape[0], self.n, self.dim)
-        return self.anchor + delta
+    def forward(self, face: Tensor, anchor: Tensor) -> Tensor:
+        b, n = face.shape[0], anchor.shape[0]
+        q = self.to_q(self.expand(face.float()))[:, None].expand(b, n, -1)
+        kv = self.to_kv(anchor.float())[None].expand(b, n, -1)
+        fused, _ = self.attn(q, kv, kv, need_weights=False)
+        return self.out(fused)
 
 
-class KVAdapter(nn.Module):
-    """Decoupled key/value projections of the identity tokens for one cross-attention layer, and its gate."""
+class IDAdapter(nn.Module):
+    """text (B, L, D) + fused (B, n, 2D) -> (B, L, D) = text + beta * tanh(gate) * SelfAttn([text, fc1(fused)])[:L]."""
 
-    def __init__(self, attn: nn.Module) -> None:
+    def __init__(self, dim: int, heads: int, beta: float) -> None:
         super().__init__()
-        self.to_k = nn.Linear(attn.to_k.in_features, attn.to_k.out_features, bias=False)
-        self.to_v = nn.Linear(attn.to_v.in_features, attn.to_v.out_features, bias=False)
-        with torch.no_grad():
-            self.to_k.weight.copy_(attn.to_k.weight.float())
-            self.to_v.weight.copy_(attn.to_v.weight.float())
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.fc1 = nn.Linear(2 * dim, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.gate = nn.Parameter(torch.zeros(()))
+        self.beta = beta
+
+    def forward(self, text: Tensor, fused: Tensor) -> Tensor:
+        y = text.float()
+        x = torch.cat([y, self.fc1(fused.float())], dim=1)
+        s, _ = self.attn(x, x, x, need_weights=False)
+        return (y + self.beta * torch.tanh(self.gate) * s[:, :y.shape[1]]).to(text.dtype)
 
 
 class IDTokens(nn.Module):
-    """The identity-enhanced tokens the adapter reads at inference: ``tokens`` (n, D), a persistent buffer."""
+    """The fused identity tokens the adapter reads at inference: ``tokens`` (n, 2D), a persistent buffer."""
 
     def __init__(self, n: int, dim: int) -> None:
         super().__init__()
-        self.register_buffer("tokens", torch.zeros(n, dim))
+        self.register_buffer("tokens", torch.zeros(n, 2 * dim))
 
 
-class IDEACrossAttnProcessor:
-    """Text cross-attention plus the gated ID-Adapter branch over ``state.context["id"]`` (B, n, D).
+def cross_init(pipe: Any, tokens: PlaceholderTokens, names: list[str]) -> Tensor:
+    """(n, D) Cross-Initialisation of n pseudo-tokens from well-known names (n = ``len(tokens.words)``).
 
-    Without identity tokens or at scale 0 it computes exactly ``AttnProcessor2_0``'s output.
+    Column i is the mean input embedding of the (i+1)-th token of every name that has one; ``BOS c_0 .. c_{n-1} EOS
+    PAD...`` goes through the text encoder and its output states at positions 1..n are returned. Raises
+    ``ValueError`` when no name has n tokens.
     """
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    table = te.get_input_embeddings().weight.detach().float()
+    n = len(tokens.words)
+    columns: list[list[Tensor]] = [[] for _ in range(n)]
+    for name in names:
+        for i, t in enumerate(tok(name, add_special_tokens=False).input_ids[:n]):
+            columns[i].append(table[t])
+    if any(not c for c in columns):
+        raise ValueError(f"no anchor name has {n} tokens: Cross-Initialisation of {n} pseudo-tokens needs names "
+                         "of at least that many tokens")
+    means = torch.stack([torch.stack(c).mean(0) for c in columns])  # (n, D)
+    tokens.install(pipe)
+    length = int(tok.model_max_length)
+    ids = [tok.bos_token_id, *tokens.ids.tolist(), tok.eos_token_id]
+    ids += [tok.pad_token_id] * (length - len(ids))
+    with torch.no_grad():
+        hidden = tokens.encode_ids(pipe, torch.tensor([ids]), means).hidden
+    return hidden[0, 1:1 + n].float()
 
-    def __init__(self, adapter: KVAdapter, state: Any) -> None:
-        self.adapter = adapter
-        self.state = state
 
-    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any
-                 ) -> Tensor:
-        ctx_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        prep = prepare(attn, hidden_states, attention_mask, temb, context_len=ctx_len)
-        ctx = context_of(attn, prep.hidden, encoder_hidden_states)
-        q = attn.to_q(prep.hidden)
-        out = sdpa(attn, q, attn.to_k(ctx), attn.to_v(ctx), prep.mask)
-        tokens = self.state.context.get("id")
-        if tokens is not None and self.state.scale != 0:
-            b = q.shape[0]
-            tok = tokens.to(device=q.device, dtype=torch.float32)
-            tok = tok.expand(b, *tok.shape[1:]) if tok.shape[0] == 1 else tok
-            k = self.adapter.to_k(tok).to(q.dtype)
-            v = self.adapter.to_v(tok).to(q.dtype)
-            extra = sdpa(attn, q, k, v)
-            out = out + (self.state.scale * torch.tanh(self.adapter.gate)).to(q.dtype) * extra
-        return finish(attn, out, prep)
+def mahalanobis_precision(init: Tensor, ridge: float) -> Tensor:
+    """(D, D) pseudo-inverse of ``cov(init) + ridge * I``, the covariance over the n initial embeddings (n, D)."""
+    cov = torch.cov(init.double().T)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return torch.linalg.pinv(cov + ridge * eye).float()
+
+
+def mahalanobis(x: Tensor, init: Tensor, precision: Tensor) -> Tensor:
+    """Mean over the n tokens of sqrt((x - init) P (x - init)^T); x, init (n, D), P (D, D). 0 (no gradient) at x = init.
+
+    The quadratic form is clamped at 1e-12 before the square root so the gradient stays finite at the start.
+    """
+    d = x.float() - init.float()
+    quad = ((d @ precision) * d).sum(-1)
+    return quad.clamp_min(1e-12).sqrt().mean()
 
 
 @register_method
@@ -153,8 +206,12 @@ class IDEA(PersonalizedMethod):
     def __init__(self, config: IDEAConfig | None = None) -> None:
         super().__init__(config)
         self.tokens = PlaceholderTokens(placeholder_words(self.config.placeholder, self.config.num_tokens))
-        self.enhancer: IDEnhancer | None = None
-        self._identity_face: Tensor | None = None  # (1, face_dim) mean face of the identity, set by prepare_identity
+        # Trained but not in the artifact (not used by inference as released): the Enhancer, and the Adapter
+        # unless ``adapter_at_inference``.
+        self.train_modules = nn.ModuleDict()
+        self._init: Tensor | None = None  # (n, D) cross-init embeddings: the regulariser's centre, the anchor
+        self._precision: Tensor | None = None  # (D, D), computed at the first training step
+        self._identity_face: Tensor | None = None  # (1, face_dim), set by prepare_identity
 
     def identity_phrase(self, class_noun: str = "person") -> str:
         return self.tokens.phrase
@@ -162,85 +219,101 @@ class IDEA(PersonalizedMethod):
     # -- construction -------------------------------------------------------------------------------------------
 
     def build(self, pipe: Any) -> None:
-        from idforge.diffusion.attention import attention_module, select_sites
-
         cfg = self.config
         dim = pipe.text_encoder.get_input_embeddings().embedding_dim
-        anchor = token_embedding(pipe, read_anchor_names(cfg.anchor_names_file))
-        self.enhancer = IDEnhancer(cfg.face_dim, dim, cfg.num_tokens, anchor, cfg.enhancer_init_std)
+        if dim % cfg.heads:
+            raise ValueError(f"id-ea heads={cfg.heads} does not divide the text hidden size {dim}")
+        self._init = cross_init(pipe, self.tokens, read_anchor_names(cfg.anchor_names_file))
         embeds = TokenVectors(cfg.num_tokens, dim)
         with torch.no_grad():
-            embeds.vectors.copy_(anchor.expand(cfg.num_tokens, dim))
+            embeds.vectors.copy_(self._init)
         self.modules["embeds"] = embeds
-        self.modules["id_tokens"] = IDTokens(cfg.num_tokens, dim)
-        self.modules["adapter"] = nn.ModuleDict({
-            s.key: KVAdapter(attention_module(pipe.unet, s)) for s in select_sites(pipe.unet, "cross")})
+        adapter = IDAdapter(dim, cfg.heads, cfg.adapter_beta)
+        self.train_modules["enhancer"] = IDEnhancer(cfg.face_dim, dim, cfg.heads)
+        if cfg.adapter_at_inference:
+            self.modules["adapter"] = adapter
+            self.modules["id_tokens"] = IDTokens(cfg.num_tokens, dim)
+        else:
+            self.train_modules["adapter"] = adapter
 
     def make_processors(self, pipe: Any) -> dict[str, Any]:
-        adapters = self.modules["adapter"]
-        return route(pipe.unet, cross_attn=lambda s: IDEACrossAttnProcessor(adapters[s.key], self.state))
+        return {}  # the adapter acts on the text-encoder output; the UNet's attention is untouched
 
     def on_attach(self, pipe: Any) -> None:
         super().on_attach(pipe)
         self.tokens.install(pipe)
-        if self.enhancer is not None:
-            self.enhancer.to(device=pipe.unet.device, dtype=torch.float32)
+        self.train_modules.to(device=pipe.unet.device, dtype=torch.float32)
+        if self._init is not None:
+            self._init = self._init.to(pipe.unet.device)
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> IDEA:
+        super().to(device, dtype)
+        self.train_modules.to(device=device, dtype=dtype)
+        return self
+
+    def train(self, mode: bool = True) -> IDEA:
+        super().train(mode)
+        self.train_modules.train(mode)
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Pseudo-token vectors, adapter, and the ID-Enhancer (which the artifact does not keep)."""
-        params = super().trainable_parameters()
-        if self.enhancer is not None:
-            params += [p for p in self.enhancer.parameters() if p.requires_grad]
-        return params
+        """One group, as the release's optimiser: tokens and adapter, plus the Enhancer (the paper's, see above)."""
+        return super().trainable_parameters() + [p for p in self.train_modules.parameters() if p.requires_grad]
 
     @property
     def vectors(self) -> Tensor:
         return self.modules["embeds"].vectors
 
+    @property
+    def adapter(self) -> IDAdapter:
+        return self.modules["adapter"] if self.config.adapter_at_inference else self.train_modules["adapter"]
+
+    @property
+    def enhancer(self) -> IDEnhancer:
+        return self.train_modules["enhancer"]
+
     # -- identity -----------------------------------------------------------------------------------------------
 
     def prepare_identity(self, refs: IdentityRefs, pipe: Any) -> None:
-        """Initialise the pseudo-tokens from the identity-enhanced embedding of the references' mean face."""
+        """Remember the identity's face (mean of the references' L2-normalised embeddings, renormalised)."""
         refs.require("face_embeds")
-        if self.enhancer is None:
-            raise ValueError("attach the method to a pipeline before prepare_identity")
         face = torch.nn.functional.normalize(refs.face_embeds.float().mean(0, keepdim=True), dim=-1)
-        self._identity_face = face.to(self.device)
-        with torch.no_grad():
-            e = self.enhancer(self._identity_face)[0]
-            self.vectors.copy_(e)
-            self.modules["id_tokens"].tokens.copy_(e)
+        self._identity_face = face.to(self.vectors.device)
 
-    def identity_condition(self, refs: IdentityRefs | None, pipe: Any) -> Condition:
-        """{"id": (1, n, D)}: the identity-enhanced tokens of the trained identity (saved in the artifact).
+    def encode_prompts(self, pipe: Any, prompts: Any, cond: Any) -> Any:
+        from idforge.diffusion.text import TextCondition
 
-        ``refs`` are not needed: the identity is the one ``prepare_identity``/training fixed.
-        """
-        return Condition(self.name, {"id": self.modules["id_tokens"].tokens[None].detach()})
-
-    def encode_prompts(self, pipe: Any, prompts: Any, cond: Condition | None) -> Any:
-        on = cond is not None and self.state.scale != 0 and bool(cond.tensors["id"].abs().sum() > 0)
-        return self.tokens.encode(pipe, prompts, self.vectors if on else None)
+        on = cond is not None and self.state.scale != 0 and bool(cond.tensors["on"].any())
+        text = self.tokens.encode(pipe, prompts, self.vectors if on else None)
+        if on and self.config.adapter_at_inference:
+            fused = self.modules["id_tokens"].tokens[None].expand(text.hidden.shape[0], -1, -1)
+            with torch.no_grad():
+                text = TextCondition(self.adapter(text.hidden, fused))
+        return text
 
     # -- training -----------------------------------------------------------------------------------------------
 
     def training_loss(self, batch: TrainBatch, pipe: Any, *, generator: torch.Generator | None = None
                       ) -> dict[str, Tensor]:
         """{"loss", "diffusion", "reg"}; needs latents, input_ids (with the pseudo-words) and face_embeds."""
+        from idforge.diffusion.text import TextCondition
+
         batch.require("latents", "input_ids", "face_embeds")
-        assert self.enhancer is not None
-        face = torch.nn.functional.normalize(batch.face_embeds.float().mean(1), dim=-1).to(self.device)
-        e = self.enhancer(face)  # (B, n, D)
-        with torch.no_grad():
-            # What inference reads: the enhanced embedding of the identity's mean face (of this batch without one).
-            ident = self.enhancer(self._identity_face)[0] if self._identity_face is not None else e.mean(0)
-            self.modules["id_tokens"].tokens.copy_(ident)
+        assert self._init is not None, "attach the method to a pipeline first"
+        if self._precision is None:
+            self._precision = mahalanobis_precision(self._init, self.config.reg_ridge).to(self._init.device)
+        face = torch.nn.functional.normalize(batch.face_embeds.float().mean(1), dim=-1).to(self._init.device)
+        fused = self.enhancer(face, self._init)  # (B, n, 2D)
         text = self.tokens.encode_ids(pipe, batch.input_ids, self.vectors)
-        with self.conditioning({"id": e}):
-            out = diffusion_loss(self.denoise_fn(pipe, text, batch), batch.latents, self._scheduler,
-                                 noise=batch.noise, timesteps=batch.timesteps, generator=generator)
-        reg = self.vectors.float().pow(2).sum(-1).mean()
+        text = TextCondition(self.adapter(text.hidden, fused))
+        out = diffusion_loss(self.denoise_fn(pipe, text, batch), batch.latents, self._scheduler,
+                             noise=batch.noise, timesteps=batch.timesteps, generator=generator)
+        reg = mahalanobis(self.vectors, self._init, self._precision)
         loss = out.loss + self.config.reg_weight * reg
+        if self.config.adapter_at_inference:
+            with torch.no_grad():  # what sampling reads: the fused tokens of the identity's face
+                ident = face.mean(0, keepdim=True) if self._identity_face is None else self._identity_face
+                self.modules["id_tokens"].tokens.copy_(self.enhancer(ident, self._init)[0])
         return {"loss": loss, "diffusion": out.loss.detach(), "reg": reg.detach()}
 
     def artifact_extra(self) -> dict[str, Any]:

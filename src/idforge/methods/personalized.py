@@ -66,6 +66,8 @@ class TrainRecipe(Section):
     """Optimiser settings of one identity's training run (each method sets its paper's values as defaults).
 
     ``scale_lr`` multiplies ``lr`` by the batch size (the diffusers textual-inversion ``--scale_lr`` rule).
+    ``flip_prob`` mirrors a training image (its latents and mask) with that probability per sample; ``max_images``
+    caps the identity's images (the papers that train from one photo set 1; None = all of them).
     """
 
     steps: int = Field(default=500, ge=1)
@@ -73,6 +75,9 @@ class TrainRecipe(Section):
     lr: float = Field(default=5e-3, gt=0)
     scale_lr: bool = False
     weight_decay: float = Field(default=0.0, ge=0)
+    eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon")
+    flip_prob: float = Field(default=0.0, ge=0, le=1, description="horizontal flip probability per sample")
+    max_images: int | None = Field(default=None, ge=1, description="images of the identity to train on; None = all")
     optimizer: Literal["adamw"] = "adamw"
 
 

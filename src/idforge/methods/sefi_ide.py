@@ -1,24 +1,44 @@
 """SeFi-IDE, "Beyond Inserting" (Li et al., 2024): per-stage K/V identity tokens and a face-wise attention loss.
 
-- Semantic-fidelity tokens (``modules["tokens"].kv``, (S, 2, D), S = ``num_stages`` = 5): the identity's pseudo-word
-  is a different token for each UNet stage and for keys vs values. The cross-attention layers are split, in the
-  UNet's forward order (down, mid, up), into S contiguous stages; at stage i the pseudo-word is encoded with P_i^K
-  to form the KEYS and with P_i^V to form the VALUES (each through the frozen text encoder, all 2S variants in one
-  batched call). The other prompt words are untouched.
-- Face-wise attention loss: the cross-attention maps of the identity token(s), averaged over heads and layers of
-  every layer, are pushed inside the face mask from curation: the loss is the share of that attention falling on
-  the background (averaged over layers), so the identity attends to the face and not to layout/background;
-  weight ``attn_loss_weight``.
+Sources: the project page (github.com/Com-Vis/SeFi-IDE: pipeline figure, K/V-number and lambda ablations) and
+ProSpect (Zhang et al. 2023), which the paper builds on; no SeFi-IDE code or full text is public.
+
+- Semantic-fidelity tokens (``modules["tokens"].kv``, (S, 2, D), S = ``num_stages`` = 5, the page's ablation
+  choice): the identity's pseudo-word V* is a different token per stage and for keys vs values. At stage i V* is
+  encoded with P_i^K to form the KEYS and with P_i^V to form the VALUES of every text cross-attention (each through
+  the frozen text encoder; all 2S variants in one batched call). The other prompt words are untouched.
+- Stages are intervals of denoising timesteps (``stage_by="timestep"``, the default), as in ProSpect, whose stage
+  index is ``int(t * stages / T)``: with S = 5 and T = 1000 the pair i serves t in [200 i, 200 (i + 1)), equal
+  intervals of the training schedule (the paper does not state its split; equal bins are ProSpect's rule, and with
+  50 sampling steps each pair drives about 10). Pair S-1 acts first when sampling (high noise: layout and pose),
+  pair 0 last (fine detail), matching the page's Fig. 4. The processor reads the current timestep per batch row from
+  the method's state, so rows at different timesteps use their own pairs. ``stage_by="layer"`` keeps the other
+  reading: the cross-attention blocks split into S contiguous groups in forward order (``stage_of_sites``).
+- Face-wise attention loss (``attn_target="class-word"``, the default, as the page's figure draws it): the same UNet
+  query Q (on the target image) attends to the keys of V* (K_t) and to the keys of the reference prompt with the
+  class word in V*'s place ("a photo of the face of person", K_r); V*'s map A_t is pulled toward the class word's
+  map A_r (``class_word_attention_loss``), weight 0.003 (the page's lambda ablation). No face parser or mask is
+  needed. ``attn_target="face-mask"`` is our earlier variant: the share of V*'s attention outside the curation face
+  mask (``face_attention_loss``).
+
+Ours, where the page is silent: A_r is a stop-gradient target (the class word's map is the anchor; letting the loss
+move it would let Q drift toward V* instead); the distance is the squared difference of the head-averaged maps
+summed over positions (averaged over rows and layers): the per-position mean would be ~1e-3 of the diffusion loss and
+the page's finding that lambda >= 0.01 underfits could not hold; the loss reads the layers at 1/2 the latent
+resolution and coarser (``attn_loss_min_downsample``; the page's maps look like 16^2-32^2 grids of a 64^2 latent);
+the tokens are trained directly (the page's "Self-Attention" module that emits them is not described); the recipe is
+textual inversion's (500 steps, lr 5e-3, batch 1) on one reference image, as the paper trains from one.
 
 The per-stage contexts reach the processors through ``encoder_hidden_states`` itself: ``encode_prompts`` returns
-``[base | K_1 | V_1 | ... | K_S | V_S]`` concatenated along the sequence (each L tokens); every cross-attention
-processor of ours slices its stage's K and V segments, so the sampler's batching/guidance works unchanged.
+``[base | K_1 | V_1 | ... | K_S | V_S]`` concatenated along the sequence (each L tokens; base = the class word in
+V*'s slot); every processor of ours slices the K and V segments of its stage, so the sampler's batching and
+guidance work unchanged.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -43,15 +63,26 @@ from idforge.methods.types import Condition, TrainBatch
 class SeFiIDEConfig(PersonalizedConfig):
     """One reference image; the paper gives no optimiser numbers, so the textual-inversion recipe is the default."""
 
-    num_stages: int = Field(default=5, ge=1, description="per-stage K/V token pairs (paper: 5)")
+    num_stages: int = Field(default=5, ge=1, description="per-stage K/V token pairs (project page: 5)")
+    stage_by: Literal["timestep", "layer"] = Field(
+        default="timestep", description="what a stage is: an interval of timesteps (ProSpect) or a group of layers")
     placeholder: str = Field(default="<sefi>")
-    init_word: str = Field(default="person")
-    attn_loss_weight: float = Field(default=0.01, ge=0, description="weight of the face-wise attention loss")
-    train: TrainRecipe = Field(default_factory=lambda: TrainRecipe(steps=500, batch_size=1, lr=5e-3))
+    init_word: str = Field(default="person", description="initialises the tokens; the class word of the attention "
+                                                         "loss's reference prompt")
+    attn_loss_weight: float = Field(default=0.003, ge=0, description="weight of the face-wise attention loss "
+                                                                     "(project page lambda ablation: 3e-3)")
+    attn_target: Literal["class-word", "face-mask"] = Field(
+        default="class-word", description="what V*'s attention is pulled toward: the class word's map (paper) or "
+                                          "the curation face mask")
+    attn_loss_min_downsample: int = Field(default=2, ge=1, description="attention loss on layers at latent/N "
+                                                                       "resolution and coarser")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of the face of {}"],
+                                 description="training captions (the page's input prompt)")
+    train: TrainRecipe = Field(default_factory=lambda: TrainRecipe(steps=500, batch_size=1, lr=5e-3, max_images=1))
 
 
 def face_attention_loss(attn_map: Tensor, mask: Tensor) -> Tensor:
-    """Face-wise attention loss: the share of the identity token's attention that falls outside the face.
+    """Face-mask variant: the share of the identity token's attention that falls outside the face.
 
     attn_map: (B, h, w) non-negative attention of the identity token(s) over the spatial positions.
     mask:     (B, h, w) in [0, 1], 1 = face. Returns a scalar in [0, 1] (mean over the batch): 0 when all attention
@@ -65,11 +96,29 @@ def face_attention_loss(attn_map: Tensor, mask: Tensor) -> Tensor:
     return outside.mean()
 
 
-def stage_of_sites(sites: list[AttnSite], num_stages: int) -> dict[str, int]:
-    """Cross-attention processor name -> stage index, stages contiguous in forward order (down, mid, up).
+def class_word_attention_loss(attn_map: Tensor, target: Tensor) -> Tensor:
+    """Face-wise loss: squared distance of V*'s map to the class word's, summed over positions, mean over rows.
 
-    Layers of the same block stay in one stage. Raises ``ValueError`` when the UNet has fewer blocks with
-    cross-attention than stages.
+    attn_map, target: (B, N) attention probabilities of one token per spatial position (same query). ``target`` is
+    not differentiated (it is the anchor V* is pulled toward). 0 when the maps agree.
+    """
+    if attn_map.shape != target.shape:
+        raise ValueError(f"attention map {tuple(attn_map.shape)} and target {tuple(target.shape)} differ in shape")
+    return (attn_map.float() - target.detach().float()).pow(2).sum(-1).mean()
+
+
+def stage_of_timestep(t: Tensor, num_stages: int, num_train_timesteps: int) -> Tensor:
+    """(B,) long stage index of each timestep: ``int(t * S / T)`` (ProSpect), clamped to [0, S-1]."""
+    s = torch.div(t.float() * num_stages, num_train_timesteps, rounding_mode="floor").long()
+    return s.clamp(0, num_stages - 1)
+
+
+def stage_of_sites(sites: list[AttnSite], num_stages: int) -> dict[str, int]:
+    """Layer reading: cross-attention processor name -> stage, stages contiguous in forward order (down, mid, up).
+
+    Blocks with cross-attention (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) are split into ``num_stages``
+    contiguous groups of as equal a number of blocks as possible; the layers of one block share its stage. Raises
+    ``ValueError`` when the UNet has fewer such blocks than stages.
     """
     order = {"down": 0, "mid": 1, "up": 2}
     groups: dict[tuple[int, int], list[str]] = {}
@@ -77,7 +126,8 @@ def stage_of_sites(sites: list[AttnSite], num_stages: int) -> dict[str, int]:
         groups.setdefault((order[s.block], s.block_index), []).append(s.name)
     keys = sorted(groups)
     if len(keys) < num_stages:
-        raise ValueError(f"the UNet has {len(keys)} blocks with cross-attention, fewer than num_stages={num_stages}")
+        raise ValueError(f"the UNet has {len(keys)} blocks with cross-attention, fewer than num_stages={num_stages}; "
+                         "use stage_by=timestep or fewer stages")
     out: dict[str, int] = {}
     for stage, chunk in enumerate(np.array_split(np.arange(len(keys)), num_stages)):
         for gi in chunk:
@@ -95,16 +145,33 @@ class StageTokens(nn.Module):
 
 
 class SeFiCrossAttnProcessor:
-    """Cross-attention whose keys/values come from this stage's K/V segments of the packed context.
+    """Cross-attention whose keys/values come from one stage's K/V segments of the packed context.
 
+    ``stage`` fixes the stage (layer reading); ``None`` picks it per row from ``state.context["t"]`` (B,) timesteps.
     With an ordinary (unpacked) context it behaves as ``AttnProcessor2_0``. When ``state.flags["capture"]`` is a
-    list, it appends ``(B, N)`` head-averaged attention of the identity positions ``state.context["id_pos"]``.
+    list and the layer has at most ``state.flags["capture_max_tokens"]`` positions, it appends
+    ``(A_t, A_r)``: (B, N) head-averaged attention of V*'s positions (``state.context["id_pos"]``) on the stage's
+    keys, and of the same positions on the base segment's keys (the class word in V*'s place), same query.
     """
 
-    def __init__(self, stage: int, num_stages: int, state: Any) -> None:
+    def __init__(self, stage: int | None, num_stages: int, num_train_timesteps: int, state: Any) -> None:
         self.stage = stage
         self.num_stages = num_stages
+        self.num_train_timesteps = num_train_timesteps
         self.state = state
+
+    def _stage_rows(self, b: int, device: Any) -> Tensor:
+        if self.stage is not None:
+            return torch.full((b,), self.stage, dtype=torch.long, device=device)
+        t = self.state.context.get("t")
+        if t is None:
+            raise ValueError("SeFi-IDE timestep stages need the current timestep: call the UNet through the "
+                             "method's denoise / training_loss (or set stage_by=layer)")
+        t = t.reshape(-1).to(device)
+        t = t.expand(b) if t.numel() == 1 else t
+        if t.numel() != b:
+            raise ValueError(f"SeFi-IDE got {t.numel()} timesteps for a UNet batch of {b}")
+        return stage_of_timestep(t, self.num_stages, self.num_train_timesteps)
 
     def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any
@@ -114,10 +181,12 @@ class SeFiCrossAttnProcessor:
             raise ValueError("SeFi-IDE processors are installed on cross-attention layers only")
         segments = 1 + 2 * self.num_stages
         packed = self.state.flags.get("sefi_len")
+        base = None
         if packed and ctx.shape[1] == packed * segments:
-            length = packed
-            k_ctx = ctx[:, (1 + 2 * self.stage) * length:(2 + 2 * self.stage) * length]
-            v_ctx = ctx[:, (2 + 2 * self.stage) * length:(3 + 2 * self.stage) * length]
+            b, length = ctx.shape[0], packed
+            parts = ctx.view(b, segments, length, ctx.shape[-1])
+            idx, rows = self._stage_rows(b, ctx.device), torch.arange(b, device=ctx.device)
+            k_ctx, v_ctx, base = parts[rows, 1 + 2 * idx], parts[rows, 2 + 2 * idx], parts[:, 0]
         else:
             length = ctx.shape[1]
             k_ctx = v_ctx = ctx
@@ -125,25 +194,35 @@ class SeFiCrossAttnProcessor:
         if attn.norm_cross:
             k_ctx = attn.norm_encoder_hidden_states(k_ctx)
             v_ctx = attn.norm_encoder_hidden_states(v_ctx)
+            base = None if base is None else attn.norm_encoder_hidden_states(base)
         q, k, v = attn.to_q(prep.hidden), attn.to_k(k_ctx), attn.to_v(v_ctx)
         capture = self.state.flags.get("capture")
-        if capture is None:
+        if capture is None or prep.hidden.shape[1] > self.state.flags.get("capture_max_tokens", 0):
             from idforge.diffusion.attention import sdpa
 
             return finish(attn, sdpa(attn, q, k, v, prep.mask), prep)
-        qh, kh, vh = heads(attn, q), heads(attn, k), heads(attn, v)
+        qh = heads(attn, q)
         if attn.norm_q is not None:
             qh = attn.norm_q(qh)
-        if attn.norm_k is not None:
-            kh = attn.norm_k(kh)
-        logits = qh @ kh.transpose(-1, -2) * (qh.shape[-1] ** -0.5)
-        if prep.mask is not None:
-            logits = logits + prep.mask
-        probs = logits.softmax(-1)  # (B, H, N, L)
-        pos = self.state.context["id_pos"].to(probs.device)  # (B, L) bool
-        ident = (probs.mean(1) * pos[:, None, :].to(probs.dtype)).sum(-1)  # (B, N)
-        capture.append(ident)
-        return finish(attn, merge_heads(attn, probs @ vh).to(q.dtype), prep)
+        pos = self.state.context["id_pos"].to(q.device)[:, None, :].to(q.dtype)  # (B, 1, L)
+
+        def probs_of(keys: Tensor) -> Tensor:
+            kh = heads(attn, keys)
+            if attn.norm_k is not None:
+                kh = attn.norm_k(kh)
+            logits = qh @ kh.transpose(-1, -2) * (qh.shape[-1] ** -0.5)
+            if prep.mask is not None:
+                logits = logits + prep.mask
+            return logits.softmax(-1)  # (B, H, N, L)
+
+        probs = probs_of(k)
+        a_t = (probs.mean(1) * pos).sum(-1)  # (B, N)
+        a_r = None
+        if base is not None:
+            with torch.no_grad():  # the target: the class word's map under the same query
+                a_r = (probs_of(attn.to_k(base)).mean(1) * pos).sum(-1)
+        capture.append((a_t, a_r))
+        return finish(attn, merge_heads(attn, probs @ heads(attn, v)).to(q.dtype), prep)
 
 
 @register_method
@@ -161,9 +240,6 @@ class SeFiIDE(PersonalizedMethod):
         return self.tokens.phrase
 
     def build(self, pipe: Any) -> None:
-        from idforge.diffusion.attention import select_sites
-
-        self._stages = stage_of_sites(select_sites(pipe.unet, "cross"), self.config.num_stages)
         dim = pipe.text_encoder.get_input_embeddings().embedding_dim
         tokens = StageTokens(self.config.num_stages, dim)
         with torch.no_grad():
@@ -173,9 +249,13 @@ class SeFiIDE(PersonalizedMethod):
     def make_processors(self, pipe: Any) -> dict[str, Any]:
         from idforge.diffusion.attention import select_sites
 
-        self._stages = stage_of_sites(select_sites(pipe.unet, "cross"), self.config.num_stages)
-        return {name: SeFiCrossAttnProcessor(stage, self.config.num_stages, self.state)
-                for name, stage in self._stages.items()}
+        sites = select_sites(pipe.unet, "cross")
+        s, steps = self.config.num_stages, int(pipe.scheduler.config.num_train_timesteps)
+        if self.config.stage_by == "layer":
+            self._stages = stage_of_sites(sites, s)
+            return {name: SeFiCrossAttnProcessor(stage, s, steps, self.state) for name, stage in self._stages.items()}
+        self._stages = {}
+        return {site.name: SeFiCrossAttnProcessor(None, s, steps, self.state) for site in sites}
 
     def on_attach(self, pipe: Any) -> None:
         super().on_attach(pipe)
@@ -191,20 +271,22 @@ class SeFiIDE(PersonalizedMethod):
         return self.modules["tokens"].kv
 
     def pack_ids(self, pipe: Any, input_ids: Tensor, with_identity: bool) -> Any:
-        """Token ids (B, L) -> TextCondition with hidden (B, (1 + 2S) L, D): base, then K/V per stage."""
+        """Token ids (B, L) -> TextCondition with hidden (B, (1 + 2S) L, D): base, then K/V per stage.
+
+        base is the prompt with the class word (``init_word``) in V*'s slot: the attention loss's reference prompt.
+        """
         from idforge.diffusion.text import TextCondition
 
         s = self.config.num_stages
         b, length = input_ids.shape
-        if not with_identity:
+        with torch.no_grad():
             base = self.tokens.encode_ids(pipe, input_ids, None).hidden
+        if not with_identity:
             return TextCondition(base.repeat(1, 1 + 2 * s, 1))
         variants = self.kv.reshape(2 * s, 1, -1)  # (2S, 1, D): variant j = stage j // 2, K if j even else V
         ids = input_ids.repeat(2 * s, 1)  # (2S*B, L), variant-major
         vectors = variants.repeat_interleave(b, dim=0)  # (2S*B, 1, D)
         enc = self.tokens.encode_ids(pipe, ids, vectors).hidden.view(2 * s, b, length, -1)
-        with torch.no_grad():
-            base = self.tokens.encode_ids(pipe, input_ids, None).hidden
         return TextCondition(torch.cat([base, *enc.unbind(0)], dim=1))
 
     def encode_prompts(self, pipe: Any, prompts: Any, cond: Condition | None) -> Any:
@@ -214,16 +296,50 @@ class SeFiIDE(PersonalizedMethod):
         on = cond is not None and self.state.scale != 0 and bool(cond.tensors["on"].any())
         return self.pack_ids(pipe, ids, on)
 
+    # -- the timestep reaches the processors through the state -------------------------------------------------
+
+    def denoise(self, pipe: Any, latents: Tensor, t: Tensor, text: Any, cond: Condition) -> Tensor:
+        from idforge.diffusion.text import unet_call
+
+        with self.conditioning({**cond.tensors, "t": torch.as_tensor(t).reshape(-1)}):
+            return unet_call(pipe, latents, t, text)
+
+    def denoise_fn(self, pipe: Any, text: Any, batch: TrainBatch) -> Callable[[Tensor, Tensor], Tensor]:
+        base = super().denoise_fn(pipe, text, batch)
+
+        def fn(x: Tensor, t: Tensor) -> Tensor:
+            with self.conditioning({**self.state.context, "t": t.reshape(-1)}):
+                return base(x, t)
+
+        return fn
+
+    # -- training ----------------------------------------------------------------------------------------------
+
+    def _attention_term(self, captured: list[tuple[Tensor, Tensor | None]], batch: TrainBatch) -> Tensor:
+        if self.config.attn_target == "class-word":
+            return torch.stack([class_word_attention_loss(a_t, a_r) for a_t, a_r in captured]).mean()
+        batch.require("face_mask")
+        h0, w0 = batch.latents.shape[-2:]
+        parts = []
+        for a_t, _ in captured:
+            factor = (h0 * w0 / a_t.shape[1]) ** 0.5
+            h, w = round(h0 / factor), round(w0 / factor)
+            mask = F.interpolate(batch.face_mask.float().to(a_t.device), size=(h, w), mode="area")[:, 0]
+            parts.append(face_attention_loss(a_t.view(-1, h, w), mask))
+        return torch.stack(parts).mean()
+
     def training_loss(self, batch: TrainBatch, pipe: Any, *, generator: torch.Generator | None = None
                       ) -> dict[str, Tensor]:
-        """{"loss", "diffusion", "attn"}; needs latents, input_ids and (for the attention loss) face_mask."""
+        """{"loss", "diffusion", "attn"}; needs latents, input_ids (and face_mask for the face-mask variant)."""
         batch.require("latents", "input_ids")
         text = self.pack_ids(pipe, batch.input_ids, True)
-        use_attn = self.config.attn_loss_weight > 0 and batch.face_mask is not None
-        captured: list[Tensor] = []
+        use_attn = self.config.attn_loss_weight > 0
+        captured: list[tuple[Tensor, Tensor | None]] = []
         flags_before = dict(self.state.flags)
         if use_attn:
+            h0, w0 = batch.latents.shape[-2:]
             self.state.flags["capture"] = captured
+            self.state.flags["capture_max_tokens"] = (h0 * w0) // self.config.attn_loss_min_downsample ** 2
         try:
             with self.conditioning({"id_pos": self.tokens.positions(batch.input_ids) > 0}):
                 out = diffusion_loss(self.denoise_fn(pipe, text, batch), batch.latents, self._scheduler,
@@ -233,17 +349,13 @@ class SeFiIDE(PersonalizedMethod):
             self.state.flags.update(flags_before)
         loss = out.loss
         attn = torch.zeros((), device=loss.device)
-        if use_attn and captured:
-            h0, w0 = batch.latents.shape[-2:]
-            parts = []
-            for m in captured:
-                factor = math.sqrt(h0 * w0 / m.shape[1])
-                h, w = round(h0 / factor), round(w0 / factor)
-                mask = F.interpolate(batch.face_mask.float().to(m.device), size=(h, w), mode="area")[:, 0]
-                parts.append(face_attention_loss(m.view(-1, h, w), mask))
-            attn = torch.stack(parts).mean()
+        if use_attn:
+            if not captured:
+                raise ValueError(f"no cross-attention layer at 1/{self.config.attn_loss_min_downsample} of the "
+                                 "latent resolution or coarser: lower attn_loss_min_downsample")
+            attn = self._attention_term(captured, batch)
             loss = loss + self.config.attn_loss_weight * attn
         return {"loss": loss, "diffusion": out.loss.detach(), "attn": attn.detach()}
 
     def artifact_extra(self) -> dict[str, Any]:
-        return {"placeholders": self.tokens.words, "stages": self._stages}
+        return {"placeholders": self.tokens.words, "stage_by": self.config.stage_by, "stages": self._stages}

@@ -231,7 +231,7 @@ def _autocast(device: str, dtype: str) -> Any:
 def recipe(method: Any, cfg: FinetuneConfig) -> dict[str, Any]:
     """The effective optimiser settings: the method's paper recipe, overridden by non-None ``cfg`` fields."""
     r = method.config.train.model_dump()
-    for key in ("steps", "batch_size", "lr", "scale_lr", "weight_decay"):
+    for key in ("steps", "batch_size", "lr", "scale_lr", "weight_decay", "max_images"):
         value = getattr(cfg, key)
         if value is not None:
             r[key] = value
@@ -315,10 +315,13 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         pipe = freeze_pipeline(load_pipeline(base_model, dtype=cfg.dtype, device=device))
         pipe.set_progress_bar_config(disable=True)
         resolution = cfg.resolution or _native_resolution(pipe)
-        data = load_identity_data(dataset_dir, identity, resolution, cfg.max_images)
+        data = load_identity_data(dataset_dir, identity, resolution, rec["max_images"])
         latents = _encode_latents(pipe, data.images).to(device)
         lh, lw = latents.shape[-2:]
         masks = torch.nn.functional.interpolate(data.masks, size=(lh, lw), mode="area").to(device)
+        if rec["flip_prob"] > 0:  # mirrored images encoded too (a flipped latent is not the latent of the mirror)
+            latents_flip = _encode_latents(pipe, torch.flip(data.images, dims=[-1])).to(device)
+            masks_flip = torch.flip(masks, dims=[-1])
         refs = IdentityRefs(face_embeds=data.face_embeds, face_crops=data.crops112, class_noun=cfg.class_noun)
         method.attach(pipe)
         method.prepare_identity(refs.to(device), pipe)
@@ -327,7 +330,7 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         # -- train -------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         params = method.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=rec["effective_lr"], weight_decay=rec["weight_decay"])
+        opt = torch.optim.AdamW(params, lr=rec["effective_lr"], weight_decay=rec["weight_decay"], eps=rec["eps"])
         gen = torch.Generator("cpu").manual_seed(cfg.seed)
         templates = list(method.config.templates)
         n = data.images.shape[0]
@@ -340,8 +343,13 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
                 pick = torch.randint(0, len(templates), (rec["batch_size"],), generator=gen)
                 prompts = [method.prompt(templates[int(i)], cfg.class_noun) for i in pick]
                 ids, ids_2 = tokenize(pipe, prompts)
-                batch = TrainBatch(latents=latents[idx], input_ids=ids, input_ids_2=ids_2,
-                                   face_embeds=face[idx][:, None], face_mask=masks[idx], ref_pixels=crops[idx])
+                lat, msk = latents[idx], masks[idx]
+                if rec["flip_prob"] > 0:
+                    flip = (torch.rand(rec["batch_size"], generator=gen) < rec["flip_prob"]).to(device)
+                    lat = torch.where(flip[:, None, None, None], latents_flip[idx], lat)
+                    msk = torch.where(flip[:, None, None, None], masks_flip[idx], msk)
+                batch = TrainBatch(latents=lat, input_ids=ids, input_ids_2=ids_2,
+                                   face_embeds=face[idx][:, None], face_mask=msk, ref_pixels=crops[idx])
                 out = method.training_loss(batch, pipe, generator=gen)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
