@@ -27,12 +27,14 @@ def open_parent_run(config_yaml: str, pipeline_name: str, dataset: Input[Dataset
     import os
 
     from idforge.config import load_config_text
-    from idforge.track import log_artifact, log_config, log_metrics, start_run
+    from idforge.track import describe_pipeline_run, log_artifact, log_config, log_dataset, log_metrics, start_run
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
-    tags = {"idforge.pipeline": pipeline_name, "idforge.dataset": dataset.uri}
+    tags = {"idforge.pipeline": pipeline_name, "idforge.dataset": dataset.uri,
+            "mlflow.note.content": describe_pipeline_run(pipeline_name, dataset.uri, dataset.metadata, cfg)}
     with start_run(cfg.tracking, run_name=pipeline_name, tags=tags) as run:
         log_config(cfg)
+        log_dataset(dataset.path, context="pipeline", name="curated")
         counts = {f"dataset_{k}": v for k, v in dataset.metadata.items() if isinstance(v, (int, float))}
         log_metrics(counts)
         report = os.path.join(dataset.path, "report.json")

@@ -22,6 +22,7 @@ class DemoResult:
     pipeline_root: Path
     report: Path | None
     mlflow_ui: str
+    mlflow_runs: str
     tracking_uri: str
     seconds: float
     log_file: Path | None = None
@@ -41,7 +42,7 @@ def run_demo(
     from idforge.config import load_config
     from idforge.diffusion.tiny import make_tiny
     from idforge.io.samples import ensure_samples
-    from idforge.track import tracking_uri, ui_command
+    from idforge.track import experiment_url, tracking_uri, ui_command
     from pipelines.runner import find_outputs, pipeline_config_yaml, run_local
 
     repo_root = repo_root.resolve()
@@ -83,6 +84,7 @@ def run_demo(
         pipeline_root=run.pipeline_root,
         report=outputs.get("report"),
         mlflow_ui=ui_command(cfg.tracking),
+        mlflow_runs=experiment_url(cfg.tracking),
         tracking_uri=tracking_uri(cfg.tracking),
         seconds=time.time() - started,
         log_file=(repo_root / log_file) if log_file is not None else None,

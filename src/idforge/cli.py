@@ -561,6 +561,7 @@ def demo(
     typer.echo(f"  report           : {result.report or 'not found (see the evaluate step log above)'}")
     typer.echo(f"  MLflow store     : {result.tracking_uri}")
     typer.echo(f"  MLflow UI        : {result.mlflow_ui}")
+    typer.echo(f"  then open        : {result.mlflow_runs}")
     if result.log_file is not None:
         typer.echo(f"  full log         : {result.log_file}")
 

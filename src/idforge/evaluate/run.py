@@ -360,6 +360,7 @@ def _log_to_mlflow(result: EvaluationResult, cfg: Any, run_name: str, parent_run
             _write_report(result, info, ref_faces, None, ecfg, gen_dir)
             return
         result.run_id = run.info.run_id
+        track.log_dataset(info["references"], context="evaluation", name="references")
         mlflow.log_params({
             "method": info["method"][:500],
             "protocol": protocol.name,

@@ -6,12 +6,15 @@ MLflow open a stray run in some default location.
 """
 
 from idforge.track.artifacts import log_artifact, log_artifacts, log_html
-from idforge.track.images import log_image, log_image_grid, make_image_grid
+from idforge.track.datasets import log_dataset
+from idforge.track.images import log_image, log_image_grid, log_image_step, make_image_grid
 from idforge.track.params import flatten_config, log_config
 from idforge.track.runs import (
     absolute_tracking_uri,
     active_run_id,
     artifact_location,
+    describe_pipeline_run,
+    experiment_url,
     log_metrics,
     start_run,
     tracking_uri,
@@ -29,6 +32,10 @@ __all__ = [
     "log_html",
     "log_image",
     "log_image_grid",
+    "log_image_step",
+    "log_dataset",
+    "describe_pipeline_run",
+    "experiment_url",
     "log_metrics",
     "make_image_grid",
     "start_run",

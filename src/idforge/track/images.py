@@ -12,7 +12,7 @@ from idforge.track.runs import active_run_id
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["log_image", "log_image_grid", "make_image_grid", "to_pil"]
+__all__ = ["log_image", "log_image_grid", "log_image_step", "make_image_grid", "to_pil"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,17 @@ def log_image(image: Any, artifact_file: str) -> None:
     import mlflow
 
     mlflow.log_image(pil, artifact_file=artifact_file)
+
+
+def log_image_step(image: Any, key: str, step: int) -> None:
+    """Log one image of the series ``key`` at ``step`` (MLflow's image series: a step slider in the run's
+    Model metrics / images view)."""
+    if active_run_id() is None:
+        log.debug("no active MLflow run: image %s@%d not logged", key, step)
+        return
+    import mlflow
+
+    mlflow.log_image(to_pil(image), key=key, step=step)
 
 
 def log_image_grid(images: Sequence[Any], rows: int, cols: int, artifact_file: str) -> Image.Image:

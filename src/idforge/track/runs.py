@@ -64,6 +64,19 @@ def absolute_tracking_uri(cfg: TrackingConfig | None = None) -> str:
     return uri
 
 
+def experiment_url(cfg: TrackingConfig | None = None, base_url: str | None = None) -> str:
+    """The UI link of ``cfg``'s experiment in MLflow's model-training view (the runs table).
+
+    MLflow 3's UI opens every experiment in its GenAI view unless the link asks for ``workflowType=machine_learning``.
+    ``base_url``: where the UI runs (default: the tracking server, or ``mlflow ui``'s http://127.0.0.1:5000).
+    """
+    uri = tracking_uri(cfg)
+    base = base_url or (uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
+    experiment = cfg.experiment if cfg is not None else DEFAULT_EXPERIMENT
+    exp_id = _experiment_id(uri, experiment, artifact_location(cfg, uri))
+    return f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"
+
+
 def ui_command(cfg: TrackingConfig | None = None) -> str:
     """What to run (or open) to browse the runs: ``mlflow ui`` on a local store, the URL of a server."""
     uri = tracking_uri(cfg)
@@ -122,6 +135,11 @@ def _using_tracking_uri(uri: str) -> Iterator[None]:
             os.environ[ENV_URI] = old_env
 
 
+#: MLflow 3's experiment-kind tag and the value of its model-training view
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _experiment_id(uri: str, name: str, location: str | None) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -130,13 +148,17 @@ def _experiment_id(uri: str, name: str, location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=location)
+            # The kind makes MLflow's UI open the experiment on its training runs, not on the GenAI traces view.
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             exp = client.get_experiment_by_name(name)  # created by a concurrent process in the meantime
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -233,3 +255,15 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
         if math.isinf(values[key]):
             log.warning("metric %s is infinite at step %s", key, step)
     mlflow.log_metrics(values, step=step)
+
+
+def describe_pipeline_run(pipeline: str, dataset_uri: str, counts: Mapping[str, Any], cfg: Any) -> str:
+    """The parent run's description (MLflow's ``mlflow.note.content``, shown atop the run page): what ran on what.
+
+    ``counts``: the curated dataset's metadata (``identities``, ``faces_accepted``... where present); ``cfg``: the
+    root config (method and base model).
+    """
+    numbers = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if isinstance(v, (int, float)))
+    return (f"**{pipeline}** pipeline on `{dataset_uri}`" + (f" ({numbers})" if numbers else "") +
+            f": method `{cfg.train.method}`, base model `{cfg.model.base}`. Each step is a child run below.")
+

@@ -193,11 +193,12 @@ class _Tracker:
 
     def grid(self, images: list[Any], step: int) -> None:
         if self.enabled and images:
-            from idforge.track import log_image_grid
+            from idforge.track import log_image_grid, log_image_step
 
             cols = min(len(images), 4)
-            log_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols,
-                           artifact_file=f"samples/step_{step:08d}.png")
+            grid = log_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols,
+                                  artifact_file=f"samples/step_{step:08d}.png")
+            log_image_step(grid, key="samples", step=step)
 
     def close(self, exc: BaseException | None = None) -> None:
         if exc is None:

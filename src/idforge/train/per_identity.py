@@ -310,6 +310,9 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
 
             mlflow.log_params({"method": method_name, "identity": identity, "base_model": str(base_model),
                                **{f"recipe.{k}": v for k, v in rec.items()}})
+            from idforge.track import log_dataset
+
+            log_dataset(dataset_dir, context="training", name="curated")
         # -- load --------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         pipe = freeze_pipeline(load_pipeline(base_model, dtype=cfg.dtype, device=device))

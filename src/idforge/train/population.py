@@ -113,13 +113,14 @@ def _resolved_tracking(tracking: Any) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def _mlflow_run(tracking: dict[str, Any] | None, output_dir: Path, run_name: str, train_cfg: TrainConfig,
-                root_cfg: Any, resume: bool) -> Iterator[str | None]:
-    """The driver's MLflow run (resumed when the output directory recorded one); yields its id or None."""
+                root_cfg: Any, resume: bool, data: str) -> Iterator[str | None]:
+    """The driver's MLflow run (resumed when the output directory recorded one), with ``data`` as its training
+    input; yields its id or None."""
     if tracking is None:
         yield None
         return
     from idforge.config import TrackingConfig
-    from idforge.track import log_config, start_run
+    from idforge.track import log_config, log_dataset, start_run
 
     id_file = output_dir / "mlflow_run_id"
     run_id = id_file.read_text().strip() if (resume and id_file.is_file()) else None
@@ -130,6 +131,7 @@ def _mlflow_run(tracking: dict[str, Any] | None, output_dir: Path, run_name: str
             return
         if run_id is None:
             log_config(root_cfg if root_cfg is not None else train_cfg)
+            log_dataset(data, context="training", name="prepared")
             atomic_write_text(id_file, run.info.run_id)
         yield run.info.run_id
 
@@ -275,7 +277,8 @@ def train_population(
     gpus_per_worker = resolve_gpus_per_worker(gpus_per_worker, workers, ray_address)
     tracking = _resolved_tracking(tracking_cfg)
     model_arg = str(Path(model).resolve()) if Path(model).exists() else model
-    with _mlflow_run(tracking, out, f"train-{train_cfg.method}", train_cfg, root, resume) as mlflow_run_id:
+    with _mlflow_run(tracking, out, f"train-{train_cfg.method}", train_cfg, root, resume,
+                     data_arg) as mlflow_run_id:
         spec = LoopSpec(
             train=train_cfg.model_dump(mode="json"), data_dir=data_arg, model=model_arg, model_kind=model_kind,
             storage=storage_cfg.model_dump(mode="json") if storage_cfg is not None else None,
