@@ -210,3 +210,23 @@ def test_only_schedulers_the_shared_sampler_can_drive_are_offered(tiny_sd15_dir)
         usable)
     assert not {"PNDMScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler"} & set(usable)  # no generator
     assert all("generator" in inspect.signature(cls.step).parameters for cls in usable.values())
+
+
+@pytest.mark.s3
+def test_an_s3_reference_is_downloaded_once_into_the_model_cache(tiny_sd15_dir, s3_env, s3_prefix, tmp_path):
+    from idforge.errors import ModelNotFoundError
+    from idforge.evaluate.pyfunc_model import resolve_reference
+    from idforge.io.storage import open_storage
+
+    open_storage(s3_prefix).upload_dir(tiny_sd15_dir, f"{s3_prefix}/sd15")
+    cfg = {"model_cache_dir": str(tmp_path / "cache")}
+    local = resolve_reference("base_model", f"{s3_prefix}/sd15", cfg)
+    assert local.is_relative_to(tmp_path / "cache")
+    files = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tiny_sd15_dir) for p in tiny_sd15_dir.rglob("*") if p.is_file())
+    assert (local / "unet" / "config.json").read_bytes() == (tiny_sd15_dir / "unet" / "config.json").read_bytes()
+    stamps = {f: (local / f).stat().st_mtime_ns for f in files}
+    again = resolve_reference("base_model", f"{s3_prefix}/sd15", cfg)
+    assert again == local and {f: (again / f).stat().st_mtime_ns for f in files} == stamps  # nothing re-downloaded
+    with pytest.raises(ModelNotFoundError, match=r"base_model 's3://.*/nothing' is not available here.*SERVING_MODEL"):
+        resolve_reference("base_model", f"{s3_prefix}/nothing", cfg)
