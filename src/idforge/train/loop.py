@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -108,9 +107,10 @@ def local_data(data_dir: str, storage: dict[str, Any] | None = None) -> Path:
     if "://" not in data_dir:
         return Path(data_dir)
     from idforge.config import StorageConfig
+    from idforge.io.locations import cache_root
     from idforge.io.storage import localize
 
-    cache = Path(os.environ.get("IDFORGE_CACHE", Path.home() / ".cache" / "idforge")) / "prepared"
+    cache = cache_root() / "prepared"
     return localize(data_dir, cache, StorageConfig.model_validate(storage) if storage else None)
 
 
