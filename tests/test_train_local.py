@@ -201,3 +201,21 @@ def test_held_out_photos_are_measured_against_references_from_the_training_photo
         own, other = key_of(matched.face_embeds[i, 0], "face_embed"), key_of(mismatched.face_embeds[i, 0], "face_embed")
         assert own in train_keys and other in train_keys
         assert by_key[own][0] == by_key[target][0] != by_key[other][0]
+
+
+@pytest.mark.s3
+def test_init_from_an_s3_checkpoint(prepared_dir, tiny_sd15_dir, tmp_path, s3_env, s3_prefix, monkeypatch):
+    from safetensors.torch import load_file
+
+    from idforge.io.storage import open_storage
+    from idforge.train.population import train_local
+
+    monkeypatch.setenv("IDFORGE_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(method="infinite-id", steps=1, batch_size=2, checkpoint_every=1, lr=1e-3, keep_checkpoints=1)
+    first = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "a")
+    uri = f"{s3_prefix}/champion/method.safetensors"
+    open_storage(uri).put_file(first.method_path, uri)
+    cfg2 = cfg.model_copy(update={"init_from": uri, "lr": 1e-12, "weight_decay": 0.0})
+    second = train_local(cfg2, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "b")
+    a, b = load_file(first.method_path), load_file(second.method_path)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-6 for k in a)

@@ -12,6 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from idforge.io.locations import local_input, local_output, parse_location
+from idforge.io.uri import is_s3_uri
+
 app = typer.Typer(
     name="idforge",
     help="Identity-preserving text-to-image: curate photos, train identity methods, evaluate, register.",
@@ -150,9 +153,12 @@ def methods_inspect(path: Annotated[Path, typer.Argument(help="A method checkpoi
 
 @app.command()
 def curate(
-    input: Annotated[str, typer.Option("--input", "-i", help="Folder or s3://bucket/prefix of raw photos.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Dataset directory (or s3:// URI) to write.")],
-    labels: Annotated[Optional[Path], typer.Option(help="CSV of source,identity to seed or override grouping.")] = None,
+    input: Annotated[str, typer.Option("--input", "-i", parser=parse_location,
+                                       help="Folder or s3://bucket/prefix of raw photos.")],
+    output: Annotated[str, typer.Option("--output", "-o", parser=parse_location,
+                                        help="Dataset directory (or s3:// URI) to write.")],
+    labels: Annotated[Optional[str], typer.Option(parser=parse_location,
+                                                  help="CSV of source,identity to seed or override grouping.")] = None,
     ray_address: Annotated[Optional[str], typer.Option(
         help="Curate on this Ray cluster with Ray Data (sets curate.engine=ray and curate.ray_address).")] = None,
     config: ConfigOpt = None,
@@ -163,7 +169,7 @@ def curate(
 
     cfg = _load(config, [*(set_ or []), *(["curate.engine=ray", f"curate.ray_address={ray_address}"]
                                            if ray_address else [])])
-    report = curate_dataset(input, output, cfg=cfg, labels=str(labels) if labels else None)
+    report = curate_dataset(input, output, cfg=cfg, labels=labels)
     typer.echo(report.summary())
 
 
@@ -184,8 +190,10 @@ def _seeds(spec: str | None) -> list[int] | None:
 
 @app.command()
 def prepare(
-    dataset: Annotated[Path, typer.Option(help="Curated dataset directory (output of `idforge curate`).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Cache directory (reused across runs).")],
+    dataset: Annotated[str, typer.Option(parser=parse_location,
+                                         help="Curated dataset directory (output of `idforge curate`).")],
+    output: Annotated[str, typer.Option("--output", "-o", parser=parse_location,
+                                        help="Cache directory (reused across runs).")],
     model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -195,16 +203,20 @@ def prepare(
     from idforge.train.prepare import prepare_dataset
 
     cfg = _load(config, set_)
-    index = prepare_dataset(dataset, model or cfg.model.base, output, cfg.prepare, clip_model=cfg.model.clip,
-                            device=cfg.run.device, local_files_only=cfg.model.local_files_only)
-    write_resolved_config(cfg, output)
+    with local_output(output, cfg.storage) as out:
+        index = prepare_dataset(local_input(dataset, cfg.storage), model or cfg.model.base, out, cfg.prepare,
+                                clip_model=cfg.model.clip, device=cfg.run.device,
+                                local_files_only=cfg.model.local_files_only)
+        write_resolved_config(cfg, out)
     typer.echo(index.summary())
 
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="Prepared data directory (output of `idforge prepare`).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: checkpoints, method.safetensors.")],
+    data: Annotated[str, typer.Option(parser=parse_location,
+                                      help="Prepared data directory (output of `idforge prepare`).")],
+    output: Annotated[str, typer.Option("--output", "-o", parser=parse_location,
+                                        help="Run directory: checkpoints, method.safetensors.")],
     method: Annotated[Optional[str], typer.Option(help="Population method: infinite-id | id-adapter.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP ranks).")] = 1,
@@ -222,16 +234,22 @@ def train(
 
     overrides = list(set_ or []) + ([f"train.method={method}"] if method else [])
     cfg = _load(config, overrides, preset)
-    result = train_population(cfg, data, model or cfg.model.base, workers=workers, gpus_per_worker=gpus_per_worker,
-                              output_dir=output, resume=resume, ray_address=ray_address,
-                              local_files_only=cfg.model.local_files_only)
-    typer.echo(f"trained {cfg.train.method} for {result.steps} steps -> {result.method_path}")
+    if is_s3_uri(output) and cfg.train.storage_path is None:
+        # Ray Train's checkpoints beside the outputs on the bucket: a rerun on another machine resumes from them.
+        ray_dir = output.rstrip("/") + "/ray"
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": ray_dir})})
+    with local_output(output, cfg.storage) as out:
+        result = train_population(cfg, data, model or cfg.model.base, workers=workers,
+                                  gpus_per_worker=gpus_per_worker, output_dir=out, resume=resume,
+                                  ray_address=ray_address, local_files_only=cfg.model.local_files_only)
+    typer.echo(f"trained {cfg.train.method} for {result.steps} steps -> {output}")
 
 
 @app.command()
 def finetune(
-    dataset: Annotated[Path, typer.Option(help="Curated dataset directory.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Artifacts go to OUTPUT/<identity>/.")],
+    dataset: Annotated[str, typer.Option(parser=parse_location, help="Curated dataset directory.")],
+    output: Annotated[str, typer.Option("--output", "-o", parser=parse_location,
+                                        help="Artifacts go to OUTPUT/<identity>/.")],
     identity: Annotated[Optional[list[str]], typer.Option(help="Identity to fine-tune (repeatable).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every identity of the dataset, as parallel Ray tasks.")] = False,
     method: Annotated[Optional[str], typer.Option(
@@ -254,16 +272,19 @@ def finetune(
     base = model or cfg.model.base
     if all_ == bool(identity):
         raise ConfigError("pass exactly one of --identity ID (repeatable) or --all")
+    data = local_input(dataset, cfg.storage)
     if identity and len(identity) == 1:
         from idforge.train.per_identity import finetune_identity
 
-        result = finetune_identity(method, identity[0], dataset, base, output, cfg.finetune, tracking=cfg.tracking)
-        typer.echo(f"{identity[0]}: {result.status} -> {output / identity[0]}")
+        with local_output(output, cfg.storage) as out:
+            result = finetune_identity(method, identity[0], data, base, out, cfg.finetune, tracking=cfg.tracking)
+        typer.echo(f"{identity[0]}: {result.status} -> {output.rstrip('/')}/{identity[0]}")
         return
     from idforge.train.fanout import finetune_all, format_status
 
-    results = finetune_all(method, dataset, base, output, cfg.finetune, identities=identity or None,
-                           tracking=cfg.tracking)
+    with local_output(output, cfg.storage) as out:
+        results = finetune_all(method, data, base, out, cfg.finetune, identities=identity or None,
+                               tracking=cfg.tracking)
     typer.echo(format_status(results))
     if any(r.status == "failed" for r in results):
         raise typer.Exit(code=1)
@@ -271,11 +292,15 @@ def finetune(
 
 @app.command()
 def generate(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where images, sidecars and index.parquet go.")],
-    refs: Annotated[str, typer.Option(help="Curated dataset dir, folder of identity folders, or photos.")],
+    output: Annotated[str, typer.Option("--output", "-o", parser=parse_location,
+                                        help="Where images, sidecars and index.parquet go.")],
+    refs: Annotated[str, typer.Option(parser=parse_location,
+                                      help="Curated dataset dir, folder of identity folders, or photos.")],
     method: Annotated[Optional[str], typer.Option(help="Method name (default: the one in the artifact).")] = None,
-    artifact: Annotated[Optional[Path], typer.Option(help="Method checkpoint file or per-identity directory.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(help="Prompt set YAML (default: the protocol's).")] = None,
+    artifact: Annotated[Optional[str], typer.Option(parser=parse_location,
+                                                    help="Method checkpoint file or per-identity directory.")] = None,
+    prompts: Annotated[Optional[str], typer.Option(parser=parse_location,
+                                                   help="Prompt set YAML (default: the protocol's).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="0..3 or 1,5,9 (default: the protocol's).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base model id or dir (default model.base).")] = None,
     identity: Annotated[Optional[list[str]], typer.Option(help="Only these identities (repeatable).")] = None,
@@ -287,16 +312,20 @@ def generate(
     from idforge.evaluate.generate import generate_images
 
     cfg = _load(config, set_, preset)
-    result = generate_images(method, artifact, refs, prompts, _seeds(seeds), model, output, cfg,
-                             identities=identity or None)
+    inputs = [local_input(x, cfg.storage) for x in (artifact, refs, prompts)]
+    with local_output(output, cfg.storage) as out:
+        result = generate_images(method, inputs[0], inputs[1], inputs[2], _seeds(seeds), model, out, cfg,
+                                 identities=identity or None)
     typer.echo(result.summary())
 
 
 @app.command()
 def evaluate(
-    generated: Annotated[Path, typer.Option(help="Output directory of `idforge generate`.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="metrics.parquet, report.html go here.")],
-    dataset: Annotated[Optional[Path], typer.Option(help="Curated dataset (reference identities).")] = None,
+    generated: Annotated[str, typer.Option(parser=parse_location, help="Output directory of `idforge generate`.")],
+    output: Annotated[str, typer.Option("--output", "-o", parser=parse_location,
+                                        help="metrics.parquet, report.html go here.")],
+    dataset: Annotated[Optional[str], typer.Option(parser=parse_location,
+                                                   help="Curated dataset (reference identities).")] = None,
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -305,7 +334,9 @@ def evaluate(
     from idforge.evaluate.run import evaluate_generated
 
     cfg = _load(config, set_)
-    result = evaluate_generated(generated, dataset, output, cfg, run_name=run_name)
+    with local_output(output, cfg.storage) as out:
+        result = evaluate_generated(local_input(generated, cfg.storage), local_input(dataset, cfg.storage), out, cfg,
+                                    run_name=run_name)
     typer.echo(result.summary_text())
 
 

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from idforge.errors import ConfigError, DataError
+from idforge.io.identity import identity_path
 
 log = logging.getLogger(__name__)
 
@@ -319,13 +320,14 @@ def _model_parts(gen: dict[str, Any], tmp: Path, cfg: Any) -> tuple[dict[str, st
         for ident, p in paths.items():
             if not p or not Path(p).is_file():
                 raise DataError(f"method artifact for identity {ident!r} ({p}) does not exist anymore")
-            (d / ident).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, d / ident / Path(p).name)
+            slot = identity_path(d, ident)  # the generation record's names become folders: checked first
+            slot.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, slot / Path(p).name)
             meta = Path(p).parent / "artifact.json"
             if meta.is_file():
-                shutil.copy2(meta, d / ident / "artifact.json")
+                shutil.copy2(meta, slot / "artifact.json")
             elif Path(p).name != "method.safetensors":
-                (d / ident / "artifact.json").write_text(json.dumps({"file": Path(p).name}))
+                (slot / "artifact.json").write_text(json.dumps({"file": Path(p).name}))
         artifacts["method"] = str(d)
     else:
         raise DataError("the generation record names no method artifact (an untrained method cannot be registered)")

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -108,9 +107,10 @@ def local_data(data_dir: str, storage: dict[str, Any] | None = None) -> Path:
     if "://" not in data_dir:
         return Path(data_dir)
     from idforge.config import StorageConfig
+    from idforge.io.locations import cache_root
     from idforge.io.storage import localize
 
-    cache = Path(os.environ.get("IDFORGE_CACHE", Path.home() / ".cache" / "idforge")) / "prepared"
+    cache = cache_root() / "prepared"
     return localize(data_dir, cache, StorageConfig.model_validate(storage) if storage else None)
 
 
@@ -331,6 +331,8 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
 
     cfg = spec.train_config()
     spec = spec.model_copy(update={"data_dir": str(local_data(spec.data_dir, spec.storage))})
+    if cfg.init_from:  # an s3:// checkpoint (the champion's, a bucket's) is read from its local copy
+        cfg = cfg.model_copy(update={"init_from": str(local_data(cfg.init_from, spec.storage))})
     rank, world, device = env.rank, env.world_size, env.device
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     if device.type == "cpu" and getattr(env, "limit_threads", False):
