@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # sizes that fit the tiny models (CLIP vision hidden size 32)
 TINY = {
     "infinite-id": {"clip_dim": 32, "mapper_hidden": 32},
-    "id-adapter": {"clip_dim": 32, "mff_dim": 32, "mff_heads": 4, "num_tokens": 4, "num_refs": 2},
+    "id-adapter": {"clip_dim": 32, "mff_dim": 32, "mff_heads": 4, "num_refs": 2},
 }
 
 

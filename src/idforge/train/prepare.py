@@ -39,6 +39,7 @@ import numpy as np
 
 from idforge.errors import DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.train.clip_features import clip_record
 from idforge.train.config import PrepareConfig
 
 if TYPE_CHECKING:
@@ -550,6 +551,8 @@ def prepare_dataset(
         "model_fingerprint": model_fp,
         "clip_model": clip_model,
         "clip_fingerprint": clip_fp,
+        # what generation must compute the same way (idforge.train.clip_features)
+        "clip_features": clip_record(clip_model, cfg.clip_hidden_layer, cfg.clip_crop) if clip_model else None,
         "config": cfg.model_dump(mode="json"),
         "resolution": resolution,
         "shapes": sample,
