@@ -102,8 +102,9 @@ def test_the_sampler_unconditional_branch_is_the_training_dropped_condition_bit_
     m.attach(pipe)
     refs = 2 if name == "id-adapter" else 1
     g = torch.Generator().manual_seed(5)
-    id_refs = IdentityRefs(face_embeds=torch.nn.functional.normalize(torch.randn(refs, 512, generator=g), dim=-1),
-                           clip_patch_tokens=torch.randn(refs, 17, 32, generator=g), class_noun="man")
+    # three reference photos at inference, whatever the training count (the unconditional branch is one null input)
+    id_refs = IdentityRefs(face_embeds=torch.nn.functional.normalize(torch.randn(3, 512, generator=g), dim=-1),
+                           clip_patch_tokens=torch.randn(3, 17, 32, generator=g), class_noun="man")
     calls, handle = _record_unet_calls(pipe, m)
     try:
         perturb_(m, 0.2)

@@ -273,8 +273,8 @@ def generate_images(
     sampling = {
         "num_inference_steps": gcfg.num_inference_steps or protocol.sampling.num_inference_steps,
         "guidance_scale": gcfg.guidance_scale if gcfg.guidance_scale is not None else protocol.sampling.guidance_scale,
-        "height": protocol.sampling.height,
-        "width": protocol.sampling.width,
+        "height": gcfg.height or protocol.sampling.height,
+        "width": gcfg.width or protocol.sampling.width,
         "negative_prompt": gcfg.negative_prompt,
         "scheduler": gcfg.scheduler,
     }

@@ -227,8 +227,9 @@ class InfiniteID(BaseMethod):
         face, patches = cond.tensors["face"], cond.tensors["patches"]
         with torch.no_grad():
             c_id = self._null_tokens(face, patches)
-        return Condition(self.name, {"c_id": c_id, "face": torch.zeros_like(face[:1, :1]),
-                                     "patches": torch.zeros_like(patches[:1, :1])}, dict(cond.meta))
+        # face/patches keep the condition's shapes (the sampler stacks both branches); c_id is what the UNet reads
+        return Condition(self.name, {"c_id": c_id, "face": torch.zeros_like(face[:1]),
+                                     "patches": torch.zeros_like(patches[:1])}, dict(cond.meta))
 
     def sampling_streams(self) -> int:
         return 2 if self.config.mixed_attention and self.state.scale != 0 else 1
