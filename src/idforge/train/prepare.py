@@ -194,7 +194,7 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
     if missing:
         raise DataError(f"{manifest_path} lacks columns {missing}: re-run `idforge curate` to rewrite it")
     # the accepted rows only, and only the columns this reads
-    wanted = need | {"source", "face_index", "mask", "matted", "landmarks5"}
+    wanted = need | {"source", "face_index", "mask", "matted", "landmarks5", "caption"}
     manifest = mf.read_manifest(root, columns=[c for c in have if c in wanted], accepted_only=True)
     emb_path = root / "embeddings.npy"
     if not emb_path.is_file():
