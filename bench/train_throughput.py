@@ -354,6 +354,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet in our step")
     ap.add_argument("--no-loader", action="store_true", help="skip the data-loader measurement")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="gradient checkpointing of the frozen UNet in both steps (train.gradient_checkpointing)")
+    ap.add_argument("--optimizer", default="adamw_fused", choices=["adamw", "adamw_fused", "adamw_8bit"],
+                    help="our step's train.optimizer (the reference keeps plain foreach AdamW)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="measure our step only (a memory check: no ratio)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -362,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from idforge.methods.registry import get_method
     from idforge.train.config import TrainConfig
     from idforge.train.loop import TrainStep, _precision
+    from idforge.train.optim import peak_memory_gib
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
@@ -369,12 +376,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     resolution = args.resolution or {"sd15-shape": 512, "sdxl-shape": 1024, "tiny": 64}[args.model]
     steps = args.steps or (20 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    cfg = TrainConfig(method=args.method, batch_size=batch, compile_unet=args.compile, max_grad_norm=1.0)
+    cfg = TrainConfig(method=args.method, batch_size=batch, compile_unet=args.compile, max_grad_norm=1.0,
+                      optimizer=args.optimizer if gpu or args.optimizer != "adamw_fused" else "adamw",
+                      gradient_checkpointing=args.checkpointing)
     amp_dtype, frozen_dtype = _precision(cfg, device)
     dims = feature_dims(args.model)
     method_cfg = {"clip_dim": dims["clip_dim"], "face_dim": dims["face"]}
     if args.model == "tiny" and args.method == "id-adapter":
-        method_cfg.update(mff_dim=32, mff_heads=2, num_tokens=4)
+        method_cfg.update(mff_dim=32, mff_heads=2)
     refs = int(get_method(args.method, method_cfg).config.model_dump().get("num_refs", 1))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -393,14 +402,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": args.method, "model": args.model, "device": str(torch.cuda.get_device_name() if gpu else "cpu"),
         "batch": batch, "resolution": resolution, "autocast": str(amp_dtype), "timed_steps": steps,
         "cpu_threads": torch.get_num_threads(), "model_build_s": round(build_s, 1),
+        "gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optimizer,
     }
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
 
     # reference first, on fp32 frozen weights (its autocast does the low-precision compute)
-    ref = ReferenceStep(pipe, dims["clip_embed"], amp_dtype)
-    sps, mem = time_steps(functools.partial(ref, data, generator), warmup, steps, batch, device)
-    ref.detach()
-    results.update(reference_samples_per_s=sps, reference_peak_mem_gib=mem / 2**30)
-    del ref
+    if not args.no_reference:
+        ref = ReferenceStep(pipe, dims["clip_embed"], amp_dtype)
+        sps, mem = time_steps(functools.partial(ref, data, generator), warmup, steps, batch, device)
+        ref.detach()
+        results.update(reference_samples_per_s=sps, reference_peak_mem_gib=mem / 2**30)
+        del ref
 
     # ours: the loop's step and precision policy (frozen weights in the autocast dtype, channels-last, fused AdamW)
     if frozen_dtype != "float32":
@@ -418,7 +431,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sps, mem = time_steps(lambda: ours([data], generator), warmup, steps, batch, device)
     results.update(ours_samples_per_s=sps, ours_peak_mem_gib=mem / 2**30,
                    trainable_params=sum(p.numel() for p in method.trainable_parameters()))
-    results["ratio_ours_over_reference"] = results["ours_samples_per_s"] / results["reference_samples_per_s"]
+    if not args.no_reference:
+        results["ratio_ours_over_reference"] = results["ours_samples_per_s"] / results["reference_samples_per_s"]
+    results["process_peak_rss_gib"] = peak_memory_gib(device) if not gpu else float("nan")
     if not args.no_loader:
         results["loader_samples_per_s"] = loader_throughput(args.model, batch, resolution, refs)
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # sizes that fit the tiny models (CLIP vision hidden size 32)
 TINY = {
     "infinite-id": {"clip_dim": 32, "mapper_hidden": 32},
-    "id-adapter": {"clip_dim": 32, "mff_dim": 32, "mff_heads": 4, "num_tokens": 4, "num_refs": 2},
+    "id-adapter": {"clip_dim": 32, "mff_dim": 32, "mff_heads": 4, "num_refs": 2},
 }
 
 
@@ -124,3 +124,43 @@ def test_driver_per_identity_artifacts(pipe, tiny_sd15_dir, tiny_clip_dir, sampl
     a = np.asarray(Image.open(tmp_path / "gen" / idx.loc["obama", "image"])).astype(int)
     b = np.asarray(Image.open(tmp_path / "gen" / idx.loc["macron", "image"])).astype(int)
     assert np.abs(a - b).max() > 0
+
+
+def test_generation_refuses_clip_features_other_than_the_training_ones(pipe, tiny_sd15_dir, tiny_clip_dir,
+                                                                       samples_dir, one_prompt, tmp_path):
+    """The record prepare wrote travels beside the artifact; another hidden layer (or model) is refused, naming both
+    values, before any image is drawn; the matching settings generate, at generate.width/height, with DDIM."""
+    import json
+
+    import torch
+
+    from idforge.errors import ConfigError
+    from idforge.evaluate.generate import generate_images
+    from idforge.methods.checkpoint import save_method
+    from idforge.methods.registry import get_method
+    from idforge.train.clip_features import FILE, clip_record
+
+    torch.manual_seed(0)
+    method = get_method("infinite-id", TINY["infinite-id"])
+    method.attach(pipe)
+    artifact = save_method(method, tmp_path / "method.safetensors")
+    method.detach(pipe)
+    (tmp_path / FILE).write_text(json.dumps(clip_record(str(tiny_clip_dir), -1, "ffhq")))
+
+    def cfg(**gen):
+        return IdforgeConfig.model_validate({
+            "model": {"base": str(tiny_sd15_dir), "clip": str(tiny_clip_dir)},
+            "generate": {"protocol": str(one_prompt), "clip_features": "on", **gen}})
+
+    with pytest.raises(ConfigError, match=r"hidden_layer: trained on -1, generating with -2.*clip_hidden_layer"):
+        generate_images("infinite-id", artifact, samples_dir, None, [0], None, tmp_path / "gen", cfg(),
+                        identities=["obama"], pipe=pipe)
+    assert not (tmp_path / "gen" / "images").exists()
+    res = generate_images("infinite-id", artifact, samples_dir, None, [0], None, tmp_path / "gen",
+                          cfg(clip_hidden_layer=-1, width=96, height=64, scheduler="DDIMScheduler"),
+                          identities=["obama"], pipe=pipe)
+    image = Image.open(tmp_path / "gen" / res.index["image"].iloc[0])
+    assert image.size == (96, 64)
+    with pytest.raises(ConfigError, match="not a diffusers scheduler class"):
+        generate_images("infinite-id", artifact, samples_dir, None, [1], None, tmp_path / "gen2",
+                        cfg(clip_hidden_layer=-1, scheduler="NoSuchScheduler"), identities=["obama"], pipe=pipe)

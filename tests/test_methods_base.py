@@ -182,4 +182,4 @@ def test_describe_lists_methods_and_config_keys():
     assert rows["infinite-id"]["regime"] == "population" and rows["id-adapter"]["summary"].startswith("IDAdapter")
     table = {r["key"]: r for r in config_table("infinite-id")}
     assert table["mixed_attention"]["default"] is True and table["scale"]["default"] == 1.0
-    assert "  adain_mean: true (bool)" in describe_method("infinite-id")
+    assert "  adain_mean: false (bool)" in describe_method("infinite-id")

@@ -20,6 +20,7 @@ from idforge.methods.testing import (
 )
 from idforge.methods.types import IdentityRefs
 from idforge.train.validation import identity_gap
+from tests.fixtures.method_sizes import infinite_id_params
 
 CFG = dict(clip_dim=32)
 OFF = dict(mixed_attention=False, cross_attention_merging=False, adain_mean=False)
@@ -45,22 +46,13 @@ def _refs(seed: int) -> IdentityRefs:
                         clip_patch_tokens=torch.randn(1, 17, 32, generator=g))
 
 
-def _expected_params(cfg, pipe) -> int:
-    cross = [mod for name, mod in pipe.unet.named_modules() if name.endswith("attn2")]
-    d = pipe.unet.config.cross_attention_dim
-    h = cfg.mapper_hidden or d
-    face = cfg.face_dim * h + h + h * cfg.num_face_tokens * d + cfg.num_face_tokens * d + 2 * d
-    clip = cfg.clip_dim * h + h + h * d + d + 2 * d
-    return face + clip + sum(2 * d * mod.to_k.out_features for mod in cross)
-
-
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_parameter_count_and_checkpoint_prefixes_follow_the_config(pipes, kind):
     pipe = pipes[kind]
     m = get_method("infinite-id", **CFG, num_face_tokens=2, mapper_hidden=48)
     m.attach(pipe)
     try:
-        assert m.num_trainable_parameters() == _expected_params(m.config, pipe)
+        assert m.num_trainable_parameters() == infinite_id_params(m.config, pipe)
         assert {k.split(".")[0] for k in m.state_dict()} == {"face_mapper", "clip_mapper", "image_attn"}
     finally:
         m.detach()
@@ -109,10 +101,11 @@ def test_each_inference_option_changes_the_output(pipes, attached):
     cond = attached.identity_condition(_refs(1), pipe)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(400)
-    full = _denoise(attached, pipe, {}, cond, x, t, streams=2)
+    on = {"adain_mean": True}  # every option on (AdaIN-mean is off by default)
+    full = _denoise(attached, pipe, on, cond, x, t, streams=2)
     for option in ("mixed_attention", "cross_attention_merging", "adain_mean"):
         streams = 1 if option == "mixed_attention" else 2
-        ablated = _denoise(attached, pipe, {option: False}, cond, x, t, streams=streams)
+        ablated = _denoise(attached, pipe, {**on, option: False}, cond, x, t, streams=streams)
         assert (ablated - full).abs().max() > 1e-4, option
     # mixed attention without its text stream would silently be plain self-attention: the sampler runs the stream
     assert attached.sampling_streams() == 2

@@ -60,6 +60,7 @@ def _schemas():
         ("person_mask", pa.string()),
         ("matted", pa.string()),
         ("embedding_row", pa.int64()),
+        ("caption", pa.string()),  # the photo's own caption (captions.csv / sidecar .txt), "" when none
     ])
     identities = pa.schema([
         ("identity", pa.string()),

@@ -42,6 +42,7 @@ class ManifestRow:
     person_mask: str = ""
     matted: str = ""
     embedding_row: int = -1
+    caption: str = ""  # the photo's own caption (captions.csv / sidecar .txt), "" when none
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from idforge.curate.captions import is_caption_file, read_captions
 from idforge.curate.config import CurateConfig
 from idforge.curate.report import CurateReport
 from idforge.errors import DataError
@@ -57,8 +58,9 @@ def list_inputs(root: Path) -> tuple[list[str], int]:
         hidden += sum(d.startswith(".") for d in dirnames) + sum(f.startswith(".") for f in filenames)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
-            if not f.startswith("."):
-                rels.append(Path(dirpath, f).relative_to(root).as_posix())
+            rel = Path(dirpath, f).relative_to(root).as_posix()
+            if not f.startswith(".") and not is_caption_file(rel):  # captions.csv / sidecars: captions, not photos
+                rels.append(rel)
     return sorted(rels), hidden
 
 
@@ -143,6 +145,7 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     rels, hidden = list_inputs(root)
     if not rels:
         raise DataError(f"curate input {input} holds no files; point --input at a folder of photos")
+    captions = read_captions(root, rels)
     label_map = read_label_map(labels, work, storage_cfg)
     check_matte(ccfg)
 
@@ -166,7 +169,7 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         for k, v in res["timings"].items():
             timings[k] = timings.get(k, 0.0) + v
 
-    report = _assemble(partial, results, ccfg, label_map, timings, models)
+    report = _assemble(partial, results, ccfg, label_map, timings, models, captions)
     report.output = str(output)
     report.files = len(rels)
     report.config_digest = digest
@@ -186,11 +189,14 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
 
 
 def _assemble(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dict[str, str],
-              timings: dict[str, float], models: dict[str, Any]) -> CurateReport:
+              timings: dict[str, float], models: dict[str, Any], captions: dict[str, str] | None = None
+              ) -> CurateReport:
     """The dataset-level stages over the per-file results (``curate/stages.py``); writes into ``out``."""
     from idforge.curate import stages
 
     got = stages.collect(out, results, ccfg, label_map)
+    for row in got.rows:  # each photo's own caption (captions.csv / sidecar .txt)
+        row.caption = (captions or {}).get(row.rel, "")
     with stages.timed(timings, "matte"):
         stages.matte(out, got.faces, ccfg)
     ident_rows, metrics = stages.dedup_and_group(got.faces, got.embeddings, ccfg, timings)

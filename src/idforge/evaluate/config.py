@@ -21,6 +21,10 @@ class GenerateConfig(Section):
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = None
     negative_prompt: str = ""
+    scheduler: str | None = Field(default=None, description="diffusers scheduler class for sampling (e.g. "
+                                  "DDIMScheduler); None = the base model's")
+    height: int | None = Field(default=None, ge=8, description="image height in pixels; None = the protocol's")
+    width: int | None = Field(default=None, ge=8, description="image width in pixels; None = the protocol's")
     # What stands for the identity in the prompt templates' {} (a method with a learned token supplies its own).
     subject: str = "a person"
     class_noun: Literal["person", "man", "woman", "boy", "girl"] = "person"

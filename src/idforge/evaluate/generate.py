@@ -254,6 +254,7 @@ def generate_images(
     )
     from idforge.faces import load_analyzer
     from idforge.io.prompts import load_prompt_set
+    from idforge.train.clip_features import check_clip_features, read_beside
 
     t0 = time.perf_counter()
     cfg, gcfg = _configs(cfg)
@@ -272,9 +273,10 @@ def generate_images(
     sampling = {
         "num_inference_steps": gcfg.num_inference_steps or protocol.sampling.num_inference_steps,
         "guidance_scale": gcfg.guidance_scale if gcfg.guidance_scale is not None else protocol.sampling.guidance_scale,
-        "height": protocol.sampling.height,
-        "width": protocol.sampling.width,
+        "height": gcfg.height or protocol.sampling.height,
+        "width": gcfg.width or protocol.sampling.width,
         "negative_prompt": gcfg.negative_prompt,
+        "scheduler": gcfg.scheduler,
     }
     overrides = dict(method_overrides or {})
     out = Path(output_dir)
@@ -285,7 +287,8 @@ def generate_images(
     ref_paths = discover_references(refs, identities)
     analyzer = load_analyzer(gcfg.conditioning_backend, model_dir=gcfg.face_model_dir)
     faces = load_reference_faces(ref_paths, analyzer, prealigned=references_prealigned(refs))
-    clip = _load_clip_for_refs(gcfg.clip_model or cfg.model.clip, gcfg.clip_features, cfg.model.local_files_only)
+    clip_id = gcfg.clip_model or cfg.model.clip
+    clip = _load_clip_for_refs(clip_id, gcfg.clip_features, cfg.model.local_files_only)
     device = device_of(gcfg.device)
     if pipe is None:
         pipe = load_pipeline(base_model, kind=cfg.model.kind, dtype=cfg.model.dtype, device=device,
@@ -302,6 +305,9 @@ def generate_images(
         bar = tqdm(total=total, desc="generate", unit="img", disable=None)
         for ident, ref in faces.items():
             art_path = resolve_artifact(artifact, ident)
+            if clip is not None:
+                check_clip_features(read_beside(art_path), clip_id, gcfg.clip_hidden_layer, gcfg.clip_crop,
+                                    f"method artifact {art_path}")
             method = methods.get(art_path)
             art = {"path": str(art_path) if art_path else None,
                    "sha256": file_sha256(art_path) if art_path else None, "method": method.name}

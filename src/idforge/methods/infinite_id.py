@@ -26,12 +26,13 @@ from torch import Tensor, nn
 
 from idforge.diffusion import attention as A
 from idforge.methods.base import BaseMethod, MethodConfig
-from idforge.methods.layers import MLP, unit_rms
+from idforge.methods.guidance import GuidanceDropoutConfig, drop_text, training_drops, where_rows
+from idforge.methods.layers import MLP, KeyValue, unit_rms
 from idforge.methods.objective import diffusion_loss, training_scheduler
 from idforge.methods.types import Condition, IdentityRefs, InjectionState, TrainBatch
 
 
-class InfiniteIDConfig(MethodConfig):
+class InfiniteIDConfig(GuidanceDropoutConfig):
     """Sizes and switches of Infinite-ID (defaults: SDXL + ArcFace-512 + OpenCLIP ViT-bigG hidden states)."""
 
     data_dims: ClassVar[dict[str, tuple[str, int]]] = {"face_dim": ("face_embed", -1),
@@ -44,7 +45,10 @@ class InfiniteIDConfig(MethodConfig):
     init_from_text_kv: bool = Field(default=True, description="start K'_id/V'_id from the text K/V weights")
     mixed_attention: bool = True
     cross_attention_merging: bool = True
-    adain_mean: bool = True
+    # Off by default: the paper brings it in for style merging (Fig. 3b, Fig. 8: without it identity fidelity is
+    # higher and only stylised prompts lose their style) and leaves it out of the raw-photo ablations of Table 1.
+    adain_mean: bool = Field(default=False, description="AdaIN-mean of the identity K/V (eqs. 7-8): on for "
+                             "stylised prompts, off for photos (the paper's ablation text)")
     # Ablation "w/o identity-enhanced training": train with the text cross-attention on (text-image pairs).
     text_in_training: bool = False
 
@@ -66,15 +70,6 @@ class Mapper(nn.Module):
         return self.norm(y.view(*y.shape[:-1], self.tokens, self.dim_out))
 
 
-class ImageCrossAttention(nn.Module):
-    """K'_id and V'_id of one cross-attention layer: Linear(D -> inner, no bias) each. Parameters: 2*D*inner."""
-
-    def __init__(self, context_dim: int, inner_dim: int) -> None:
-        super().__init__()
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-
-
 def _rows(x: Tensor | None, streams: int) -> tuple[Tensor | None, Tensor | None]:
     """Split a stream-stacked batch into (identity rows, text-stream rows)."""
     if x is None or streams == 1:
@@ -86,8 +81,7 @@ def _rows(x: Tensor | None, streams: int) -> tuple[Tensor | None, Tensor | None]
 class InfiniteIDCrossProcessor:
     """attn2: image cross-attention on c_id (training: instead of text; inference: + text when merging)."""
 
-    def __init__(self, base: Any, image_attn: ImageCrossAttention, state: InjectionState,
-                 config: InfiniteIDConfig) -> None:
+    def __init__(self, base: Any, image_attn: KeyValue, state: InjectionState, config: InfiniteIDConfig) -> None:
         self.base = base
         self.image_attn = image_attn
         self.state, self.config = state, config  # shared references: set_scale and the switches reach it live
@@ -187,12 +181,9 @@ class InfiniteID(BaseMethod):
         layers = nn.ModuleDict()
         for site in cross:
             attn = A.attention_module(unet, site)
-            layer = ImageCrossAttention(site.context_dim, attn.to_k.out_features)
-            if cfg.init_from_text_kv and attn.to_k.in_features == site.context_dim:
-                # IP-Adapter's trick: start from the text K/V, so c_id is read like text from step 0.
-                layer.to_k.weight.data.copy_(attn.to_k.weight.data.float())
-                layer.to_v.weight.data.copy_(attn.to_v.weight.data.float())
-            layers[site.key] = layer
+            # IP-Adapter's trick: start from the text K/V, so c_id is read like text from step 0.
+            layers[site.key] = (KeyValue.like(attn) if cfg.init_from_text_kv
+                                else KeyValue(site.context_dim, attn.to_k.out_features))
         self.modules["image_attn"] = layers
 
     def make_processors(self, pipe: Any) -> dict[str, Any]:
@@ -227,39 +218,50 @@ class InfiniteID(BaseMethod):
         return Condition(self.name, {"c_id": c_id, "face": face.to(c_id.device), "patches": patches.to(c_id.device)},
                          {"class_noun": refs.class_noun})
 
+    def _null_tokens(self, face: Tensor, patches: Tensor) -> Tensor:
+        """The unconditional c_id: one zero reference through the mappers (training's dropped identity and the
+        sampler's unconditional branch alike)."""
+        return self.identity_tokens(torch.zeros_like(face[:1, :1]), torch.zeros_like(patches[:1, :1]))
+
     def unconditional(self, cond: Condition) -> Condition:
-        face = torch.zeros_like(cond.tensors["face"])
-        patches = torch.zeros_like(cond.tensors["patches"])
+        face, patches = cond.tensors["face"], cond.tensors["patches"]
         with torch.no_grad():
-            c_id = self.identity_tokens(face, patches)
-        return Condition(self.name, {"c_id": c_id, "face": face, "patches": patches}, dict(cond.meta))
+            c_id = self._null_tokens(face, patches)
+        # face/patches keep the condition's shapes (the sampler stacks both branches); c_id is what the UNet reads
+        return Condition(self.name, {"c_id": c_id, "face": torch.zeros_like(face[:1]),
+                                     "patches": torch.zeros_like(patches[:1])}, dict(cond.meta))
 
     def sampling_streams(self) -> int:
         return 2 if self.config.mixed_attention and self.state.scale != 0 else 1
 
     # -- training -----------------------------------------------------------------------------------------------
 
-    def _training_text(self, pipe: Any, batch: TrainBatch):
+    def _training_text(self, pipe: Any, batch: TrainBatch, drops: Tensor):
         """The text the UNet call gets in training: the caption only for the text-in-training ablation; otherwise
-        the empty prompt (it reaches no cross-attention; SDXL's pooled/time conditioning still needs one)."""
+        the sampler's empty negative prompt for every sample (it reaches no cross-attention; SDXL's pooled/time
+        conditioning still needs one), so training without text is the text-dropped branch everywhere."""
         from idforge.diffusion.text import TextCondition, encode_ids, encode_prompts
 
         b = batch.batch_size
         if self.config.text_in_training:
             if batch.text_embeds is not None:
-                return TextCondition(batch.text_embeds, batch.pooled_text_embeds)
-            batch.require("input_ids")
-            with torch.no_grad():
-                return encode_ids(pipe, batch.input_ids, batch.input_ids_2)
+                text = TextCondition(batch.text_embeds, batch.pooled_text_embeds)
+            else:
+                batch.require("input_ids")
+                with torch.no_grad():
+                    text = encode_ids(pipe, batch.input_ids, batch.input_ids_2)
+            return drop_text(self, pipe, text, drops)
         if self._empty_text is None:
             with torch.no_grad():
-                self._empty_text = encode_prompts(pipe, [""])
+                like = encode_prompts(pipe, [""])
+            self._empty_text = drop_text(self, pipe, like, torch.ones(1, dtype=torch.bool))
         e = self._empty_text
         return TextCondition(e.hidden.expand(b, -1, -1), None if e.pooled is None else e.pooled.expand(b, -1))
 
     def training_loss(self, batch: TrainBatch, pipe: Any, *, generator: torch.Generator | None = None
                       ) -> dict[str, Tensor]:
-        """{"loss", "diffusion"}: eq. 3, the diffusion loss with c_id (not text) as the condition.
+        """{"loss", "diffusion", "drop_identity", "drop_text"}: eq. 3, the diffusion loss with c_id (not text) as
+        the condition, with the guidance dropout drawn from ``generator``.
 
         Needs latents (the target photo), face_embeds and clip_patch_tokens (of a different photo of the same
         identity, the ID image).
@@ -267,12 +269,15 @@ class InfiniteID(BaseMethod):
         from idforge.diffusion.text import unet_call
 
         batch.require("latents", "face_embeds", "clip_patch_tokens")
+        drops = training_drops(self, batch.batch_size, generator, batch.latents.device)
         c_id = self.identity_tokens(batch.face_embeds, batch.clip_patch_tokens)
-        text = self._training_text(pipe, batch)
+        if bool(drops.identity.any()):
+            c_id = where_rows(drops.identity, self._null_tokens(batch.face_embeds, batch.clip_patch_tokens), c_id)
+        text = self._training_text(pipe, batch, drops.text)
         self.set_training_context({"c_id": c_id})  # kept for backward: checkpointed blocks recompute through it
         out = diffusion_loss(lambda x, t: unet_call(pipe, x, t, text, batch.add_time_ids), batch.latents,
                              self._scheduler, noise=batch.noise, timesteps=batch.timesteps, generator=generator)
-        return {"loss": out.loss, "diffusion": out.loss.detach()}
+        return {"loss": out.loss, "diffusion": out.loss.detach(), **drops.fractions()}
 
 
 __all__ = ["InfiniteID", "InfiniteIDConfig"]

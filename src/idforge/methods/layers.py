@@ -38,48 +38,79 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class CrossBlock(nn.Module):
-    """Pre-LN transformer block where queries attend to ``[queries; memory]``, then a feed-forward.
+class SelfAttentionBlock(nn.Module):
+    """Pre-LN transformer block: ``x + attn(norm(x))`` then ``x + ff(norm(x))``, SDPA attention, no dropout.
 
-    Parameters (d = dim, m = ff_mult): LayerNorms 3 * 2d, attention 4d^2 + 4d, feed-forward 2*m*d^2 + m*d + d.
+    Written out (not ``nn.TransformerEncoderLayer``) so training and inference run the same kernels: that layer's
+    inference fast path would make the unconditional branch differ in its last bits from the one trained.
+    Parameters (d = dim, m = ff_mult): LayerNorms 2 * 2d, attention 4d^2 + 4d, feed-forward 2*m*d^2 + m*d + d.
     """
 
     def __init__(self, dim: int, heads: int, ff_mult: int = 4) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_mem = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.heads = heads
+        self.norm_attn = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.to_out = nn.Linear(dim, dim)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = MLP(dim, dim * ff_mult, dim)
 
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
-        q = self.norm_q(x)
-        kv = torch.cat([q, self.norm_mem(memory)], dim=1)
-        x = x + self.attn(q, kv, kv, need_weights=False)[0]
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+                   for t in self.to_qkv(self.norm_attn(x)).chunk(3, dim=-1))
+        x = x + self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
         return x + self.ff(self.norm_ff(x))
 
 
-class GatedSelfAttentionAdapter(nn.Module):
-    """GLIGEN-style gated self-attention over ``[spatial tokens; projected identity tokens]``.
+class KeyValue(nn.Module):
+    """Trainable key and value projections of one cross-attention layer: Linear(D -> inner) each.
 
-    ``forward(h (B, N, C), tokens (B, T, Dctx)) -> (B, N, C)`` is the residual to add to a self-attention layer's
-    output: ``tanh(gate) * out(attn(norm([h; proj(tokens)])))[:, :N]``. The gate starts at 0, so an untrained
-    adapter changes nothing. Parameters: Dctx*C + C (proj) + 2C (norm) + 3C^2 (q, k, v) + C^2 + C (out) + 1 (gate).
+    ``KeyValue.like(attn)`` copies a frozen layer's own ``to_k``/``to_v`` (bias setting and weights), so the copy
+    reads its context exactly as that layer does from step 0. Parameters: 2*D*inner (+ 2*inner with bias).
     """
 
-    def __init__(self, dim: int, context_dim: int, heads: int) -> None:
+    def __init__(self, context_dim: int, inner_dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
+
+    @classmethod
+    def like(cls, attn: nn.Module) -> KeyValue:
+        kv = cls(attn.to_k.in_features, attn.to_k.out_features, bias=attn.to_k.bias is not None)
+        with torch.no_grad():
+            for mine, theirs in ((kv.to_k, attn.to_k), (kv.to_v, attn.to_v)):
+                mine.weight.copy_(theirs.weight.float())
+                if theirs.bias is not None:
+                    mine.bias.copy_(theirs.bias.float())
+        return kv
+
+
+class GatedSelfAttentionAdapter(nn.Module):
+    """IDAdapter's visual injection (GLIGEN's gated self-attention): the residual ``S`` of eq. 7.
+
+    ``forward(y (B, N, C), tokens (B, T, Dctx)) -> (B, N, C)``: the identity tokens are mapped to C, the spatial
+    tokens attend over ``[y; proj(tokens)]`` (LayerNorm first) and the result, sliced back to y's N tokens, goes
+    through a pre-LN feed-forward; the output is ``beta * tanh(gate) * (u + ff(norm(u)))``. The gate starts at 0,
+    so an untrained adapter changes nothing. Parameters: Dctx*C + C (proj) + 2C (norm) + 3C^2 (q, k, v) + C^2 + C
+    (out) + 2C (norm) + 2*m*C^2 + m*C + C (feed-forward, m = ff_mult) + 1 (gate).
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, ff_mult: int = 4, beta: float = 1.0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads = heads
+        self.heads, self.beta = heads, beta
         self.proj = nn.Linear(context_dim, dim)
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = MLP(dim, dim * ff_mult, dim)
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, h: Tensor, tokens: Tensor) -> Tensor:
@@ -92,5 +123,5 @@ class GatedSelfAttentionAdapter(nn.Module):
             return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(split(self.to_q(x[:, :n])), split(self.to_k(x)), split(self.to_v(x)))
-        out = out.transpose(1, 2).reshape(b, n, c)
-        return torch.tanh(self.gate) * self.to_out(out)
+        u = self.to_out(out.transpose(1, 2).reshape(b, n, c))
+        return self.beta * torch.tanh(self.gate) * (u + self.ff(self.norm_ff(u)))

@@ -33,6 +33,8 @@ class SamplingConfig(Section):
     height: int | None = None  # None = the UNet's native size (sample_size * vae_scale_factor)
     width: int | None = None
     batch_size: int = Field(default=4, ge=1, description="prompts per UNet batch (x2 with guidance)")
+    scheduler: str | None = Field(default=None, description="diffusers scheduler class (e.g. DDIMScheduler) built "
+                                  "from the pipeline's scheduler config; None = the pipeline's own")
 
 
 class Sampled(Protocol):
@@ -65,6 +67,22 @@ def image_size(pipe: Any, cfg: SamplingConfig) -> tuple[int, int]:
     if h % scale or w % scale:
         raise ValueError(f"height/width ({h}x{w}) must be multiples of the VAE factor {scale}")
     return h, w
+
+
+def sampling_scheduler(pipe: Any, name: str | None = None) -> Any:
+    """A fresh scheduler for one sampling run: class ``name`` (a diffusers scheduler) or the pipeline's own, built
+    from the pipeline's scheduler config (the base model's betas and prediction type)."""
+    import diffusers
+
+    from idforge.errors import ConfigError
+
+    cls = type(pipe.scheduler)
+    if name is not None:
+        cls = getattr(diffusers, name, None)
+        if cls is None or not name.endswith("Scheduler"):
+            raise ConfigError(f"sampling scheduler {name!r} is not a diffusers scheduler class; use e.g. "
+                              "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler or null")
+    return cls.from_config(pipe.scheduler.config)
 
 
 def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image]:
@@ -109,7 +127,7 @@ def sample(method: Sampled, pipe: Any, prompts: list[str], cond: Condition, cfg:
     shape = (1, unet.config.in_channels, height // scale, width // scale)
     guided = cfg.guidance_scale > 1.0
     cond = cond.to(device)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler = sampling_scheduler(pipe, cfg.scheduler)
     was_training = method.state.mode == "train"
     method.eval()
     streams = method.sampling_streams()

@@ -71,6 +71,9 @@ class TrainConfig(Section):
         default=None, description="method.safetensors to start from (fine-tune/retrain); ignored when resuming"
     )
     # optimisation
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = Field(
+        default="adamw", description="AdamW as torch's multi-tensor kernel, one fused kernel, or bitsandbytes' 8-bit "
+        "state (CUDA); Adam = AdamW with weight_decay 0")
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -92,6 +95,8 @@ class TrainConfig(Section):
     )
     channels_last: bool = True
     compile_unet: bool = Field(default=False, description="torch.compile the frozen UNet (GPU)")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute the frozen UNet's activations in backward (memory for time)")
     allow_tf32: bool = True
     find_unused_parameters: bool = False
     # data

@@ -93,9 +93,13 @@ class PreparedDataset:
         self.resolution = int(self.info["resolution"])
         text = load_file(str(self.root / self.info["text_file"]))
         self.text = {k: v.float() if v.is_floating_point() else v for k, v in text.items()}
-        self.caption_rows: dict[str, list[int]] = {}
+        self.caption_rows: dict[str, list[int]] = {}  # the template captions of each class noun
         for i, cap in enumerate(self.info["captions"]):
-            self.caption_rows.setdefault(cap["class_noun"], []).append(i)
+            if cap.get("kind", "template") == "template":
+                self.caption_rows.setdefault(cap["class_noun"], []).append(i)
+        # a photo's own caption (captions.csv / sidecar .txt through curation), else -1: the templates
+        own = self.all_items["caption_row"] if "caption_row" in self.all_items else None
+        self.own_caption = own.to_numpy() if own is not None else np.full(len(self.all_items), -1)
         self.class_nouns = dict(zip(self.all_items["identity"], self.all_items["class_noun"], strict=True))
         size = sum((self.root / f).stat().st_size for f in self.all_items["file"])
         self._memory: dict[int, dict[str, torch.Tensor]] | None = {} if size <= memory_cache_bytes else None
@@ -143,18 +147,20 @@ class PreparedDataset:
         rng = self._rng(row, position)
         flip = "latents_flip" in self.item(row) and rng.random() < self.flip_prob
         noun = self.class_nouns[self.all_items.at[row, "identity"]]
-        caption = int(rng.choice(self.caption_rows[noun]))
+        caption = int(self.own_caption[row]) if self.own_caption[row] >= 0 else int(rng.choice(self.caption_rows[noun]))
         return self.compose(row, self.reference_rows(row, rng), flip=flip, caption=caption)
 
     def compose(self, row: int, ref_rows: Sequence[int], flip: bool = False, caption: int | None = None
                 ) -> dict[str, torch.Tensor]:
         """One sample from explicit choices: target ``row`` (of the full index), its reference rows, flip and
-        caption (an index into ``info["captions"]``; None = the identity's first caption)."""
+        caption (an index into ``info["captions"]``; None = the photo's own caption, else the identity's first
+        template caption)."""
         import torch
 
         target = self.item(row)
         if caption is None:
-            caption = self.caption_rows[self.class_nouns[self.all_items.at[row, "identity"]]][0]
+            own = int(self.own_caption[row])
+            caption = own if own >= 0 else self.caption_rows[self.class_nouns[self.all_items.at[row, "identity"]]][0]
         refs = [self.item(int(r)) for r in ref_rows]
         flip = flip and "latents_flip" in target
         latents = target["latents_flip"] if flip else target["latents"]

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from idforge.errors import ConfigError
 from idforge.train import checkpoint as ckpt
 from idforge.train.config import TrainConfig
+from idforge.train.optim import make_optimizer, peak_memory_gib, reset_peak_memory
 
 if TYPE_CHECKING:
     from idforge.methods.base import Method
@@ -209,7 +210,8 @@ class _Tracker:
 
 class TrainStep:
     """One optimizer step of a method: micro-batches -> forward/backward (DDP no_sync until the last), gradient
-    clipping, AdamW (fused on GPU), LR schedule, EMA. The loop and ``bench/train_throughput.py`` both use it.
+    clipping, the ``train.optimizer``, LR schedule, EMA, the step's peak memory. The loop and
+    ``bench/train_throughput.py`` both use it.
 
     Calling it returns the mean of each loss part over the micro-batches plus ``grad_norm`` (floats).
     """
@@ -223,10 +225,9 @@ class TrainStep:
         self.params = method.trainable_parameters()
         if not self.params:
             raise ValueError(f"method {method.name!r} has no trainable parameters")
-        cuda = self.params[0].device.type == "cuda"
-        self.device_type = self.params[0].device.type
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+        self.device = self.params[0].device
+        self.device_type = self.device.type
+        self.optimizer = make_optimizer(self.params, cfg)
         warmup = cfg.warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -275,6 +276,7 @@ class TrainStep:
 
         parts: dict[str, float] = {}
         n = len(micro_batches)
+        reset_peak_memory(self.device)
         autocast = (torch.autocast(device_type=self.device_type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else contextlib.nullcontext())
         for i, batch in enumerate(micro_batches):
@@ -304,6 +306,7 @@ class TrainStep:
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - self.cfg.ema_decay)
         parts["grad_norm"] = float(grad_norm)
+        parts["peak_memory_gib"] = peak_memory_gib(self.device)  # this step's (CPU: the process's) peak
         return parts
 
 
@@ -350,6 +353,8 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     method: Method = get_method(cfg.method, method_config_for_data(cfg.method, cfg.method_config, info))
     method.attach(pipe)
     method.train()
+    if cfg.gradient_checkpointing:  # the frozen UNet's activations are recomputed in backward
+        pipe.unet.enable_gradient_checkpointing()
     if cfg.compile_unet and device.type == "cuda":
         pipe.unet = torch.compile(pipe.unet)
 
@@ -411,8 +416,9 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
             tracker.metrics({k: v for k, v in metrics.items() if k not in ("weight_checksum", "weight_checksums")},
                             step)
             if rank == 0:
-                log.info("step %d/%d loss %.4f (%.2f samples/s)", step, cfg.steps, metrics.get("loss", float("nan")),
-                         metrics["samples_per_s"])
+                log.info("step %d/%d loss %.4f (%.2f samples/s, peak memory %.2f GiB)", step, cfg.steps,
+                         metrics.get("loss", float("nan")), metrics["samples_per_s"],
+                         metrics.get("peak_memory_gib", float("nan")))
             last = metrics
             window, window_steps, window_start = {}, 0, time.perf_counter()
 

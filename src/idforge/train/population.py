@@ -355,6 +355,7 @@ def _export(checkpoint_dir: Path, out: Path, cfg: TrainConfig, root: Any, metric
     """Copy the final method out of the checkpoint; write the resolved config and metrics (all atomically)."""
     from idforge.config import write_resolved_config
     from idforge.train.checkpoint import METHOD_FILE
+    from idforge.train.clip_features import write_beside
 
     src = checkpoint_dir / METHOD_FILE
     if not src.is_file():
@@ -362,6 +363,7 @@ def _export(checkpoint_dir: Path, out: Path, cfg: TrainConfig, root: Any, metric
     with atomic_path(out / METHOD_FILE) as tmp:
         shutil.copyfile(src, tmp)
     write_resolved_config(root if root is not None else cfg, out)
+    write_beside(out, info)  # the CLIP features generation must compute as prepare did
     summary = {
         "method": cfg.method,
         "steps": int(metrics.get("step", 0)),

@@ -39,6 +39,7 @@ import numpy as np
 
 from idforge.errors import DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.train.clip_features import clip_record
 from idforge.train.config import PrepareConfig
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class _Row:
     matted: Path | None
     landmarks5: np.ndarray | None  # (5, 2) in source pixels
     embedding: np.ndarray  # (D,) float32
+    caption: str = ""  # the photo's own caption with its class noun (empty: the templates)
     input_hash: str = ""
     key: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -192,7 +194,7 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
     if missing:
         raise DataError(f"{manifest_path} lacks columns {missing}: re-run `idforge curate` to rewrite it")
     # the accepted rows only, and only the columns this reads
-    wanted = need | {"source", "face_index", "mask", "matted", "landmarks5"}
+    wanted = need | {"source", "face_index", "mask", "matted", "landmarks5", "caption"}
     manifest = mf.read_manifest(root, columns=[c for c in have if c in wanted], accepted_only=True)
     emb_path = root / "embeddings.npy"
     if not emb_path.is_file():
@@ -236,6 +238,7 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
             matted=_existing(_resolve(root, rec.get("matted"))),
             landmarks5=landmarks,
             embedding=np.asarray(embeddings[int(row_idx)], dtype=np.float32),
+            caption=with_class_noun(rec.get("caption"), nouns.get(identity, cfg.class_noun)),
         ))
     rows.sort(key=lambda r: (r.identity, r.sha256, r.face_index))
     return rows
@@ -446,10 +449,27 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], dtype: str, metadata: di
 # the stage
 
 
+def with_class_noun(caption: Any, noun: str) -> str:
+    """A photo's own caption, with the identity's class noun put in front when the caption lacks it (IDAdapter's
+    textual injection and every template caption name the person by it); "" for no caption."""
+    import re
+
+    text = " ".join(str(caption).split()) if isinstance(caption, str) else ""
+    if not text:
+        return ""
+    if re.search(rf"\b{re.escape(noun)}\b", text, flags=re.IGNORECASE):
+        return text
+    return f"a {noun}, {text}"
+
+
 def _captions(rows: Iterable[_Row], cfg: PrepareConfig) -> list[dict[str, str]]:
+    """The template captions of every class noun, then each distinct photo caption (``kind`` tells them apart)."""
+    rows = list(rows)
     nouns = sorted({r.class_noun for r in rows})
-    return [{"class_noun": n, "template": t, "prompt": t.format(class_noun=n)}
-            for n in nouns for t in cfg.caption_templates]
+    templates = [{"class_noun": n, "template": t, "prompt": t.format(class_noun=n), "kind": "template"}
+                 for n in nouns for t in cfg.caption_templates]
+    own = sorted({(r.class_noun, r.caption) for r in rows if r.caption})
+    return templates + [{"class_noun": n, "template": "", "prompt": c, "kind": "image"} for n, c in own]
 
 
 def item_path(output_dir: Path, key: str) -> Path:
@@ -498,6 +518,7 @@ def prepare_dataset(
         r.key = _sha256_json({"v": ITEM_VERSION, "in": r.input_hash, "model": model_fp, "clip": clip_fp,
                               "cfg": cfg.item_params()})[:40]
     captions = _captions(rows, cfg)
+    own_rows = {(c["class_noun"], c["prompt"]): i for i, c in enumerate(captions) if c["kind"] == "image"}
     text_key = _sha256_json({"v": TEXT_VERSION, "captions": captions, "model": model_fp})[:40]
     text_file = out / "text" / f"{text_key}.safetensors"
     identities = sorted({r.identity for r in rows})
@@ -510,6 +531,7 @@ def prepare_dataset(
         "sha256": [r.sha256 for r in rows],
         "face_index": [r.face_index for r in rows],
         "file": [item_path(Path("."), r.key).as_posix() for r in rows],
+        "caption_row": [own_rows.get((r.class_noun, r.caption), -1) for r in rows],
     })
     fingerprint = _sha256_json({"items": index[["key", "identity", "class_noun"]].values.tolist(), "text": text_key})
     info_path = out / "prepared.json"
@@ -550,6 +572,8 @@ def prepare_dataset(
         "model_fingerprint": model_fp,
         "clip_model": clip_model,
         "clip_fingerprint": clip_fp,
+        # what generation must compute the same way (idforge.train.clip_features)
+        "clip_features": clip_record(clip_model, cfg.clip_hidden_layer, cfg.clip_crop) if clip_model else None,
         "config": cfg.model_dump(mode="json"),
         "resolution": resolution,
         "shapes": sample,
