@@ -201,3 +201,19 @@ def test_held_out_photos_are_measured_against_references_from_the_training_photo
         own, other = key_of(matched.face_embeds[i, 0], "face_embed"), key_of(mismatched.face_embeds[i, 0], "face_embed")
         assert own in train_keys and other in train_keys
         assert by_key[own][0] == by_key[target][0] != by_key[other][0]
+
+
+def test_the_loop_takes_reference_sampling_and_feature_sizes_from_the_method():
+    """No method names in the loop: what a method declares (references per item, may the target be one, which
+    config fields the prepared data sizes) is what the loop uses, unless the training config says otherwise."""
+    from idforge.methods.registry import get_method
+    from idforge.train.loop import method_config_for_data, sampling_defaults
+
+    assert sampling_defaults(get_method("id-adapter", num_refs=3), TrainConfig()) == (3, True)
+    infinite = get_method("infinite-id")
+    assert sampling_defaults(infinite, TrainConfig()) == (1, False)
+    assert sampling_defaults(infinite, TrainConfig(refs_per_item=2, ref_includes_target=True)) == (2, True)
+    info = {"shapes": {"face_embed": [128], "clip_patch_tokens": [17, 48], "latents": [4, 8, 8]}}
+    assert method_config_for_data("infinite-id", {"clip_dim": 32}, info) == {"clip_dim": 32, "face_dim": 128}
+    assert method_config_for_data("id-adapter", {}, info) == {"face_dim": 128, "clip_dim": 48}
+    assert method_config_for_data("textual-inversion", {"num_tokens": 2}, info) == {"num_tokens": 2}
