@@ -219,3 +219,19 @@ def test_init_from_an_s3_checkpoint(prepared_dir, tiny_sd15_dir, tmp_path, s3_en
     second = train_local(cfg2, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "b")
     a, b = load_file(first.method_path), load_file(second.method_path)
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
+
+
+def test_the_loop_takes_reference_sampling_and_feature_sizes_from_the_method():
+    """No method names in the loop: what a method declares (references per item, may the target be one, which
+    config fields the prepared data sizes) is what the loop uses, unless the training config says otherwise."""
+    from idforge.methods.registry import get_method
+    from idforge.train.loop import method_config_for_data, sampling_defaults
+
+    assert sampling_defaults(get_method("id-adapter", num_refs=3), TrainConfig()) == (3, True)
+    infinite = get_method("infinite-id")
+    assert sampling_defaults(infinite, TrainConfig()) == (1, False)
+    assert sampling_defaults(infinite, TrainConfig(refs_per_item=2, ref_includes_target=True)) == (2, True)
+    info = {"shapes": {"face_embed": [128], "clip_patch_tokens": [17, 48], "latents": [4, 8, 8]}}
+    assert method_config_for_data("infinite-id", {"clip_dim": 32}, info) == {"clip_dim": 32, "face_dim": 128}
+    assert method_config_for_data("id-adapter", {}, info) == {"face_dim": 128, "clip_dim": 48}
+    assert method_config_for_data("textual-inversion", {"num_tokens": 2}, info) == {"num_tokens": 2}
