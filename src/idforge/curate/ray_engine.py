@@ -132,6 +132,7 @@ class CurateFiles:
         from idforge.curate.stages import label_of
         from idforge.io.uri import join_uri
 
+        cpu0 = time.process_time()
         with tempfile.TemporaryDirectory(prefix="idforge-curate-") as tmp:
             work = Path(tmp)
             outcomes = []
@@ -156,9 +157,10 @@ class CurateFiles:
             pq.write_table(pa.Table.from_pylist(records, schema=_staged_schema()), buf)
             first = int(batch["index"].min())
             self.out.write_bytes(join_uri(self.staging, f"part-{first:09d}.parquet"), buf.getvalue())
+        cpu = (time.process_time() - cpu0) / len(outcomes)  # the batch's CPU seconds (matte, writes included)
         return pd.DataFrame({"rel": batch["rel"], "rows": [len(o.rows) for o in outcomes],
                              "seconds": [sum(v for k, v in o.timings.items() if not k.startswith("cpu_"))
-                                         for o in outcomes]})
+                                         for o in outcomes], "cpu_seconds": [cpu] * len(outcomes)})
 
     def _matte(self, faces: list[AcceptedFace], work: Path) -> None:
         """Person matte and composite paths per face: the landmark matte the per-file stage made, or one mediapipe
@@ -296,7 +298,12 @@ def curate_on_ray(input: str, output: str, ccfg: CurateConfig, storage_cfg=None,
                                        "staging": staging, "label_map": label_map,
                                        "storage_json": storage_cfg.model_dump_json() if storage_cfg else None},
             )
-            done = sum(len(b["rel"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+            done = 0
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                done += len(b["rel"])
+                # per-file stage seconds (wall) and the actors' CPU seconds, summed over actors, start-up excluded
+                timings["per_file_busy"] = timings.get("per_file_busy", 0.0) + float(b["seconds"].sum())
+                timings["cpu_per_file"] = timings.get("cpu_per_file", 0.0) + float(b["cpu_seconds"].sum())
             if done != len(items):
                 raise DataError(f"curation on Ray returned {done} of {len(items)} files; see the Ray logs")
     finally:
