@@ -17,7 +17,8 @@ What the release (``github.com/Whslee/ID-EA``, ``train.py`` at 9481a95) does, an
   steps; one image of the identity, flipped with p = 0.5; captions from the release's ImageNet templates filled
   with ``"face of <v0> <v1> person"`` (``idforge/resources/id_ea_prompt_templates.txt``).
 - Inference: only the two learned embeddings in the stock SD2.1-base pipeline (DPM-Solver, 50 steps, CFG 7.5). The
-  artifact therefore holds only ``embeds.``; ``adapter_at_inference=True`` also saves the adapter and the identity's
+  artifact therefore holds only ``embeds.`` (``state_dict``), though ``modules`` holds everything that trains
+  (``embeds``, ``adapter``, ``enhancer``); ``adapter_at_inference=True`` also saves the adapter and the identity's
   fused tokens (``id_tokens.``) and applies the adapter to the conditional prompts when sampling.
 
 Where we differ from the release, and why:
@@ -46,7 +47,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from idforge.methods.base import MethodConfig
+from idforge.methods.base import MethodConfig, check_state_keys
 from idforge.methods.objective import diffusion_loss
 from idforge.methods.personalized import PersonalizedConfig, PersonalizedMethod, PlaceholderTokens, TrainRecipe
 from idforge.methods.registry import register_method
@@ -171,6 +172,8 @@ def cross_init(pipe: Any, tokens: PlaceholderTokens, names: list[str]) -> Tensor
                          "of at least that many tokens")
     means = torch.stack([torch.stack(c).mean(0) for c in columns])  # (n, D)
     tokens.install(pipe)
+    if any(p.is_meta for p in te.parameters()):  # a shape-only pipeline (meta device): there is no output to take
+        return torch.empty(n, means.shape[1], device="meta")
     length = int(tok.model_max_length)
     ids = [tok.bos_token_id, *tokens.ids.tolist(), tok.eos_token_id]
     ids += [tok.pad_token_id] * (length - len(ids))
@@ -206,9 +209,6 @@ class IDEA(PersonalizedMethod):
     def __init__(self, config: IDEAConfig | None = None) -> None:
         super().__init__(config)
         self.tokens = PlaceholderTokens(placeholder_words(self.config.placeholder, self.config.num_tokens))
-        # Trained but not in the artifact (not used by inference as released): the Enhancer, and the Adapter
-        # unless ``adapter_at_inference``.
-        self.train_modules = nn.ModuleDict()
         self._init: Tensor | None = None  # (n, D) cross-init embeddings: the regulariser's centre, the anchor
         self._precision: Tensor | None = None  # (D, D), computed at the first training step
         self._identity_face: Tensor | None = None  # (1, face_dim), set by prepare_identity
@@ -224,17 +224,14 @@ class IDEA(PersonalizedMethod):
         if dim % cfg.heads:
             raise ValueError(f"id-ea heads={cfg.heads} does not divide the text hidden size {dim}")
         self._init = cross_init(pipe, self.tokens, read_anchor_names(cfg.anchor_names_file))
-        embeds = TokenVectors(cfg.num_tokens, dim)
+        embeds = TokenVectors(cfg.num_tokens, dim).to(self._init.device)
         with torch.no_grad():
             embeds.vectors.copy_(self._init)
         self.modules["embeds"] = embeds
-        adapter = IDAdapter(dim, cfg.heads, cfg.adapter_beta)
-        self.train_modules["enhancer"] = IDEnhancer(cfg.face_dim, dim, cfg.heads)
+        self.modules["adapter"] = IDAdapter(dim, cfg.heads, cfg.adapter_beta)
+        self.modules["enhancer"] = IDEnhancer(cfg.face_dim, dim, cfg.heads)
         if cfg.adapter_at_inference:
-            self.modules["adapter"] = adapter
             self.modules["id_tokens"] = IDTokens(cfg.num_tokens, dim)
-        else:
-            self.train_modules["adapter"] = adapter
 
     def make_processors(self, pipe: Any) -> dict[str, Any]:
         return {}  # the adapter acts on the text-encoder output; the UNet's attention is untouched
@@ -242,23 +239,26 @@ class IDEA(PersonalizedMethod):
     def on_attach(self, pipe: Any) -> None:
         super().on_attach(pipe)
         self.tokens.install(pipe)
-        self.train_modules.to(device=pipe.unet.device, dtype=torch.float32)
         if self._init is not None:
             self._init = self._init.to(pipe.unet.device)
 
-    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> IDEA:
-        super().to(device, dtype)
-        self.train_modules.to(device=device, dtype=dtype)
-        return self
+    # -- what the artifact keeps: what inference reads, not everything that trains --------------------------------
 
-    def train(self, mode: bool = True) -> IDEA:
-        super().train(mode)
-        self.train_modules.train(mode)
-        return self
+    def _saved_prefixes(self) -> tuple[str, ...]:
+        return ("embeds", "adapter", "id_tokens") if self.config.adapter_at_inference else ("embeds",)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """One group, as the release's optimiser: tokens and adapter, plus the Enhancer (the paper's, see above)."""
-        return super().trainable_parameters() + [p for p in self.train_modules.parameters() if p.requires_grad]
+    def state_dict(self) -> dict[str, Tensor]:
+        """The weights inference reads: ``embeds.`` (plus ``adapter.``, ``id_tokens.`` with adapter_at_inference)."""
+        keep = self._saved_prefixes()
+        return {k: v for k, v in self.modules.state_dict().items() if k.split(".", 1)[0] in keep}
+
+    def load_state_dict(self, sd: Any) -> None:
+        """Strictly load what ``state_dict`` saves; the training-only modules keep their initialisation."""
+        if self._built_for is None:
+            self._pending_state = dict(sd)
+            return
+        check_state_keys(self.state_dict(), sd, source=f"method {self.name!r}")
+        self.modules.load_state_dict(dict(sd), strict=False)
 
     @property
     def vectors(self) -> Tensor:
@@ -266,11 +266,11 @@ class IDEA(PersonalizedMethod):
 
     @property
     def adapter(self) -> IDAdapter:
-        return self.modules["adapter"] if self.config.adapter_at_inference else self.train_modules["adapter"]
+        return self.modules["adapter"]
 
     @property
     def enhancer(self) -> IDEnhancer:
-        return self.train_modules["enhancer"]
+        return self.modules["enhancer"]
 
     # -- identity -----------------------------------------------------------------------------------------------
 

@@ -153,13 +153,20 @@ def load_identity_data(dataset_dir: str | os.PathLike[str], identity: str, resol
     import numpy as np
     import torch
 
-    from idforge.curate.manifest import is_curated, read_manifest
+    from idforge.curate.manifest import is_curated, manifest_columns, read_manifest
 
     root = Path(dataset_dir)
     if not is_curated(root):
         raise DataError(f"{root} has no manifest.parquet; run idforge curate first")
-    # only this identity's rows are materialised (a row filter on the parquet dataset)
-    rows = read_manifest(root, filters=[("identity", "=", identity)], accepted_only=True).sort_values("sha256")
+    need = {"sha256", "aligned", "embedding_row", "source"}
+    have = manifest_columns(root)
+    missing = sorted(need - set(have))
+    if missing:
+        raise DataError(f"{root} manifest lacks columns {missing}; re-run `idforge curate` to rewrite it")
+    # only this identity's rows and the columns read here are materialised (mask and aligned_112 are optional)
+    columns = [c for c in have if c in need | {"mask", "aligned_112"}]
+    rows = read_manifest(root, columns=columns, filters=[("identity", "=", identity)], accepted_only=True)
+    rows = rows.sort_values("sha256")
     if rows.empty:
         known = ", ".join(list_identities(root)[:10])
         raise DataError(f"identity {identity!r} has no accepted images in {root}; known identities: {known}")
