@@ -58,6 +58,10 @@ class Platform(_Strict):
     step_labels: dict[str, str] = Field(default_factory=lambda: {
         "idforge.io/s3-client": "true", "idforge.io/mlflow-client": "true"})
     ray_client_labels: dict[str, str] = Field(default_factory=lambda: {"idforge.io/ray-client": "true"})
+    # With S3 over TLS (k8s/components/s3-tls): the ConfigMap holding the CA as ca.crt, mounted in every step at
+    # s3_ca_mount (add AWS_CA_BUNDLE and SSL_CERT_FILE to settings.keys so the clients use it). None = plain HTTP.
+    s3_ca_config_map: str | None = None
+    s3_ca_mount: str = "/etc/idforge-s3-ca"
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Platform:
@@ -91,6 +95,8 @@ class Platform(_Strict):
         kubernetes.use_config_map_as_env(task, self.settings.name, {k: k for k in self.settings.keys})
         for secret in (self.s3_secret, self.mlflow_secret) + ((self.ray_secret,) if ray else ()):
             kubernetes.use_secret_as_env(task, secret.name, {k: k for k in secret.keys})
+        if self.s3_ca_config_map:
+            kubernetes.use_config_map_as_volume(task, self.s3_ca_config_map, mount_path=self.s3_ca_mount)
         for key, value in {**self.step_labels, **(self.ray_client_labels if ray else {})}.items():
             kubernetes.add_pod_label(task, key, value)
         if gpu:

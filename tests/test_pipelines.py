@@ -147,7 +147,8 @@ def test_platform_names_are_set_at_compile_time(tmp_path, monkeypatch):
     spec.write_text("s3_secret: {name: team-s3, keys: [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]}\n"
                     "settings: {name: team-settings, keys: [AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI]}\n"
                     "gpu_tolerations: [{key: gpu-pool, operator: Equal, value: a100, effect: NoExecute}]\n"
-                    "gpu_node_selector: {pool: a100}\n")
+                    "gpu_node_selector: {pool: a100}\n"
+                    "s3_ca_config_map: team-ca\n")
     out = tmp_path / "personalize.yaml"
     compiler.Compiler().compile(build("personalize", platform=Platform.load(spec)), package_path=str(out))
     _, platform = yaml.safe_load_all(out.read_text())
@@ -157,6 +158,9 @@ def test_platform_names_are_set_at_compile_time(tmp_path, monkeypatch):
     assert k8s["exec-finetune-identity"]["tolerations"] == [
         {"key": "gpu-pool", "operator": "Equal", "value": "a100", "effect": "NoExecute"}]
     assert k8s["exec-finetune-identity"]["nodeSelector"]["labels"] == {"pool": "a100"}
+    assert [(v["configMapName"], v["mountPath"]) for v in k8s["exec-list-identities"]["configMapAsVolume"]] == [
+        ("team-ca", "/etc/idforge-s3-ca")]
+    assert "configMapAsVolume" not in _compiled("personalize")[1]["exec-list-identities"]  # default: plain HTTP
     spec.write_text("s3_secrets: {name: x, keys: []}\n")
     with pytest.raises(ConfigError, match="unknown config key 's3_secrets'"):
         Platform.load(spec)
