@@ -203,9 +203,11 @@ def submit(
     service_account: str | None = None,
     pipeline_root: str | None = None,
     platform: Platform | None = None,
+    namespace: str | None = None,
 ) -> str:
     """Compile ``name`` with ``images`` and ``platform`` and submit it to the KFP endpoint ``host``; return the
-    run id."""
+    run id. ``namespace``: the Kubeflow profile namespace the run executes in (multi-user Kubeflow), where
+    k8s/ puts the Secrets and ConfigMaps its steps read."""
     from kfp import compiler
 
     client = _client(host)
@@ -219,6 +221,7 @@ def submit(
             experiment_name=experiment,
             service_account=service_account,
             pipeline_root=pipeline_root,
+            namespace=namespace,
         )
     return run.run_id
 

@@ -494,6 +494,10 @@ def pipeline_submit(
         typer.Option(envvar="IDFORGE_PIPELINE_ROOT", help="Where artifacts go (k8s bucket layout: s3://idforge/kfp)."),
     ] = None,
     platform: PlatformOpt = None,
+    namespace: Annotated[
+        Optional[str], typer.Option(help="Kubeflow profile namespace the run executes in (k8s/: idforge; none for "
+                                         "single-namespace KFP).")
+    ] = "idforge",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     preset: PresetOpt = None,
@@ -511,7 +515,8 @@ def pipeline_submit(
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
     run_id = submit(name, host, arguments, experiment=experiment, images=images,
-                    service_account=service_account, pipeline_root=pipeline_root, platform=Platform.load(platform))
+                    service_account=service_account, pipeline_root=pipeline_root, platform=Platform.load(platform),
+                    namespace=namespace or None)
     typer.echo(run_id)
 
 
