@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from components.settings import resolve_config
 from idforge.config import dump_config, load_config_text
 from idforge.errors import ConfigError
-from idforge.run_settings import PRESETS_ENV, resolve_run_config
+from idforge.run_settings import resolve_run_config
 
 
 def test_typed_settings_win_and_zero_keeps_the_config():
@@ -25,17 +24,14 @@ def test_typed_settings_win_and_zero_keeps_the_config():
         resolve_run_config(text, steps=-1)
 
 
-def test_preset_goes_over_config_yaml_and_under_the_typed_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv(PRESETS_ENV, str(tmp_path))
-    (tmp_path / "pidiff.yaml").write_text(yaml.safe_dump({"train": {"steps": 900, "lr": 3e-4},
-                                                          "model": {"dtype": "float16"}}))
-    full = dump_config(load_config_text("train: {steps: 50}"))  # what `pipeline submit` passes: every key set
-    cfg = resolve_run_config(full, preset="pidiff", steps=10)
-    assert (cfg.train.steps, cfg.train.lr, cfg.model.dtype) == (10, 3e-4, "float16")
-    with pytest.raises(ConfigError, match=r"preset 'sefi' not found .*available: pidiff"):
-        resolve_run_config("", preset="sefi")
-    with pytest.raises(ConfigError, match="no path"):
-        resolve_run_config("", preset="../pidiff")
-    (tmp_path / "bad.yaml").write_text("train: {stepz: 1}\n")
-    with pytest.raises(ConfigError, match=r"preset bad: unknown config key .train.stepz."):
-        resolve_run_config("", preset="bad")
+def test_preset_goes_over_config_yaml_and_under_the_typed_settings():
+    """The shipped pidiff preset (idforge.presets) over a fully resolved config, then the typed settings."""
+    full = dump_config(load_config_text("finetune: {steps: 50, batch_size: 1}\nmodel: {kind: sdxl}"))
+    cfg = resolve_run_config(full, preset="pidiff", lr=2e-5)
+    # the preset's values win over config_yaml's, the typed lr over the preset's; keys it does not set stay
+    assert (cfg.finetune.steps, cfg.finetune.batch_size, cfg.model.kind) == (600, 4, "sd15")
+    assert cfg.finetune.lr == cfg.train.lr == 2e-5
+    assert cfg.finetune.method_config["scale"] == 0.4
+    assert resolve_run_config(full, preset="pidiff", steps=10).finetune.steps == 10
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'; available presets: .*pidiff"):
+        resolve_run_config("", preset="nope")
