@@ -706,3 +706,61 @@ def test_mlflow_auth_config_renders(rendered, tmp_path):
     compile(job["args"][0], "mlflow-bootstrap", "exec")
     assert [s["secretRef"]["name"] for s in job["envFrom"] if "secretRef" in s] == [
         "idforge-mlflow-admin", "idforge-mlflow-pipeline"]
+
+
+@pytest.mark.slow
+def test_object_store_identities_on_a_real_seaweedfs(rendered, tmp_path):
+    """The rendered S3 identities on a real SeaweedFS (`weed mini`, as the tests' S3 server runs it): the bootstrap
+    Job's script creates the bucket as admin; the idforge account reads and writes there and nowhere else."""
+    import io
+    import os
+    import sys
+
+    from minio import Minio
+    from minio.error import S3Error
+
+    from tests.fixtures.process import LOOPBACK, free_ports, stop_group, wait_ready
+    from tests.fixtures.s3 import _PORT_FLAGS, find_weed, weed_mini_command
+
+    objs = rendered["base"]
+    (init,) = _named(objs, "StatefulSet", "idforge-seaweedfs")[0]["spec"]["template"]["spec"]["initContainers"]
+    env = _run_init_script(objs, init, tmp_path, {})
+    subprocess.run(["sh", "-ec", init["args"][0].replace("/etc/seaweedfs/", f"{tmp_path}/")], env=env, check=True)
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS), LOOPBACK), strict=True))
+    cmd = weed_mini_command(find_weed(), tmp_path, ports) + [f"-s3.config={tmp_path / 's3.json'}"]
+    (tmp_path / "data").mkdir()
+    log = tmp_path / "weed.log"
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=clean_env, cwd=tmp_path,
+                                start_new_session=True)
+    host = f"{LOOPBACK}:{ports['s3.port']}"
+    admin = Minio(host, env["S3_ADMIN_ACCESS_KEY_ID"], env["S3_ADMIN_SECRET_ACCESS_KEY"], secure=False,
+                  region="us-east-1")
+    idforge = Minio(host, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], secure=False, region="us-east-1")
+    try:
+        wait_ready(proc, lambda: admin.list_buckets() is not None, what="weed mini", log_path=log, timeout_s=120,
+                   interval_s=0.2)
+        bucket = env["IDFORGE_BUCKET"]
+        with pytest.raises(S3Error, match="AccessDenied"):
+            idforge.make_bucket(bucket)  # the pipelines' account may not create buckets
+        job = _containers(_named(objs, "Job", "idforge-objectstore-bootstrap")[0])[0]
+        job_env = {**_run_init_script(objs, job, tmp_path, {}), "AWS_ENDPOINT_URL": f"http://{host}"}
+        for _ in range(2):  # idempotent: a second run keeps the bucket
+            out = subprocess.run([sys.executable, "-c", job["args"][0]], env=job_env, capture_output=True,
+                                 text=True, timeout=120)
+            assert out.returncode == 0 and f"bucket {bucket} ready" in out.stdout, out.stderr
+        idforge.put_object(bucket, "kfp/x.txt", io.BytesIO(b"ok"), 2)
+        assert idforge.get_object(bucket, "kfp/x.txt").read() == b"ok"
+        admin.make_bucket("elsewhere")
+        admin.put_object("elsewhere", "x", io.BytesIO(b"x"), 1)
+        for attempt in (lambda: idforge.put_object("elsewhere", "y", io.BytesIO(b"y"), 1),
+                        lambda: list(idforge.list_objects("elsewhere")),
+                        lambda: idforge.get_object("elsewhere", "x")):
+            with pytest.raises(S3Error, match="AccessDenied"):
+                attempt()
+        stranger = Minio(host, "idfstranger0000", "0" * 40, secure=False, region="us-east-1")
+        with pytest.raises(S3Error, match="InvalidAccessKeyId"):
+            list(stranger.list_objects(bucket))
+    finally:
+        stop_group(proc, grace_s=10)
