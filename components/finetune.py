@@ -9,19 +9,22 @@ from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
 
 
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cpu:{DEFAULT_TAG}", install_kfp_package=False)
-def list_identities(dataset: Input[Dataset], max_identities: int = 0) -> List[str]:
-    """Identity ids of a curated dataset, sorted.
+def list_identities(dataset: Input[Dataset], first: int = 0, max_identities: int = 0) -> List[str]:
+    """A chunk of a curated dataset's identity ids, sorted, so large datasets can be fine-tuned over several runs.
 
     Args:
         dataset: The curated dataset (its identities.parquet).
-        max_identities: Keep only the first N identities in sorted order (a smoke run); 0 = all.
+        first: Skip the first N identities in sorted order (where this run's chunk starts); 0 = from the start.
+        max_identities: Keep only N identities from ``first`` on (a chunk, or a smoke run); 0 = all the rest.
 
     Returns:
         Output: The identity ids, sorted; the per-identity fan-out iterates over them.
     """
     from idforge.train.per_identity import list_identities as identities_of
 
-    ids = identities_of(dataset.path)
+    if first < 0 or max_identities < 0:
+        raise ValueError(f"first={first} and max_identities={max_identities} must be >= 0")
+    ids = identities_of(dataset.path)[first:]
     return ids[:max_identities] if max_identities > 0 else ids
 
 

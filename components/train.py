@@ -69,8 +69,9 @@ def train_adapter(
         from idforge.track import start_run
         from idforge.train.population import train_population
 
-        # With the parent run active, the training run nests under it.
-        parent = start_run(cfg.tracking, run_id=parent_run_id) if parent_run_id else contextlib.nullcontext()
+        # With the parent run active, the training run nests under it; the parent stays open for the exit task.
+        parent = (start_run(cfg.tracking, run_id=parent_run_id, leave_open=True) if parent_run_id
+                  else contextlib.nullcontext())
         with parent:
             result = train_population(
                 cfg, prepared.path, base_model, workers=workers, gpus_per_worker=gpus_per_worker,

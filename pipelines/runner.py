@@ -16,6 +16,7 @@ from typing import Any
 
 from components.images import Images
 from idforge.errors import IdforgeError
+from pipelines.platform import Platform, Target
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +28,24 @@ class PipelineError(IdforgeError):
     """A pipeline name, argument, endpoint or run is wrong."""
 
 
-def registry() -> dict[str, Callable[[Images], Any]]:
-    """Pipeline name -> builder(images) returning a ``@dsl.pipeline`` function."""
+def registry() -> dict[str, Callable[[Target], Any]]:
+    """Pipeline name -> builder(target) returning a ``@dsl.pipeline`` function."""
     from pipelines import definitions
 
     return dict(definitions.BUILDERS)
 
 
-def build(name: str, images: Images | None = None):
+def build(name: str, images: Images | None = None, platform: Platform | None = None):
+    """The ``@dsl.pipeline`` function of ``name`` for these images (default: the catalog's) and platform
+    (default: the names k8s/ creates)."""
     builders = registry()
     if name not in builders:
         raise PipelineError(f"unknown pipeline {name!r}; available: {', '.join(sorted(builders))}")
-    return builders[name](images or Images.load())
+    return builders[name](Target(images or Images.load(), platform or Platform()))
 
 
-def compile_all(out_dir: str | os.PathLike[str] = COMPILED_DIR, images: Images | None = None) -> list[Path]:
+def compile_all(out_dir: str | os.PathLike[str] = COMPILED_DIR, images: Images | None = None,
+                platform: Platform | None = None) -> list[Path]:
     """Write ``<name>.yaml`` for every pipeline (atomically) and return the paths."""
     from kfp import compiler
 
@@ -53,7 +57,7 @@ def compile_all(out_dir: str | os.PathLike[str] = COMPILED_DIR, images: Images |
     for name in sorted(registry()):
         target = out / f"{name}.yaml"
         with atomic_path(target) as tmp:
-            compiler.Compiler().compile(build(name, images), package_path=str(tmp.with_suffix(".yaml")))
+            compiler.Compiler().compile(build(name, images, platform), package_path=str(tmp.with_suffix(".yaml")))
             os.replace(tmp.with_suffix(".yaml"), tmp)
         paths.append(target)
         log.info("compiled %s -> %s", name, target)
@@ -198,14 +202,18 @@ def submit(
     images: Images | None = None,
     service_account: str | None = None,
     pipeline_root: str | None = None,
+    platform: Platform | None = None,
+    namespace: str | None = None,
 ) -> str:
-    """Compile ``name`` with ``images`` and submit it to the KFP endpoint ``host``; return the run id."""
+    """Compile ``name`` with ``images`` and ``platform`` and submit it to the KFP endpoint ``host``; return the
+    run id. ``namespace``: the Kubeflow profile namespace the run executes in (multi-user Kubeflow), where
+    k8s/ puts the Secrets and ConfigMaps its steps read."""
     from kfp import compiler
 
     client = _client(host)
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / f"{name}.yaml"
-        compiler.Compiler().compile(build(name, images), package_path=str(package))
+        compiler.Compiler().compile(build(name, images, platform), package_path=str(package))
         run = client.create_run_from_pipeline_package(
             str(package),
             arguments=dict(arguments or {}),
@@ -213,6 +221,7 @@ def submit(
             experiment_name=experiment,
             service_account=service_account,
             pipeline_root=pipeline_root,
+            namespace=namespace,
         )
     return run.run_id
 

@@ -38,7 +38,7 @@ def test_there_are_compiled_pipelines_to_check():
 
 @pytest.mark.parametrize("path", COMPILED, ids=lambda p: p.stem)
 def test_every_component_input_and_output_has_a_description(path):
-    spec = yaml.safe_load(path.read_text())
+    spec = next(yaml.safe_load_all(path.read_text()))  # the 2nd document: kubernetes platform config
     missing = _undocumented(spec)
     assert not missing, (
         f"{path.name}: undocumented {missing}; give each an entry in the component's docstring (inputs under "
@@ -62,7 +62,7 @@ def test_the_check_sees_a_missing_description(tmp_path):
 
     out = tmp_path / "half.yaml"
     compiler.Compiler().compile(half, package_path=str(out))
-    missing = _undocumented(yaml.safe_load(out.read_text()))
+    missing = _undocumented(next(yaml.safe_load_all(out.read_text())))
     assert sorted(missing) == ["comp-half.inputDefinitions.b", "comp-half.outputDefinitions.Output",
                                "comp-half.outputDefinitions.out"]
 

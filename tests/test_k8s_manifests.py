@@ -24,7 +24,9 @@ from idforge.ops.images import load_images
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/laptop", "overlays/cluster", "jobs/train-adapter"]
+KUSTOMIZATIONS = ["base", "overlays/laptop", "overlays/cluster", "overlays/minio", "jobs/train-adapter",
+                  "components/s3-tls"]
+DEPLOYMENTS = ["base", "overlays/laptop", "overlays/cluster", "overlays/minio", "components/s3-tls"]
 # The oldest Kubernetes we support (kind/minikube defaults of the last year) and the newest the package knows.
 K8S_VERSIONS = ["1.30", kubernetes_validate.latest_version()]
 SCHEMAS = K8S / "schemas"
@@ -54,7 +56,18 @@ def k8s_copy(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rendered(k8s_copy) -> dict[str, list[dict]]:
-    return {name: _render(k8s_copy / name) for name in KUSTOMIZATIONS}
+    """Every kustomization rendered; a Component (components/*) as the cluster overlay plus that component."""
+    out = {}
+    for name in KUSTOMIZATIONS:
+        folder = k8s_copy / name
+        if name.startswith("components/"):
+            folder = k8s_copy / "overlays" / f"with-{Path(name).name}"
+            folder.mkdir()
+            (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+                "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                "resources": ["../cluster"], "components": [f"../../{name}"]}))
+        out[name] = _render(folder)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,13 +104,19 @@ def _named(objs: list[dict], kind: str, name: str | None = None) -> list[dict]:
     return [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
 
 
-def _pod_specs(obj: dict) -> list[dict]:
+def _pod_templates(obj: dict) -> list[dict]:
     spec = obj.get("spec", {})
     if obj["kind"] == "RayCluster":
-        return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+        return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
     if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
-        return [spec["template"]["spec"]]
+        return [spec["template"]]
+    if obj["kind"] == "RayJob":
+        return [spec["submitterPodTemplate"]]
     return []
+
+
+def _pod_specs(obj: dict) -> list[dict]:
+    return [t["spec"] for t in _pod_templates(obj)]
 
 
 def _containers(obj: dict) -> list[dict]:
@@ -109,11 +128,12 @@ def _containers(obj: dict) -> list[dict]:
 
 
 def test_every_kustomization_is_covered_and_renders(rendered):
-    found = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml"))
+    found = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml")
+                   if "with-" not in p.parent.name)
     assert found == sorted(KUSTOMIZATIONS)
     kinds = {o["kind"] for o in rendered["base"]}
     assert {"Namespace", "ConfigMap", "Secret", "ServiceAccount", "Role", "RoleBinding", "Service", "StatefulSet",
-            "Deployment", "Job", "RayCluster"} <= kinds
+            "Deployment", "Job", "RayCluster", "NetworkPolicy"} <= kinds
     assert [o["kind"] for o in rendered["jobs/train-adapter"]] == ["RayJob"]
     for name, objs in rendered.items():
         namespaced = [o for o in objs if o["kind"] != "Namespace"]
@@ -183,6 +203,8 @@ def test_broken_rayjob_fails(rendered):
         ("Job", lambda o: o["spec"]["template"]["spec"]["containers"][0].update({"imagePullPolicy": 3}),
          "3 is not of type"),
         ("Service", lambda o: o["spec"].update({"portz": []}), "Additional properties are not allowed"),
+        ("NetworkPolicy", lambda o: o["spec"].update({"policyTypes": "Ingress"}), "'Ingress' is not of type"),
+        ("NetworkPolicy", lambda o: o["spec"].update({"ingres": []}), "Additional properties are not allowed"),
     ],
 )
 def test_broken_kubernetes_object_fails(rendered, kind, mutate, expected):
@@ -197,7 +219,7 @@ def test_broken_kubernetes_object_fails(rendered, kind, mutate, expected):
 # what the schemas cannot see
 
 
-@pytest.mark.parametrize("name", ["base", "overlays/laptop", "overlays/cluster"])
+@pytest.mark.parametrize("name", DEPLOYMENTS)
 def test_references_resolve(rendered, name):
     objs = rendered[name]
     have = {(o["kind"], o["metadata"]["name"]) for o in objs}
@@ -210,6 +232,10 @@ def test_references_resolve(rendered, name):
                     kind, ref = ("Secret", src["secretRef"]) if "secretRef" in src else ("ConfigMap",
                                                                                          src["configMapRef"])
                     assert (kind, ref["name"]) in have, f"{obj['metadata']['name']} needs {kind} {ref['name']}"
+                for env in container.get("env", []):
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert ref["key"] in _secret_keys(objs, ref["name"]), f"{obj['metadata']['name']}: {ref}"
         if obj["kind"] == "StatefulSet":
             assert ("Service", obj["spec"]["serviceName"]) in have
         if obj["kind"] == "Role":
@@ -224,16 +250,21 @@ def test_references_resolve(rendered, name):
     services = {o["metadata"]["name"] for o in _named(objs, "Service")}
     layout = _named(objs, "ConfigMap", "idforge-bucket-layout")[0]["data"]
     for key in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
-        assert re.match(r"http://([\w-]+)\.idforge\.svc", layout[key]).group(1) in services, key
+        assert re.match(r"https?://([\w-]+)\.idforge\.svc", layout[key]).group(1) in services, key
     # KubeRay names the head service <cluster>-head-svc
     cluster = _named(objs, "RayCluster")[0]["metadata"]["name"]
     assert layout["RAY_API_SERVER_ADDRESS"] == f"http://{cluster}-head-svc.idforge.svc.cluster.local:8265"
     assert ("RayCluster", rendered["jobs/train-adapter"][0]["spec"]["clusterSelector"]["ray.io/cluster"]) in have
 
 
+def _secret_keys(objs: list[dict], name: str) -> set[str]:
+    (secret,) = _named(objs, "Secret", name)
+    return set(secret["data"])
+
+
 def test_images_come_from_the_catalog_or_are_pinned(rendered):
     ours = {CATALOG.ref(k) for k in ("cpu", "cuda", "mlflow")}
-    for name in ("base", "overlays/laptop", "overlays/cluster"):
+    for name in DEPLOYMENTS + ["jobs/train-adapter"]:
         for obj in rendered[name]:
             for container in _containers(obj):
                 image = container["image"]
@@ -287,7 +318,7 @@ def _storage(objs, name):
 
 def test_laptop_is_small_and_cluster_is_not(rendered):
     laptop, cluster = rendered["overlays/laptop"], rendered["overlays/cluster"]
-    assert (_storage(laptop, "idforge-minio"), _storage(cluster, "idforge-minio")) == ("10Gi", "1Ti")
+    assert (_storage(laptop, "idforge-seaweedfs"), _storage(cluster, "idforge-seaweedfs")) == ("10Gi", "1Ti")
     assert _storage(laptop, "idforge-postgres") == "1Gi"
     mlflow = _named(laptop, "Deployment", "idforge-mlflow")[0]
     assert _containers(mlflow)[-1]["resources"]["requests"]["memory"] == "512Mi"
@@ -295,14 +326,27 @@ def test_laptop_is_small_and_cluster_is_not(rendered):
     assert _named(cluster, "Deployment", "idforge-mlflow")[0]["spec"]["replicas"] == 2
 
 
-def test_pods_run_as_non_root(rendered):
-    for obj in rendered["overlays/cluster"] + rendered["overlays/laptop"]:
+@pytest.mark.parametrize("name", DEPLOYMENTS + ["jobs/train-adapter"])
+def test_pods_are_hardened(rendered, name):
+    """Ray's pods included: non-root, RuntimeDefault seccomp, no privilege escalation, every capability dropped."""
+    pods = 0
+    for obj in rendered[name]:
+        containers = [(obj["metadata"]["name"], c) for c in _containers(obj)]
+        if obj["kind"] == "RayCluster" and obj["spec"].get("enableInTreeAutoscaling"):
+            containers.append(("autoscaler", obj["spec"]["autoscalerOptions"]))  # KubeRay's sidecar
         for pod in _pod_specs(obj):
+            pods += 1
             ctx = pod.get("securityContext", {})
             assert ctx.get("runAsNonRoot") is True and ctx.get("runAsUser", 0) > 0, obj["metadata"]["name"]
+            assert ctx.get("seccompProfile") == {"type": "RuntimeDefault"}, obj["metadata"]["name"]
+        for owner, container in containers:
+            sec = container.get("securityContext", {})
+            assert sec.get("allowPrivilegeEscalation") is False, f"{owner}/{container.get('name', '')}"
+            assert sec.get("capabilities", {}).get("drop") == ["ALL"], f"{owner}/{container.get('name', '')}"
+    assert pods >= (1 if name.startswith("jobs/") else 7)
 
 
-def test_mlflow_server_stores_in_postgres_and_minio(rendered):
+def test_mlflow_server_stores_in_postgres_and_the_object_store(rendered):
     objs = rendered["base"]
     mlflow = _containers(_named(objs, "Deployment", "idforge-mlflow")[0])[-1]
     env = {e["name"]: e.get("value") for e in mlflow["env"]}
@@ -310,7 +354,7 @@ def test_mlflow_server_stores_in_postgres_and_minio(rendered):
     assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "$(IDFORGE_MLFLOW_ARTIFACTS)"
     assert "--serve-artifacts" in mlflow["args"]
     sources = [s.get("secretRef", s.get("configMapRef"))["name"] for s in mlflow["envFrom"]]
-    assert sources == ["idforge-bucket-layout", "idforge-s3", "idforge-postgres"]
+    assert sources == ["idforge-bucket-layout", "idforge-s3", "idforge-postgres", "idforge-mlflow-admin"]
     # Kubernetes expands $(VAR) only for variables defined before: envFrom comes first, so all of these resolve.
     layout = _named(objs, "ConfigMap", "idforge-bucket-layout")[0]["data"]
     secret_keys = set()
@@ -337,7 +381,12 @@ def test_bucket_layout_one_bucket_and_documented(rendered):
         assert key in readme, f"k8s/README.md does not document {key}"
     for value in prefixes.values():
         assert value in readme
-    job = _containers(_named(rendered["base"], "Job", "idforge-minio-bootstrap")[0])[0]
+    job = _containers(_named(rendered["base"], "Job", "idforge-objectstore-bootstrap")[0])[0]
+    assert job["command"] == ["python", "-c"]
+    compile(job["args"][0], "bootstrap", "exec")  # valid Python
+    assert 'bucket = os.environ["IDFORGE_BUCKET"]' in job["args"][0]
+    # the MinIO overlay keeps MinIO's own bootstrap
+    job = _containers(_named(rendered["overlays/minio"], "Job", "idforge-minio-bootstrap")[0])[0]
     script = job["args"][0]
     assert 'mc mb --ignore-existing "idf/$IDFORGE_BUCKET"' in script
     assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0, "bootstrap script is not valid sh"
@@ -360,17 +409,20 @@ def test_no_credentials_in_the_repo(rendered, k8s_copy):
     assert ignored.returncode == 0, "k8s/base/secrets/*.env must be git-ignored"
     for template in (K8S / "base" / "secrets").glob("*.env.template"):
         for line in template.read_text().splitlines():
-            if re.match(r"\w*(PASSWORD|SECRET|ACCESS_KEY|ROOT_USER)\w*=", line):
+            if re.match(r"\w*(PASSWORD|SECRET|ACCESS_KEY|ROOT_USER|TOKEN)\w*=", line):
                 assert line.endswith("=CHANGE_ME"), f"{template.name}: {line}"
     # generated values: present, random, and kept on a second run
     secrets = {s["metadata"]["name"]: s["data"] for s in _named(rendered["base"], "Secret")}
-    assert set(secrets) == {"idforge-minio-root", "idforge-s3", "idforge-postgres"}
+    assert set(secrets) == {"idforge-objectstore-admin", "idforge-s3", "idforge-postgres", "idforge-mlflow-admin",
+                            "idforge-mlflow-pipeline", "idforge-ray-auth"}
     import base64
 
     values = {k: base64.b64decode(v).decode() for data in secrets.values() for k, v in data.items()}
     assert "CHANGE_ME" not in values.values()
-    assert len(values["AWS_SECRET_ACCESS_KEY"]) == 40 and len(values["MINIO_ROOT_PASSWORD"]) >= 8
-    assert values["AWS_SECRET_ACCESS_KEY"] != values["MINIO_ROOT_PASSWORD"]
+    assert len(values["AWS_SECRET_ACCESS_KEY"]) == 40 and len(values["S3_ADMIN_SECRET_ACCESS_KEY"]) == 40
+    assert values["AWS_SECRET_ACCESS_KEY"] != values["S3_ADMIN_SECRET_ACCESS_KEY"]
+    assert len(values["RAY_AUTH_TOKEN"]) == len(values["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == 64
+    assert re.fullmatch(r"[0-9a-f]{64}", values["RAY_AUTH_TOKEN"])
     before = (k8s_copy / "base" / "secrets" / "s3.env").read_text()
     subprocess.run(["sh", str(k8s_copy / "base" / "secrets" / "generate.sh")], check=True, capture_output=True)
     assert (k8s_copy / "base" / "secrets" / "s3.env").read_text() == before
@@ -404,8 +456,12 @@ def test_mlflow_server_command_serves_the_service_name(rendered, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     replaced = {"--host": "127.0.0.1", "--port": str(port), "--workers": "1"}
+    # The basic-auth app (checked in test_mlflow_auth_config_renders) needs Flask-WTF, which only the MLflow image
+    # installs; this test is about the host guard, which the app does not change.
+    assert "--app-name=basic-auth" in args
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server"] + [
-        f"{a.split('=')[0]}={replaced[a.split('=')[0]]}" if a.split("=")[0] in replaced else a for a in args[2:]]
+        f"{a.split('=')[0]}={replaced[a.split('=')[0]]}" if a.split("=")[0] in replaced else a for a in args[2:]
+        if a != "--app-name=basic-auth"]
     manifest_env = {e["name"]: e["value"] for e in container["env"]}
     env = {**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": manifest_env["MLFLOW_SERVER_ALLOWED_HOSTS"],
            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -439,3 +495,272 @@ def test_mlflow_server_command_serves_the_service_name(rendered, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# secure by default: Ray token auth, NetworkPolicies, object-store identities, MLflow auth, the KFP launcher
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS + ["jobs/train-adapter"])
+def test_ray_requires_its_token(rendered, name):
+    from pipelines.platform import Platform
+
+    token = {"secretKeyRef": {"name": Platform().ray_secret.name, "key": "RAY_AUTH_TOKEN"}}
+    ray_containers = []
+    for obj in rendered[name]:
+        if obj["kind"] == "RayCluster":
+            ray_containers += [c for pod in _pod_specs(obj) for c in pod["containers"]]
+            ray_containers.append(obj["spec"]["autoscalerOptions"] if obj["spec"].get("enableInTreeAutoscaling")
+                                  else {"env": [{"name": "RAY_AUTH_MODE", "value": "token"},
+                                                {"name": "RAY_AUTH_TOKEN", "valueFrom": token}]})
+        if obj["kind"] == "RayJob":  # the submitter pod presents it
+            assert obj["spec"]["submissionMode"] == "K8sJobMode"
+            ray_containers += _containers(obj)
+    assert ray_containers
+    for container in ray_containers:
+        env = _env(container)
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container.get("name", "autoscaler")
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == token, container.get("name", "autoscaler")
+    if name != "jobs/train-adapter":
+        assert _named(rendered[name], "ConfigMap", "idforge-bucket-layout")[0]["data"]["RAY_AUTH_MODE"] == "token"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # what our policies use; extend with matchExpressions
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _admits(policies: list[dict], target: dict, source: dict, port: int, same_namespace: bool = True) -> bool:
+    """Whether ``source`` pod labels may open ``port`` on ``target`` pod labels (NetworkPolicy semantics: a pod
+    selected by any Ingress policy admits only what one of those policies' rules allow)."""
+    selecting = [p for p in policies if "Ingress" in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"],
+                                                                                            target)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            for peer in rule.get("from", []):
+                if "namespaceSelector" not in peer and not same_namespace:
+                    continue
+                if _selects(peer.get("podSelector", {}), source):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("name", ["overlays/cluster", "overlays/minio"])
+def test_network_policies_admit_only_the_clients_that_need_each_service(rendered, name):
+    from pipelines.platform import Platform
+
+    objs = rendered[name]
+    policies = _named(objs, "NetworkPolicy")
+    deny = _named(objs, "NetworkPolicy", "idforge-default-deny")[0]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+
+    def labels(kind, obj_name, index=0):
+        return _pod_templates(_named(objs, kind, obj_name)[0])[index]["metadata"].get("labels", {})
+
+    ray = {"ray.io/cluster": "idforge-ray"}  # KubeRay adds these to the Ray pods
+    head, worker = ({**ray, "ray.io/node-type": t, **labels("RayCluster", "idforge-ray", i)}
+                    for i, t in ((0, "head"), (1, "worker")))
+    store_name = "idforge-minio" if name == "overlays/minio" else "idforge-seaweedfs"
+    store, s3_port = labels("StatefulSet", store_name), 9000 if name == "overlays/minio" else 8333
+    mlflow, postgres = labels("Deployment", "idforge-mlflow"), labels("StatefulSet", "idforge-postgres")
+    platform = Platform()
+    step = dict(platform.step_labels)  # every compiled pipeline step
+    train_step = {**platform.step_labels, **platform.ray_client_labels}
+    bucket_job = labels("Job", "idforge-minio-bootstrap" if name == "overlays/minio" else
+                        "idforge-objectstore-bootstrap")
+    stranger = {"app": "something-else"}
+    reach = {  # (source, target, port) -> allowed
+        ("step", "store", s3_port): True, ("step", "mlflow", 5000): True, ("step", "head", 8265): False,
+        ("step", "postgres", 5432): False, ("train", "head", 8265): True, ("train", "head", 10001): True,
+        ("mlflow", "postgres", 5432): True, ("mlflow", "store", s3_port): True, ("head", "store", s3_port): True,
+        ("worker", "mlflow", 5000): True, ("worker", "head", 6379): True, ("head", "worker", 12345): True,
+        ("bucket_job", "store", s3_port): True, ("bucket_job", "mlflow", 5000): False,
+        ("stranger", "store", s3_port): False, ("stranger", "mlflow", 5000): False, ("stranger", "head", 8265): False,
+        ("stranger", "postgres", 5432): False, ("stranger", "worker", 6379): False,
+        ("step", "store", 9333): False, ("mlflow", "store", 8888): False,  # no master/filer/console from outside
+    }
+    pods = {"step": step, "train": train_step, "store": store, "mlflow": mlflow, "postgres": postgres,
+            "head": head, "worker": worker, "bucket_job": bucket_job, "stranger": stranger}
+    got = {key: _admits(policies, pods[key[1]], pods[key[0]], key[2]) for key in reach}
+    assert got == reach
+    # the KubeRay operator, from its own namespace, reaches the dashboard only
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    assert _admits(policies, head, operator, 8265, same_namespace=False)
+    assert not _admits(policies, head, operator, 6379, same_namespace=False)
+    assert not _admits(policies, store, step, s3_port, same_namespace=False)  # other namespaces: no
+
+
+@pytest.mark.parametrize("name", ["base", "overlays/minio", "components/s3-tls"])
+def test_kfp_launcher_points_the_pipeline_root_at_the_bucket(rendered, name):
+    from pipelines.platform import Platform
+
+    objs = rendered[name]
+    layout = _named(objs, "ConfigMap", "idforge-bucket-layout")[0]["data"]
+    launcher = _named(objs, "ConfigMap", "kfp-launcher")[0]["data"]
+    assert launcher["defaultPipelineRoot"] == layout["IDFORGE_PIPELINE_ROOT"]
+    default = yaml.safe_load(launcher["providers"])["s3"]["default"]
+    endpoint = urlsplit(layout["AWS_ENDPOINT_URL"])
+    assert default["endpoint"] == endpoint.netloc and default["disableSSL"] == (endpoint.scheme == "http")
+    assert default["region"] == layout["AWS_DEFAULT_REGION"] and default["forcePathStyle"] is True
+    ref = default["credentials"]["secretRef"]
+    assert default["credentials"]["fromEnv"] is False and ref["secretName"] == Platform().s3_secret.name
+    assert {ref["accessKeyKey"], ref["secretKeyKey"]} <= _secret_keys(objs, ref["secretName"])
+
+
+def test_platform_defaults_name_what_the_manifests_create(rendered):
+    """The compiled pipelines' env sources exist with every key they map; GPU steps tolerate and select the
+    nodes the Ray GPU workers do."""
+    from pipelines.platform import Platform
+
+    platform = Platform()
+    objs = rendered["overlays/cluster"]
+    layout = _named(objs, "ConfigMap", platform.settings.name)[0]["data"]
+    assert set(platform.settings.keys) <= set(layout)
+    for secret in (platform.s3_secret, platform.mlflow_secret, platform.ray_secret):
+        assert set(secret.keys) <= _secret_keys(objs, secret.name), secret.name
+    worker = _named(objs, "RayCluster")[0]["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert [t.model_dump(exclude_none=True) for t in platform.gpu_tolerations] == worker["tolerations"]
+    assert platform.gpu_node_selector == worker["nodeSelector"]
+    role = _named(objs, "Role", "idforge-pipeline")[0]
+    readable = {n for rule in role["rules"] if rule["resources"] == ["secrets"] for n in rule["resourceNames"]}
+    assert readable == {platform.s3_secret.name, platform.mlflow_secret.name, platform.ray_secret.name}
+
+
+def _run_init_script(rendered_objs: list[dict], container: dict, tmp_path: Path, env_extra: dict) -> None:
+    """Run a rendered container's sh script here, with the env its envFrom would give it."""
+    import base64
+    import os
+
+    env = {"PATH": os.environ["PATH"], **env_extra}
+    for src in container.get("envFrom", []):
+        if "configMapRef" in src:
+            env.update(_named(rendered_objs, "ConfigMap", src["configMapRef"]["name"])[0]["data"])
+        else:
+            data = _named(rendered_objs, "Secret", src["secretRef"]["name"])[0]["data"]
+            env.update({k: base64.b64decode(v).decode() for k, v in data.items()})
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], item["value"])
+    return env
+
+
+def test_object_store_identities_render_from_the_secrets(rendered, tmp_path):
+    objs = rendered["base"]
+    sts = _named(objs, "StatefulSet", "idforge-seaweedfs")[0]["spec"]["template"]["spec"]
+    (init,) = sts["initContainers"]
+    env = _run_init_script(objs, init, tmp_path, {})
+    script = init["args"][0].replace("/etc/seaweedfs/", f"{tmp_path}/")
+    subprocess.run(["sh", "-ec", script], env=env, check=True)
+    config = json.loads((tmp_path / "s3.json").read_text())
+    assert (tmp_path / "s3.json").stat().st_mode & 0o077 == 0  # readable by the server's user only
+    ids = {i["name"]: i for i in config["identities"]}
+    assert ids["idforge"]["credentials"] == [{"accessKey": env["AWS_ACCESS_KEY_ID"],
+                                              "secretKey": env["AWS_SECRET_ACCESS_KEY"]}]
+    assert ids["admin"]["credentials"] == [{"accessKey": env["S3_ADMIN_ACCESS_KEY_ID"],
+                                            "secretKey": env["S3_ADMIN_SECRET_ACCESS_KEY"]}]
+    bucket = env["IDFORGE_BUCKET"]
+    assert sorted(ids["idforge"]["actions"]) == [f"{a}:{bucket}" for a in ("List", "Read", "Tagging", "Write")]
+    server = sts["containers"][0]
+    assert "-s3.config=/etc/seaweedfs/s3.json" in server["args"] and "-s3" in server["args"]
+    assert {"name": "s3-config", "mountPath": "/etc/seaweedfs", "readOnly": True} in server["volumeMounts"]
+    assert _named(objs, "Service", "idforge-seaweedfs")[0]["spec"]["ports"] == [
+        {"name": "s3", "port": 8333, "targetPort": "s3"}]  # the S3 API only: no console, no master UI
+
+
+def test_mlflow_auth_config_renders(rendered, tmp_path):
+    """The MLflow container's start script writes the basic-auth config MLflow reads: every user READ unless
+    granted more, the user store in the backend database, the admin from the Secret."""
+    objs = rendered["base"]
+    container = _containers(_named(objs, "Deployment", "idforge-mlflow")[0])[-1]
+    ini = tmp_path / "basic_auth.ini"
+    env = _run_init_script(objs, container, tmp_path, {})
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    assert container["command"][:2] == ["/bin/sh", "-ec"]
+    out = subprocess.run(container["command"] + ["echo", "started", "with"], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "started with"  # the args run after the config is written
+    # Read as mlflow.server.auth.config.read_auth_config does (importing it needs Flask-WTF, which only the MLflow
+    # image installs): configparser, section [mlflow].
+    import configparser
+
+    parser = configparser.ConfigParser()
+    assert parser.read(ini) == [str(ini)] and ini.stat().st_mode & 0o077 == 0
+    auth = parser["mlflow"]
+    assert auth["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"] and auth["database_uri"].startswith("postgresql")
+    assert auth["admin_username"] == env["MLFLOW_AUTH_ADMIN_USERNAME"] and "admin_password" not in auth  # env only
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] and env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    # READ may not update a registered model, so not move its alias: only its creator (the pipelines' account,
+    # which the register step uses) and the admin can
+    assert auth["default_permission"] == "READ"
+    assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    job = _containers(_named(objs, "Job", "idforge-mlflow-bootstrap")[0])[0]
+    compile(job["args"][0], "mlflow-bootstrap", "exec")
+    assert [s["secretRef"]["name"] for s in job["envFrom"] if "secretRef" in s] == [
+        "idforge-mlflow-admin", "idforge-mlflow-pipeline"]
+
+
+@pytest.mark.slow
+def test_object_store_identities_on_a_real_seaweedfs(rendered, tmp_path):
+    """The rendered S3 identities on a real SeaweedFS (`weed mini`, as the tests' S3 server runs it): the bootstrap
+    Job's script creates the bucket as admin; the idforge account reads and writes there and nowhere else."""
+    import io
+    import os
+    import sys
+
+    from minio import Minio
+    from minio.error import S3Error
+
+    from tests.fixtures.process import LOOPBACK, free_ports, stop_group, wait_ready
+    from tests.fixtures.s3 import _PORT_FLAGS, find_weed, weed_mini_command
+
+    objs = rendered["base"]
+    (init,) = _named(objs, "StatefulSet", "idforge-seaweedfs")[0]["spec"]["template"]["spec"]["initContainers"]
+    env = _run_init_script(objs, init, tmp_path, {})
+    subprocess.run(["sh", "-ec", init["args"][0].replace("/etc/seaweedfs/", f"{tmp_path}/")], env=env, check=True)
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS), LOOPBACK), strict=True))
+    cmd = weed_mini_command(find_weed(), tmp_path, ports) + [f"-s3.config={tmp_path / 's3.json'}"]
+    (tmp_path / "data").mkdir()
+    log = tmp_path / "weed.log"
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=clean_env, cwd=tmp_path,
+                                start_new_session=True)
+    host = f"{LOOPBACK}:{ports['s3.port']}"
+    admin = Minio(host, env["S3_ADMIN_ACCESS_KEY_ID"], env["S3_ADMIN_SECRET_ACCESS_KEY"], secure=False,
+                  region="us-east-1")
+    idforge = Minio(host, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], secure=False, region="us-east-1")
+    try:
+        wait_ready(proc, lambda: admin.list_buckets() is not None, what="weed mini", log_path=log, timeout_s=120,
+                   interval_s=0.2)
+        bucket = env["IDFORGE_BUCKET"]
+        with pytest.raises(S3Error, match="AccessDenied"):
+            idforge.make_bucket(bucket)  # the pipelines' account may not create buckets
+        job = _containers(_named(objs, "Job", "idforge-objectstore-bootstrap")[0])[0]
+        job_env = {**_run_init_script(objs, job, tmp_path, {}), "AWS_ENDPOINT_URL": f"http://{host}"}
+        for _ in range(2):  # idempotent: a second run keeps the bucket
+            out = subprocess.run([sys.executable, "-c", job["args"][0]], env=job_env, capture_output=True,
+                                 text=True, timeout=120)
+            assert out.returncode == 0 and f"bucket {bucket} ready" in out.stdout, out.stderr
+        idforge.put_object(bucket, "kfp/x.txt", io.BytesIO(b"ok"), 2)
+        assert idforge.get_object(bucket, "kfp/x.txt").read() == b"ok"
+        admin.make_bucket("elsewhere")
+        admin.put_object("elsewhere", "x", io.BytesIO(b"x"), 1)
+        for attempt in (lambda: idforge.put_object("elsewhere", "y", io.BytesIO(b"y"), 1),
+                        lambda: list(idforge.list_objects("elsewhere")),
+                        lambda: idforge.get_object("elsewhere", "x")):
+            with pytest.raises(S3Error, match="AccessDenied"):
+                attempt()
+        stranger = Minio(host, "idfstranger0000", "0" * 40, secure=False, region="us-east-1")
+        with pytest.raises(S3Error, match="InvalidAccessKeyId"):
+            list(stranger.list_objects(bucket))
+    finally:
+        stop_group(proc, grace_s=10)

@@ -63,6 +63,7 @@ def test_end_to_end_population_method(tmp_path, repo_root, samples_dir, tiny_sd1
     client, runs = _runs(uri)
     parents = [r for r in runs if r.data.tags.get("idforge.pipeline") == "end-to-end"]
     assert len(parents) == 1
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["idforge.kfp_state"] == "SUCCEEDED"
     parent_id = parents[0].info.run_id
     assert parents[0].data.metrics["dataset_identities"] == 3
     children = {r.data.tags.get("mlflow.runName"): r for r in runs
@@ -95,7 +96,12 @@ def test_a_second_run_reuses_the_deterministic_steps(tmp_path, repo_root, sample
     assert "Task curate cache hit" in hits
     assert "open-parent-run" not in hits
     _, runs = _runs(uri)
-    assert len([r for r in runs if r.data.tags.get("idforge.pipeline") == "curation"]) == 2
+    parents = [r for r in runs if r.data.tags.get("idforge.pipeline") == "curation"]
+    assert len(parents) == 2
+    # the exit task closed each parent run with the pipeline's outcome, tagged with its own KFP run id
+    assert {r.info.status for r in parents} == {"FINISHED"}
+    assert {r.data.tags["idforge.kfp_state"] for r in parents} == {"SUCCEEDED"}
+    assert len({r.data.tags["idforge.kfp_run_id"] for r in parents}) == 2
     # a changed config is a different cache key: curation runs again
     caplog.clear()
     args["config_yaml"] = dump_config(load_config([repo_root / "configs" / "demo.yaml"],

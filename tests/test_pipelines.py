@@ -55,7 +55,7 @@ def test_images_resources_and_caching(name, tmp_path, monkeypatch):
 
     out = tmp_path / f"{name}.yaml"
     compiler.Compiler().compile(build(name, images), package_path=str(out))
-    spec = yaml.safe_load(out.read_text())
+    spec = next(yaml.safe_load_all(out.read_text()))
     execs = _executors(spec)
     for key, ex in execs.items():
         container = ex.get("container")
@@ -76,7 +76,8 @@ def test_images_resources_and_caching(name, tmp_path, monkeypatch):
     for task_name, task in tasks.items():
         comp = task.get("componentRef", {}).get("name", "")
         caching = task.get("cachingOptions", {}).get("enableCache", False)
-        if any(s in comp for s in ("train-adapter", "finetune-identity", "open-parent-run", "register", "champion")):
+        if any(s in comp for s in ("train-adapter", "finetune-identity", "open-parent-run", "close-parent-run",
+                                   "register", "champion")):
             assert not caching, f"{task_name} must not be cached"
         elif any(s in comp for s in ("comp-curate", "comp-prepare", "comp-generate", "comp-evaluate")):
             assert caching, f"{task_name} should be cached"
@@ -85,13 +86,129 @@ def test_images_resources_and_caching(name, tmp_path, monkeypatch):
 def test_end_to_end_branches_on_the_method_regime(monkeypatch, tmp_path):
     _clean_image_env(monkeypatch)
     compile_all(tmp_path)
-    spec = yaml.safe_load((tmp_path / "end-to-end.yaml").read_text())
+    spec = next(yaml.safe_load_all((tmp_path / "end-to-end.yaml").read_text()))
     text = yaml.safe_dump(spec)
     assert "method-regime" in text
     assert "for-loop" in text  # per-identity fan-out
     assert "comp-train-adapter" in spec["components"]
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"raw_uri", "base_model", "method", "config_yaml"} <= set(params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the platform config: what a step pod needs from the cluster, read back from every committed pipeline
+
+
+def _compiled(name: str) -> tuple[dict, dict]:
+    """(pipeline spec, kubernetes platform spec per executor) of the committed pipelines/compiled/<name>.yaml."""
+    pipeline, platform = yaml.safe_load_all((COMPILED_DIR / f"{name}.yaml").read_text())
+    return pipeline, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _env_sources(k8s: dict) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    secrets = {s["secretName"]: {k["secretKey"] for k in s["keyToEnv"]} for s in k8s.get("secretAsEnv", [])}
+    maps = {c["configMapName"]: {k["configMapKey"] for k in c["keyToEnv"]} for c in k8s.get("configMapAsEnv", [])}
+    return secrets, maps
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_step_gets_its_environment_and_gpu_steps_their_nodes(name):
+    from pipelines.platform import Platform
+
+    platform = Platform()
+    pipeline, k8s = _compiled(name)
+    containers = {k: ex["container"] for k, ex in _executors(pipeline).items() if "container" in ex}
+    assert containers and set(k8s) == set(containers), "every container step needs a platform entry"
+    for key, container in containers.items():
+        secrets, maps = _env_sources(k8s[key])
+        assert maps == {platform.settings.name: set(platform.settings.keys)}, key
+        assert secrets[platform.s3_secret.name] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, key
+        assert secrets[platform.mlflow_secret.name] == set(platform.mlflow_secret.keys), key
+        labels = k8s[key]["podMetadata"]["labels"]
+        assert labels["idforge.io/s3-client"] == labels["idforge.io/mlflow-client"] == "true", key
+        # the Ray token and the label that reaches the Ray head: only the steps that submit to Ray
+        ray = "train-adapter" in key
+        assert (platform.ray_secret.name in secrets) == ray and ("idforge.io/ray-client" in labels) == ray, key
+        gpu = "accelerator" in container.get("resources", {})
+        tolerations = k8s[key].get("tolerations", [])
+        assert ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations) == gpu, key
+        assert (k8s[key].get("nodeSelector", {}).get("labels") == {"nvidia.com/gpu.present": "true"}) == gpu, key
+    assert "AWS_SECRET_ACCESS_KEY=" not in (COMPILED_DIR / f"{name}.yaml").read_text()
+
+
+def test_platform_names_are_set_at_compile_time(tmp_path, monkeypatch):
+    from kfp import compiler
+
+    from idforge.errors import ConfigError
+    from pipelines.platform import Platform
+
+    _clean_image_env(monkeypatch)
+    spec = tmp_path / "platform.yaml"
+    spec.write_text("s3_secret: {name: team-s3, keys: [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]}\n"
+                    "settings: {name: team-settings, keys: [AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI]}\n"
+                    "gpu_tolerations: [{key: gpu-pool, operator: Equal, value: a100, effect: NoExecute}]\n"
+                    "gpu_node_selector: {pool: a100}\n"
+                    "s3_ca_config_map: team-ca\n")
+    out = tmp_path / "personalize.yaml"
+    compiler.Compiler().compile(build("personalize", platform=Platform.load(spec)), package_path=str(out))
+    _, platform = yaml.safe_load_all(out.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    secrets, maps = _env_sources(k8s["exec-finetune-identity"])
+    assert "team-s3" in secrets and maps == {"team-settings": {"AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"}}
+    assert k8s["exec-finetune-identity"]["tolerations"] == [
+        {"key": "gpu-pool", "operator": "Equal", "value": "a100", "effect": "NoExecute"}]
+    assert k8s["exec-finetune-identity"]["nodeSelector"]["labels"] == {"pool": "a100"}
+    assert [(v["configMapName"], v["mountPath"]) for v in k8s["exec-list-identities"]["configMapAsVolume"]] == [
+        ("team-ca", "/etc/idforge-s3-ca")]
+    assert "configMapAsVolume" not in _compiled("personalize")[1]["exec-list-identities"]  # default: plain HTTP
+    spec.write_text("s3_secrets: {name: x, keys: []}\n")
+    with pytest.raises(ConfigError, match="unknown config key 's3_secrets'"):
+        Platform.load(spec)
+    with pytest.raises(ConfigError, match="does not exist"):
+        Platform.load(tmp_path / "missing.yaml")
+
+
+RETRIED = ("curate", "train-adapter", "finetune-identity", "generate", "evaluate")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_transient_steps_retry_and_the_exit_task_closes_the_parent_run(name):
+    pipeline, _ = _compiled(name)
+    tasks = _all_tasks(pipeline)
+    for task_name, task in tasks.items():
+        comp = task.get("componentRef", {}).get("name", "")
+        retried = any(comp == f"comp-{s}" or comp.startswith(f"comp-{s}-") for s in RETRIED)
+        assert ("retryPolicy" in task) == retried, task_name
+        if retried:
+            assert task["retryPolicy"]["maxRetryCount"] == 2
+    # the whole body runs inside the ExitHandler; the exit task sits beside it, runs whatever the body did, and
+    # gets the body's final status and the KFP run id, which open-parent-run tags the parent run with
+    root = pipeline["root"]["dag"]["tasks"]
+    assert set(root) == {"close-parent-run", "exit-handler-1"}
+    close = root["close-parent-run"]
+    assert close["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert close["dependentTasks"] == ["exit-handler-1"]
+    inputs = close["inputs"]["parameters"]
+    assert inputs["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
+    assert inputs["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    opener = next(t for t in tasks.values() if t["componentRef"]["name"] == "comp-open-parent-run")
+    assert opener["inputs"]["parameters"]["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+
+
+@pytest.mark.parametrize("name, per_run", [
+    ("train-adapter", {"method", "preset", "steps", "lr", "workers"}),
+    ("personalize", {"method", "preset", "steps", "lr", "first_identity", "max_identities"}),
+    ("end-to-end", {"method", "preset", "steps", "lr", "workers", "first_identity", "max_identities"}),
+    ("retrain", {"method", "preset", "steps", "lr", "workers"}),
+])
+def test_per_run_settings_are_typed_parameters(name, per_run):
+    pipeline, _ = _compiled(name)
+    params = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert per_run | {"config_yaml"} <= set(params)
+    types = {"preset": "STRING", "method": "STRING", "steps": "NUMBER_INTEGER", "lr": "NUMBER_DOUBLE",
+             "workers": "NUMBER_INTEGER", "first_identity": "NUMBER_INTEGER", "max_identities": "NUMBER_INTEGER"}
+    assert {k: params[k]["parameterType"] for k in per_run} == {k: types[k] for k in per_run}
+    assert params["steps"]["defaultValue"] == 0 and params["lr"]["defaultValue"] == 0.0  # 0 = the config's
 
 
 def test_unknown_pipeline_names_the_choices():

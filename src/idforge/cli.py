@@ -394,6 +394,13 @@ def _quiet_log(name: str, verbose: bool) -> Path | None:
     return None if verbose else default_log_path(Path("outputs"), name)
 
 
+PlatformOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="YAML of the cluster's names for the steps' Secrets/ConfigMap, GPU tolerations and node "
+                      "selector (pipelines/platform.py; default: what k8s/ creates)."),
+]
+
+
 def _pipeline_args(args: list[str] | None) -> dict[str, str]:
     from idforge.errors import ConfigError
 
@@ -418,13 +425,15 @@ def pipeline_compile(
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default pipelines/compiled).")] = None,
     registry: Annotated[Optional[str], typer.Option(help="Image registry prefix.")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Image tag.")] = None,
+    platform: PlatformOpt = None,
 ) -> None:
     """Compile every pipeline to KFP v2 YAML."""
     from components.images import Images
+    from pipelines.platform import Platform
     from pipelines.runner import COMPILED_DIR, compile_all
 
     images = Images.load(registry, tag)
-    for path in compile_all(out or COMPILED_DIR, images):
+    for path in compile_all(out or COMPILED_DIR, images, Platform.load(platform)):
         typer.echo(str(path))
 
 
@@ -484,6 +493,11 @@ def pipeline_submit(
         Optional[str],
         typer.Option(envvar="IDFORGE_PIPELINE_ROOT", help="Where artifacts go (k8s bucket layout: s3://idforge/kfp)."),
     ] = None,
+    platform: PlatformOpt = None,
+    namespace: Annotated[
+        Optional[str], typer.Option(help="Kubeflow profile namespace the run executes in (k8s/: idforge; none for "
+                                         "single-namespace KFP).")
+    ] = "idforge",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     preset: PresetOpt = None,
@@ -491,6 +505,7 @@ def pipeline_submit(
     """Submit a pipeline run to a Kubeflow Pipelines endpoint and print its run id."""
     from components.images import Images
     from idforge.config import dump_config
+    from pipelines.platform import Platform
     from pipelines.runner import submit, typed_arguments
 
     images = Images.load(registry, tag)
@@ -500,7 +515,8 @@ def pipeline_submit(
     if gates is not None:
         arguments["gates_yaml"] = gates.read_text()
     run_id = submit(name, host, arguments, experiment=experiment, images=images,
-                    service_account=service_account, pipeline_root=pipeline_root)
+                    service_account=service_account, pipeline_root=pipeline_root, platform=Platform.load(platform),
+                    namespace=namespace or None)
     typer.echo(run_id)
 
 

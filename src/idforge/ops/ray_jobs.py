@@ -134,8 +134,28 @@ def _with_scheme(address: str) -> str:
     return address if "://" in address else f"http://{address}"
 
 
+def _auth_headers() -> dict[str, str]:
+    """The header Ray's own clients send to a cluster with token authentication (``RAY_AUTH_MODE=token``): the
+    token from ``$RAY_AUTH_TOKEN``, else the file ``$RAY_AUTH_TOKEN_PATH``. Empty when auth is off."""
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({exc.strerror}): point it at the token "
+                              "file, or set RAY_AUTH_TOKEN") from None
+    if not token:
+        raise ConfigError("RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN (on Kubernetes from Secret "
+                          "idforge-ray-auth) or RAY_AUTH_TOKEN_PATH")
+    return {"Authorization": f"Bearer {token}"}
+
+
 def _probe(url: str, timeout_s: float) -> str:
-    """GET ``/api/version`` with a bounded timeout; returns the cluster's Ray version.
+    """GET ``/api/version`` with a bounded timeout (and the Ray token when auth is on); returns the cluster's Ray
+    version.
 
     Ray's client makes this request without a timeout, so an address that drops packets would hang for minutes.
     """
@@ -145,9 +165,13 @@ def _probe(url: str, timeout_s: float) -> str:
             "head service (in-cluster http://idforge-ray-head-svc:8265, from outside `kubectl port-forward "
             "svc/idforge-ray-head-svc 8265:8265`)")
     try:
-        response = requests.get(f"{url}/api/version", timeout=timeout_s)
+        response = requests.get(f"{url}/api/version", timeout=timeout_s, headers=_auth_headers())
     except requests.exceptions.RequestException as exc:
         raise RayUnreachableError(f"Ray Jobs API at {url} is unreachable ({type(exc).__name__}): {hint}") from None
+    if response.status_code in (401, 403):
+        raise RayUnreachableError(f"Ray Jobs API at {url} refused the request (HTTP {response.status_code}: "
+                                  f"{response.text.strip()[:100]}): it requires Ray's token; set RAY_AUTH_MODE=token "
+                                  "and RAY_AUTH_TOKEN (on Kubernetes from Secret idforge-ray-auth)")
     if response.status_code != 200:
         raise RayUnreachableError(f"{url} answered HTTP {response.status_code} to /api/version, so it is not a Ray "
                                   f"dashboard: pass the dashboard port (8265), not the GCS port (6379)")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "absolute_tracking_uri",
     "active_run_id",
+    "close_pipeline_runs",
     "artifact_location",
     "log_metrics",
     "start_run",
@@ -169,6 +170,7 @@ def start_run(
     run_id: str | None = None,
     parent_run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    leave_open: bool = False,
 ) -> Iterator[mlflow.ActiveRun | None]:
     """Start (or resume) an MLflow run for the block; yields the ``ActiveRun`` (None when tracking is disabled).
 
@@ -177,6 +179,8 @@ def start_run(
     - ``parent_run_id`` nests the new run under it (tag ``mlflow.parentRunId``), also across processes; a run
       started while another is active nests under the active one.
     - The run ends FINISHED, or FAILED when the block raises (KILLED on Ctrl-C), and the exception propagates.
+    - ``leave_open`` keeps it RUNNING when the block exits, raising or not: a pipeline's parent run, which only the
+      pipeline's exit task closes (:func:`close_pipeline_runs`), so a step that logs under it cannot end it.
 
     Raises:
         ConfigError: ``run_id``/``parent_run_id`` does not exist at the tracking URI, or MLflow refuses the run.
@@ -217,10 +221,12 @@ def start_run(
         try:
             yield run
         except BaseException as exc:
-            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            # end_run also pops MLflow's active-run stack; RUNNING as the "end" status leaves the run open.
+            mlflow.end_run(status="RUNNING" if leave_open else
+                           "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         else:
-            mlflow.end_run(status="FINISHED")
+            mlflow.end_run(status="RUNNING" if leave_open else "FINISHED")
 
 
 def active_run_id() -> str | None:
@@ -267,3 +273,43 @@ def describe_pipeline_run(pipeline: str, dataset_uri: str, counts: Mapping[str, 
     return (f"**{pipeline}** pipeline on `{dataset_uri}`" + (f" ({numbers})" if numbers else "") +
             f": method `{cfg.train.method}`, base model `{cfg.model.base}`. Each step is a child run below.")
 
+
+KFP_RUN_TAG = "idforge.kfp_run_id"
+# KFP's final task states (PipelineTaskFinalStatus.state) -> MLflow run statuses; anything else counts as FAILED.
+_KFP_TO_MLFLOW = {"SUCCEEDED": "FINISHED", "CANCELED": "KILLED", "CANCELLED": "KILLED"}
+
+
+def close_pipeline_runs(cfg: TrackingConfig | None, kfp_run_id: str, state: str, error: str = "") -> list[str]:
+    """End the parent run(s) a pipeline run opened (tag ``idforge.kfp_run_id`` = ``kfp_run_id``) with the status
+    its final state says: SUCCEEDED -> FINISHED, CANCELED -> KILLED, anything else (FAILED, SYSTEM_ERROR...) ->
+    FAILED. Tags ``idforge.kfp_state`` (and ``idforge.kfp_error`` when given). Returns the ids it closed; none
+    when the pipeline failed before its parent run opened, or tracking is disabled.
+
+    Raises:
+        ConfigError: ``kfp_run_id`` is empty (nothing would identify the runs to close) or holds quotes.
+    """
+    if not kfp_run_id.strip() or any(c in kfp_run_id for c in "'\"`"):
+        raise ConfigError(f"kfp_run_id {kfp_run_id!r} is empty or quoted: pass the pipeline run's id "
+                          "(dsl.PIPELINE_JOB_ID_PLACEHOLDER)")
+    if cfg is not None and not cfg.enabled:
+        return []
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.experiment if cfg is not None else DEFAULT_EXPERIMENT)
+    if experiment is None:
+        log.warning("no MLflow experiment at %s: pipeline run %s opened no parent run", uri, kfp_run_id)
+        return []
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'")
+    status = _KFP_TO_MLFLOW.get(state.upper(), "FAILED")
+    closed = []
+    for run in runs:
+        client.set_tag(run.info.run_id, "idforge.kfp_state", state)
+        if error:
+            client.set_tag(run.info.run_id, "idforge.kfp_error", error[:5000])
+        client.set_terminated(run.info.run_id, status=status)
+        closed.append(run.info.run_id)
+    if not closed:
+        log.warning("pipeline run %s (%s) has no parent MLflow run at %s to close", kfp_run_id, state, uri)
+    return closed
