@@ -294,6 +294,16 @@ def test_register_as_pipelines_do_and_champion_rule(e2e, tmp_path, tiny_sd15_dir
     assert first.promoted and first.worse_than_champion == []  # no champion yet: the gates decide
     got = download_champion("test-no-identity", e2e["cfg"], tmp_path / "champ", model_name="e2e-pipe")
     assert got is not None and got.read_bytes() == Path(e2e["artifact"]).read_bytes()
+    # the config's store decides, not MLflow's process-wide URI (the retrain pipeline's step has only its config)
+    import os
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    try:
+        again = download_champion("test-no-identity", e2e["cfg"], tmp_path / "champ2", model_name="e2e-pipe")
+    finally:
+        mlflow.set_tracking_uri(saved or e2e["uri"])
+    assert again is not None and again.read_bytes() == got.read_bytes()
 
     # a candidate that passes the gate but scores lower CLIP-T than the champion is registered, not promoted
     mlflow.set_tracking_uri(e2e["uri"])

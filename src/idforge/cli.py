@@ -568,13 +568,14 @@ def doctor(
     kfp_host: Annotated[Optional[str], typer.Option(help="A Kubeflow Pipelines endpoint to check.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """What this environment has and lacks for the config: torch and GPUs, models, S3, MLflow, Ray, KFP.
 
     Exit code 0 only when everything the config needs is there; each gap comes with its fix."""
     from idforge.doctor import format_table, run_checks
 
-    rows = run_checks(_load(config, set_), ray_address=ray_address, kfp_host=kfp_host)
+    rows = run_checks(_load(config, set_, preset), ray_address=ray_address, kfp_host=kfp_host)
     for line in format_table(rows):
         typer.echo(line)
     failed = [r.name for r in rows if r.failed]

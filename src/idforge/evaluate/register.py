@@ -254,7 +254,9 @@ def download_champion(method: str, cfg: Any = None, dest: str | os.PathLike[str]
         mv = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    source = f"models:/{name}/{mv.version}"
+    # The version's own storage location, resolved by the client bound to this store: a `models:/` URI would be
+    # resolved against MLflow's process-wide registry instead (another store when the config names its own).
+    source = client.get_model_version_download_uri(name, mv.version).rstrip("/")
     dest = Path(dest)
     mlmodel = Path(download_artifacts(artifact_uri=f"{source}/MLmodel", dst_path=str(dest / ".mlmodel"),
                                       tracking_uri=uri))
