@@ -150,6 +150,16 @@ def test_loader_is_strict_and_names_the_keys(tmp_path, small_kept):
         load_e4e(tmp_path / "absent.pt")
 
 
+def test_latent_avg_as_the_bare_mean_is_repeated_to_18_rows(tmp_path, small_kept):
+    enc = {k: v for k, v in small_kept.items() if k != "latent_avg"}
+    mean = torch.randn(512)
+    torch.save({"state_dict": enc, "latent_avg": mean, "opts": {}}, str(tmp_path / "mean.pt"))
+    assert torch.equal(load_e4e(tmp_path / "mean.pt").latent_avg, mean.expand(18, 512))
+    torch.save({"state_dict": enc, "latent_avg": torch.zeros(3), "opts": {}}, str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match=r"shape mismatch latent_avg: expected \(18, 512\), got \(3,\)"):
+        load_e4e(tmp_path / "bad.pt")
+
+
 def test_loader_unpickles_weights_only(tmp_path, small_kept):
     """The release's opts is a plain dict (vars(opts)); anything that needs code to unpickle is refused."""
     enc = {k: v for k, v in small_kept.items() if k != "latent_avg"}

@@ -235,7 +235,7 @@ def read_e4e_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     kept = {k: v for k, v in sd.items() if k.startswith("encoder.")}
     avg = ckpt["latent_avg"]
     # The release stores latent_avg repeated to the style count; a bare [512] mean is repeated the same way.
-    kept["latent_avg"] = avg.expand(N_STYLES, STYLE_DIM) if avg.ndim == 1 else avg
+    kept["latent_avg"] = avg.expand(N_STYLES, STYLE_DIM) if tuple(avg.shape) == (STYLE_DIM,) else avg
     return kept
 
 
