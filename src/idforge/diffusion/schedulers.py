@@ -51,6 +51,6 @@ def make_scheduler(name: str | None, model_scheduler: Any) -> Any:
         return type(model_scheduler).from_config(model_scheduler.config)
     cls = getattr(diffusers, _CLASSES.get(name, name), None)
     if cls is None:
-        raise ConfigError(f"unknown scheduler {name!r}: diffusers has no such class; choices: "
+        raise ConfigError(f"unknown scheduler {name!r}: not a diffusers scheduler class; choices: "
                           f"{', '.join(SCHEDULER_NAMES)}")
     return cls.from_config(model_scheduler.config)
