@@ -14,19 +14,20 @@ import numpy as np
 import pytest
 
 METHODS = ["textual-inversion", "dreambooth-lora", "id-ea", "sefi-ide", "pidiff"]
-SMALL = {"pidiff": {"encoder_image_size": 64, "encoder_width": 8, "mapping_hidden": 64}}
 
 
-def _cfg(method: str, **kw):
+def _cfg(method_config: dict | None = None, **kw):
     from idforge.train.finetune_config import FinetuneConfig
 
-    return FinetuneConfig(method_config=SMALL.get(method, {}), steps=3, batch_size=2, sample_steps=2,
+    return FinetuneConfig(method_config=method_config or {}, steps=3, batch_size=2, sample_steps=2,
                           sample_seeds=[0], num_threads=1, **kw)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, curated_tiny_dataset, tiny_sd15_dir, _mlflow_template_db, one_torch_thread):
-    """Each method trained on identity id00 (3 steps), one MLflow store for all."""
+def trained(tmp_path_factory, curated_tiny_dataset, tiny_sd15_dir, _mlflow_template_db, one_torch_thread,
+            tiny_e4e_checkpoint):
+    """Each method trained on identity id00 (3 steps), one MLflow store for all (pidiff: the injected random e4e
+    checkpoint, fed 64 px)."""
     from idforge.config import TrackingConfig
     from idforge.train.per_identity import finetune_identity
 
@@ -34,7 +35,8 @@ def trained(tmp_path_factory, curated_tiny_dataset, tiny_sd15_dir, _mlflow_templ
     db = root / "mlruns.db"
     shutil.copyfile(_mlflow_template_db, db)
     tracking = TrackingConfig(uri=f"sqlite:///{db}")
-    results = {m: finetune_identity(m, "id00", curated_tiny_dataset, tiny_sd15_dir, root / m, _cfg(m),
+    small = {"pidiff": {"encoder_path": str(tiny_e4e_checkpoint), "encoder_image_size": 64}}
+    results = {m: finetune_identity(m, "id00", curated_tiny_dataset, tiny_sd15_dir, root / m, _cfg(small.get(m)),
                                     tracking=tracking) for m in METHODS}
     return root, tracking, results
 
@@ -109,15 +111,15 @@ def test_bad_inputs_fail_clearly_without_leaving_an_artifact(curated_tiny_datase
 
     off = TrackingConfig(enabled=False)
     with pytest.raises(DataError, match="identity 'nobody' has no accepted images"):
-        finetune_identity("textual-inversion", "nobody", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg("x"),
+        finetune_identity("textual-inversion", "nobody", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg(),
                           tracking=off)
     assert not (tmp_path / "nobody").exists()
     status = read_status(tmp_path, "nobody")
     assert status["status"] == "failed" and "DataError" in status["error"]
     with pytest.raises(ConfigError, match="population method"):
-        finetune_identity("id-adapter", "id00", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg("x"), tracking=off)
+        finetune_identity("id-adapter", "id00", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg(), tracking=off)
     with pytest.raises(ConfigError, match="unknown method"):
-        finetune_identity("textual-inversio", "id00", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg("x"),
+        finetune_identity("textual-inversio", "id00", curated_tiny_dataset, tiny_sd15_dir, tmp_path, _cfg(),
                           tracking=off)
     (tmp_path / "half").mkdir()
     with pytest.raises(DataError, match="no DONE marker"):
@@ -169,3 +171,31 @@ def test_recipe_flips_and_image_cap_reach_the_batches(flip_prob, curated_tiny_da
     assert rows.shape[0] == 6 and not torch.allclose(plain, mirrored)
     want = mirrored if flip_prob else plain  # one image (max_images=1): every row is it, mirrored when flipped
     assert all(torch.allclose(row, want, atol=1e-5) for row in rows)
+
+
+def test_identity_data_feeds_e4e_the_ffhq_crop_on_white_at_256(curated_tiny_dataset):
+    """PIDiff's e4e input: the FFHQ-aligned crop (not the 112 crop), background white, 256 px, [-1, 1]."""
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from idforge.train.per_identity import load_identity_data
+
+    data = load_identity_data(curated_tiny_dataset, "id00", 64)
+    assert data.wplus is not None and tuple(data.wplus.shape) == (2, 3, 256, 256)
+    rows = pd.read_parquet(curated_tiny_dataset / "manifest.parquet").query("identity == 'id00' and status == "
+                                                                            "'accepted'").sort_values("sha256")
+    row = rows.iloc[0]
+    matte = np.asarray(Image.open(curated_tiny_dataset / row["mask"]).convert("L").resize((256, 256)))
+    crop = np.asarray(Image.open(curated_tiny_dataset / row["aligned_ffhq"]).convert("RGB").resize(
+        (256, 256), Image.Resampling.BICUBIC)).astype(np.float32) / 127.5 - 1
+    x = data.wplus[0].permute(1, 2, 0).numpy()
+
+    def erode(m):  # away from the matte's soft edge
+        return m & np.roll(m, 4, 0) & np.roll(m, -4, 0) & np.roll(m, 4, 1) & np.roll(m, -4, 1)
+
+    outside, inside = erode(matte == 0), erode(matte == 255)  # the face mask is soft: its hard parts
+    assert outside.any() and inside.any()
+    assert np.allclose(x[outside], 1.0, atol=0.02)  # background -> white
+    assert np.abs(x[inside] - crop[inside]).mean() < 0.02  # the FFHQ crop's own pixels where the person is
+    assert torch.isfinite(data.wplus).all()

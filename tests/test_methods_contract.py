@@ -19,7 +19,7 @@ import torch
 from idforge.methods.checkpoint import CHECKPOINT_FORMAT, load_method, read_method_metadata, save_method
 from idforge.methods.registry import available_methods, method_class
 from tests.fixtures.dataset import assert_frozen_unchanged, frozen_snapshot
-from tests.fixtures.method_cases import CASES, build_method, condition, identity_prompt
+from tests.fixtures.method_cases import CASES, FILES, build_method, condition, identity_prompt
 
 PLAIN = "a photo of a man"  # names no identity: what the base model is compared on
 STEPS = 2  # sampling steps: enough for every processor to run in both guidance branches
@@ -32,10 +32,12 @@ def _params(kinds: bool) -> list:
 
 
 @pytest.fixture(scope="module")
-def pipelines(tiny_sd15_dir, tiny_sdxl_dir):
+def pipelines(tiny_sd15_dir, tiny_sdxl_dir, tiny_e4e_checkpoint):
     """(method, kind) -> a frozen tiny pipeline, loaded on first use and shared by the module's tests (a method
     with ``own_pipeline`` gets one of its own to attach to)."""
     from idforge.methods.testing import load_frozen_pipeline
+
+    FILES["e4e"] = tiny_e4e_checkpoint
 
     dirs = {"sd15": tiny_sd15_dir, "sdxl": tiny_sdxl_dir}
     cache: dict = {}

@@ -1,14 +1,14 @@
-"""PIDiff: W+ encoder + loader, SCA initialised from text cross-attention, style mixing. The contract every method
-keeps (lambda = scale 0 is the base model, round trips, ...) is in test_methods_contract.py."""
+"""PIDiff: e4e required, SCA (q/k/v from text cross-attention, frozen to_out) and F train, 38.5 M at SD1.5 shape,
+S* in prompts, style mixing. The contract every method keeps (scale 0 is the base model, round trips, frozen base
+weights, ...) is in test_methods_contract.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from idforge.errors import ConfigError
 from tests.fixtures.dataset import fixed_batch, state_copy, train_steps
-
-SMALL = {"encoder_image_size": 64, "encoder_width": 8, "mapping_hidden": 64}
 
 
 @pytest.fixture(scope="module")
@@ -18,53 +18,80 @@ def pipe(tiny_sd15_dir, one_torch_thread):
     return load_pipeline(tiny_sd15_dir)
 
 
-def _method(**cfg):
+@pytest.fixture(scope="module")
+def small(tiny_e4e_checkpoint):
+    """Method config with the injected random-weight e4e checkpoint (released layout, width 16), fed 64 px."""
+    return {"encoder_path": str(tiny_e4e_checkpoint), "encoder_image_size": 64}
+
+
+@pytest.fixture()
+def make(small):
     from idforge.methods.pidiff import PIDiff
 
-    return PIDiff.from_config({**SMALL, **cfg})
+    return lambda **cfg: PIDiff.from_config({**small, **cfg})
 
 
 def _refs(seed):
     from idforge.methods.types import IdentityRefs
 
     g = torch.Generator().manual_seed(seed)
-    return IdentityRefs(face_crops=torch.rand(2, 3, 112, 112, generator=g))
+    return IdentityRefs(wplus_pixels=torch.rand(2, 3, 64, 64, generator=g) * 2 - 1)
 
 
-def test_wplus_encoder_shapes_and_checkpoint_loader(tmp_path, one_torch_thread):
-    from safetensors.torch import save_file
+def test_refuses_without_e4e_weights(pipe, tmp_path):
+    from idforge.methods.pidiff import PIDiff
 
-    from idforge.methods.wplus_encoder import load_wplus_encoder
-
-    enc = load_wplus_encoder(None, image_size=64, width=8)
-    w = enc(torch.rand(2, 3, 112, 112))
-    assert w.shape == (2, 18, 512)
-    assert torch.equal(load_wplus_encoder(None, image_size=64, width=8).state_dict()["stem.0.weight"],
-                       enc.state_dict()["stem.0.weight"])  # seeded random init: same encoder in every process
-    sd = {f"encoder.{k}": v + 1 if v.is_floating_point() else v for k, v in enc.state_dict().items()}
-    save_file(sd, str(tmp_path / "e4e.safetensors"))
-    loaded = load_wplus_encoder(tmp_path / "e4e.safetensors", image_size=64, width=8)
-    assert torch.equal(loaded.state_dict()["stem.0.weight"], enc.state_dict()["stem.0.weight"] + 1)
-    save_file({"stem.0.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="missing keys"):
-        load_wplus_encoder(tmp_path / "bad.safetensors", image_size=64, width=8)
-    with pytest.raises(FileNotFoundError, match="encoder_path"):
-        load_wplus_encoder(tmp_path / "absent.pt")
+    with pytest.raises(ConfigError, match=r"download e4e_ffhq_encode\.pt .*encoder_path="):
+        PIDiff.from_config({}).attach(pipe)
+    with pytest.raises(ConfigError, match=r"encoder_path .*absent\.pt does not exist"):
+        PIDiff.from_config({"encoder_path": str(tmp_path / "absent.pt")}).attach(pipe)
+    before = dict(pipe.unet.attn_processors)
+    m = PIDiff.from_config({})
+    with pytest.raises(ConfigError):
+        m.attach(pipe)
+    assert not m.is_attached and dict(pipe.unet.attn_processors) == before  # nothing installed
 
 
-def test_paper_defaults():
+def test_paper_defaults_and_pseudo_word():
     from idforge.methods.pidiff import PIDiff
 
     cfg = PIDiff.Config()
-    assert (cfg.scale, cfg.num_tokens, cfg.visual_dropout, cfg.text_dropout) == (0.4, 4, 0.5, 0.3)
+    assert (cfg.scale, cfg.visual_dropout, cfg.text_dropout) == (0.4, 0.5, 0.3)
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.batch_size, cfg.train.steps) == (1e-4, 0.01, 4, 600)
+    m = PIDiff(cfg)
+    assert m.prompt("an image of {}", "man") == "an image of sks"  # S* replaces the class noun (§2.2.1)
+    assert "an image of {}" in cfg.templates
 
 
-def test_only_sca_and_mapping_train_and_loss_falls(pipe):
-    m = _method(visual_dropout=0.0, text_dropout=0.0, wplus_noise=0.0)
+def test_trainable_parameters_at_sd15_shape_match_table_8(tiny_e4e_checkpoint):
+    """On the real SD1.5 UNet (meta device): 16 SCA layers, q/k/v + F = 38.64 M (Table 8: 38.5 M), no to_out."""
+    from types import SimpleNamespace
+
+    from idforge.methods.pidiff import PIDiff
+    from tests.fixtures.unet_layouts import meta_unet
+
+    unet = meta_unet("sd15")
+    m = PIDiff.from_config({"encoder_path": str(tiny_e4e_checkpoint)})
+    m.build(SimpleNamespace(unet=unet))
+    sca = m.modules["sca"]
+    assert len(sca) == 16
+    assert all(set(dict(layer.named_children())) == {"to_q", "to_k", "to_v"} for layer in sca.values())
+    n_sca = sum(p.numel() for p in sca.parameters())
+    n_map = sum(p.numel() for p in m.modules["mapping"].parameters())
+    widths = [320] * 5 + [640] * 5 + [1280] * 6
+    assert n_sca == sum(c * c + 2 * 768 * c for c in widths) == 31_559_680
+    assert n_map == 3 * (2048 * 768 + 768) + (3072 * 768 + 768) + 2 * 768 == 7_082_496
+    total = m.num_trainable_parameters()
+    assert total == n_sca + n_map and abs(total - 38.5e6) / 38.5e6 < 0.005
+    assert tuple(m.modules["mapping"](torch.zeros(1, 18, 512, device="meta")).shape) == (1, 4, 768)
+
+
+def test_only_sca_qkv_and_mapping_train_and_loss_falls(pipe, make):
+    m = make(visual_dropout=0.0, text_dropout=0.0, wplus_noise=0.0)
     m.attach(pipe)
     attn = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
-    sca = m.modules["sca"]["down_blocks_0_attentions_0_transformer_blocks_0_attn2"]
+    key = "down_blocks_0_attentions_0_transformer_blocks_0_attn2"
+    sca = m.modules["sca"][key]
     for name in ("to_q", "to_k", "to_v"):  # SCA q/k/v start as the text cross-attention's
         assert torch.equal(getattr(sca, name).weight, getattr(attn, name).weight)
     enc_before = {k: v.clone() for k, v in m.encoder.state_dict().items()}
@@ -74,15 +101,17 @@ def test_only_sca_and_mapping_train_and_loss_falls(pipe):
     first, last = train_steps(m, pipe, fixed_batch(pipe, m), steps=10, lr=1e-3)
     assert last < first
     after = m.state_dict()
-    assert not torch.equal(init["mapping.fc2.weight"], after["mapping.fc2.weight"])
+    assert not torch.equal(init["mapping.proj.3.weight"], after["mapping.proj.3.weight"])
+    assert not torch.equal(init[f"sca.{key}.to_k.weight"], after[f"sca.{key}.to_k.weight"])
+    assert not any("to_out" in k for k in after)  # SCA's output projection is the frozen text one
     assert all(torch.equal(v, m.encoder.state_dict()[k]) for k, v in enc_before.items())  # W+ encoder frozen
     m.detach()
 
 
-def test_style_mixing_takes_coarse_layers_from_one_identity_and_fine_from_another(pipe):
+def test_style_mixing_takes_coarse_layers_from_one_identity_and_fine_from_another(pipe, make):
     from idforge.methods.pidiff import mix_wplus
 
-    m = _method()
+    m = make()
     m.attach(pipe)
     m.eval()
     cond_a, cond_b = m.identity_condition(_refs(0), pipe), m.identity_condition(_refs(1), pipe)
@@ -97,6 +126,21 @@ def test_style_mixing_takes_coarse_layers_from_one_identity_and_fine_from_anothe
     assert list(img_b.getdata()) != list(img_mixed.getdata())
     m.set_scale(0.0)
     img_zero = m.generate(pipe, ["a photo of a person"], mixed, **kw)[0]
-    m.set_scale(0.0)
     assert list(img_zero.getdata()) == list(m.generate(pipe, ["a photo of a person"], cond_b, **kw)[0].getdata())
+    m.detach()
+
+
+def test_generation_without_matted_refs_uses_the_trained_identity(pipe, make):
+    """References without wplus_pixels (e.g. generate's 112 crops) fall back to the stored w+, never to e4e on a
+    112 crop."""
+    from idforge.methods.types import IdentityRefs
+
+    m = make()
+    m.attach(pipe)
+    m.prepare_identity(_refs(0), pipe)
+    stored = m.sample_condition(pipe).tensors["wplus"]
+    crops_only = IdentityRefs(face_crops=torch.rand(1, 3, 112, 112))
+    assert torch.equal(m.identity_condition(crops_only, pipe).tensors["wplus"], stored)
+    with pytest.raises(ValueError, match="wplus_pixels"):
+        m.prepare_identity(crops_only, pipe)
     m.detach()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from idforge.config_section import Section
+from idforge.diffusion.schedulers import check_scheduler_name
 
 
 class GenerateConfig(Section):
@@ -21,8 +22,10 @@ class GenerateConfig(Section):
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = None
     negative_prompt: str = ""
-    scheduler: str | None = Field(default=None, description="diffusers scheduler class for sampling (e.g. "
-                                  "DDIMScheduler); None = the base model's")
+    scheduler: str | None = Field(default=None, description="sampler: model | ddim | dpm++ | euler | euler_a, or a "
+                                  "diffusers scheduler class (e.g. DDIMScheduler); None = the base model's")
+
+    _scheduler_name = field_validator("scheduler")(classmethod(lambda cls, v: check_scheduler_name(v)))
     height: int | None = Field(default=None, ge=8, description="image height in pixels; None = the protocol's")
     width: int | None = Field(default=None, ge=8, description="image width in pixels; None = the protocol's")
     # What stands for the identity in the prompt templates' {} (a method with a learned token supplies its own).

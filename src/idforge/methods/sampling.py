@@ -11,10 +11,11 @@ import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from idforge.config_section import Section
+from idforge.diffusion.schedulers import check_scheduler_name
 from idforge.methods.types import Condition, InjectionState
 
 if TYPE_CHECKING:
@@ -33,8 +34,10 @@ class SamplingConfig(Section):
     height: int | None = None  # None = the UNet's native size (sample_size * vae_scale_factor)
     width: int | None = None
     batch_size: int = Field(default=4, ge=1, description="prompts per UNet batch (x2 with guidance)")
-    scheduler: str | None = Field(default=None, description="diffusers scheduler class (e.g. DDIMScheduler) built "
-                                  "from the pipeline's scheduler config; None = the pipeline's own")
+    scheduler: str | None = Field(default=None, description="model | ddim | dpm++ | euler | euler_a or a diffusers "
+                                  "scheduler class, built from the pipeline's scheduler config; None = its own")
+
+    _scheduler_name = field_validator("scheduler")(classmethod(lambda cls, v: check_scheduler_name(v)))
 
 
 class Sampled(Protocol):
@@ -70,19 +73,12 @@ def image_size(pipe: Any, cfg: SamplingConfig) -> tuple[int, int]:
 
 
 def sampling_scheduler(pipe: Any, name: str | None = None) -> Any:
-    """A fresh scheduler for one sampling run: class ``name`` (a diffusers scheduler) or the pipeline's own, built
-    from the pipeline's scheduler config (the base model's betas and prediction type)."""
-    import diffusers
+    """A fresh scheduler for one sampling run (``idforge.diffusion.schedulers.make_scheduler``): ``model``/None = the
+    pipeline's own, ``ddim`` | ``dpm++`` | ``euler`` | ``euler_a`` or a diffusers class name, all built from the
+    pipeline's scheduler config (the base model's betas and prediction type)."""
+    from idforge.diffusion.schedulers import make_scheduler
 
-    from idforge.errors import ConfigError
-
-    cls = type(pipe.scheduler)
-    if name is not None:
-        cls = getattr(diffusers, name, None)
-        if cls is None or not name.endswith("Scheduler"):
-            raise ConfigError(f"sampling scheduler {name!r} is not a diffusers scheduler class; use e.g. "
-                              "DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler or null")
-    return cls.from_config(pipe.scheduler.config)
+    return make_scheduler(name, pipe.scheduler)
 
 
 def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image]:

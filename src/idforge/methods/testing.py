@@ -141,3 +141,62 @@ def fit(method: BaseMethod, pipe: Any, task: SyntheticIdentities, steps: int = 1
         opt.step()
         losses.append(float(out["loss"].detach()))
     return losses
+
+
+def write_random_e4e_checkpoint(path: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, width: int = 64
+                                ) -> dict[str, Tensor]:
+    """Write a random-weight checkpoint in the released ``e4e_ffhq_encode.pt`` layout; returns its kept part.
+
+    ``{'state_dict': {encoder.* with e4e's exact key names and shapes, a few decoder.* entries}, 'latent_avg':
+    [18, 512], 'opts': {...}}``. ``width`` < 64 writes a narrower test encoder (same keys, channels scaled; a
+    16-wide one is a cheap stand-in for tests). Memory-light: every float tensor is an overlapping strided view
+    into one small random pool per fan-in (weights ~ N(0, 1/fan_in) * ``scale``, BN statistics near identity),
+    so the 267 M entries cost a few MB on disk and in memory; ``torch.save`` writes each pool once.
+    """
+    import math
+
+    from idforge.methods.e4e import N_STYLES, STYLE_DIM, Encoder4Editing
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = dict(Encoder4Editing(width).state_dict())
+    pools: dict[tuple[str, int], Tensor] = {}
+    pool_size = 1 << 15
+
+    def pool(kind: str, fan_in: int) -> Tensor:
+        if (kind, fan_in) not in pools:
+            raw = torch.randn(pool_size + 8192 * 9, generator=g)
+            if kind == "weight":
+                pools[kind, fan_in] = raw * (scale / math.sqrt(fan_in))
+            else:
+                pools[kind, fan_in] = {"bn_weight": 1 + 0.1 * raw, "bn_var": 1 + 0.1 * raw.abs(),
+                                       "small": 0.05 * raw}[kind]
+        return pools[kind, fan_in]
+
+    def view(name: str, meta: Tensor) -> Tensor:
+        shape = tuple(meta.shape)
+        if meta.dtype == torch.long:  # BN num_batches_tracked
+            return torch.tensor(1000, dtype=torch.long)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "running_var":
+            src = pool("bn_var", 0)
+        elif leaf in {"running_mean", "bias"}:
+            src = pool("small", 0)
+        elif len(shape) == 1:  # BN / PReLU weights
+            src = pool("bn_weight", 0)
+        else:
+            src = pool("weight", int(math.prod(shape[1:])))
+        inner = int(math.prod(shape[1:])) if len(shape) > 1 else 1
+        strides = [7 if len(shape) > 1 else 1] + [int(math.prod(shape[i + 1:])) for i in range(1, len(shape))]
+        offset = int(torch.randint(0, pool_size, (1,), generator=g))
+        need = offset + (shape[0] - 1) * strides[0] + inner
+        assert need <= src.numel(), (name, need)
+        return src.as_strided(shape, strides, offset)
+
+    encoder = {f"encoder.{k}": view(k, v) for k, v in shapes.items()}
+    latent_avg = torch.randn(STYLE_DIM, generator=g).expand(N_STYLES, STYLE_DIM)
+    decoder = {"decoder.style.1.weight": torch.zeros(8, 8), "decoder.input.input": torch.zeros(1, 8, 4, 4)}
+    opts = {"encoder_type": "Encoder4Editing", "stylegan_size": 1024, "start_from_latent_avg": True,
+            "checkpoint_path": None, "lr": 0.0001}
+    torch.save({"state_dict": {**encoder, **decoder}, "latent_avg": latent_avg, "opts": opts}, str(path))
+    return {**encoder, "latent_avg": latent_avg}

@@ -36,6 +36,8 @@ class IdentityRefs:
     clip_patch_tokens: (N, P, Dvis) float32, CLIP vision hidden states of the penultimate layer, class token
                        first (P = 1 + (image_size / patch_size)^2, Dvis = vision hidden size).
     face_crops:        (N, 3, 112, 112) float32 in [0, 1], ArcFace-aligned RGB crops.
+    wplus_pixels:      (N, 3, 256, 256) float32 in [-1, 1], the FFHQ-aligned crop with its background filled
+                       white (the W+ encoders' input: e4e for PIDiff; ``idforge.methods.e4e.e4e_input``).
     class_noun:        the word of the prompt that stands for the person ("man", "woman", "person", ...).
     """
 
@@ -43,6 +45,7 @@ class IdentityRefs:
     clip_image_embeds: Tensor | None = None
     clip_patch_tokens: Tensor | None = None
     face_crops: Tensor | None = None
+    wplus_pixels: Tensor | None = None
     class_noun: str = "person"
 
     def __post_init__(self) -> None:
@@ -87,6 +90,8 @@ class TrainBatch:
     face_mask:         (B, 1, h, w) float in [0, 1], face region at latent resolution (1 = face).
     ref_pixels:        (B, 3, 112, 112) float in [0, 1], an ArcFace-aligned reference crop (face identity loss
                        embeds it with the torch ArcFace when ``face_embeds`` are not ArcFace-512).
+    wplus_pixels:      (B, 3, 256, 256) float in [-1, 1], a background-removed FFHQ-aligned reference (as
+                       ``IdentityRefs.wplus_pixels``), for W+ encoders.
     target_kps:        (B, 5, 2) float, the 5 ArcFace landmarks of the TARGET image in pixel coordinates of the
                        image the latents encode (h*8 x w*8); the face identity loss aligns with them.
     identity:          (B,) long, identity index (for logging / mismatch tests).
@@ -104,6 +109,7 @@ class TrainBatch:
     clip_patch_tokens: Tensor | None = None
     face_mask: Tensor | None = None
     ref_pixels: Tensor | None = None
+    wplus_pixels: Tensor | None = None
     target_kps: Tensor | None = None
     identity: Tensor | None = None
     noise: Tensor | None = None
@@ -138,7 +144,7 @@ class TrainBatch:
 
     def with_identity_of(self, other: TrainBatch) -> TrainBatch:
         """This batch's images and text with ``other``'s identity features (for mismatched-identity checks)."""
-        ident = ("face_embeds", "clip_image_embeds", "clip_patch_tokens", "ref_pixels", "identity")
+        ident = ("face_embeds", "clip_image_embeds", "clip_patch_tokens", "ref_pixels", "wplus_pixels", "identity")
         return replace(self, **{n: getattr(other, n) for n in ident})
 
 

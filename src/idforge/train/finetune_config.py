@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from idforge.config_section import Section
+from idforge.diffusion.schedulers import check_scheduler_name
 
 
 class FinetuneConfig(Section):
@@ -32,6 +33,9 @@ class FinetuneConfig(Section):
     sample_prompts: list[str] | None = Field(default=None, description="None = the method's sample prompt")
     sample_seeds: list[int] = Field(default_factory=lambda: [0, 1])
     sample_steps: int = Field(default=20, ge=1, description="denoising steps of the images logged at the end")
+    sample_scheduler: str | None = Field(default=None, description="sampler of those images (as generate.scheduler)")
+
+    _scheduler_name = field_validator("sample_scheduler")(classmethod(lambda cls, v: check_scheduler_name(v)))
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per task; None = torch's")
     # fan-out
     gpus_per_task: float | None = Field(default=None, ge=0, description="Ray GPUs per identity; None = 1 if CUDA")

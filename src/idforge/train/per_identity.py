@@ -66,6 +66,8 @@ class IdentityData:
     masks:       (N, 1, R, R) float in [0, 1], face masks (1 = face).
     crops112:    (N, 3, 112, 112) float in [0, 1], ArcFace-aligned crops.
     face_embeds: (N, D) float32, L2-normalised identity embeddings.
+    wplus:       (N, 3, 256, 256) float in [-1, 1], the FFHQ-aligned crop with a white background (person matte;
+                 the face mask where curation made no matte): the W+ encoders' input (``e4e_input``).
     """
 
     identity: str
@@ -74,6 +76,7 @@ class IdentityData:
     crops112: torch.Tensor
     face_embeds: torch.Tensor
     sources: list[str]
+    wplus: torch.Tensor | None = None
 
 
 def artifact_dir(output_dir: str | os.PathLike[str], identity: str) -> Path:
@@ -176,7 +179,7 @@ def load_identity_data(dataset_dir: str | os.PathLike[str], identity: str, resol
     if not emb_path.is_file():
         raise DataError(f"{root} has no embeddings.npy; run idforge curate first")
     embeddings = np.load(emb_path, mmap_mode="r")
-    images, masks, crops = [], [], []
+    images, masks, crops, ffhq, mattes = [], [], [], [], []
     for _, row in rows.iterrows():
         images.append(_read_image(root / row["aligned"], resolution))
         mask_path = row.get("mask")
@@ -187,11 +190,25 @@ def load_identity_data(dataset_dir: str | os.PathLike[str], identity: str, resol
         c112 = row.get("aligned_112")
         crops.append(_read_image(root / c112, 112) if isinstance(c112, str) and c112
                      else _read_image(root / row["aligned"], 112))
+        big = row.get("aligned_ffhq")
+        if isinstance(big, str) and big:
+            # e4e's input at its 256 px from the FFHQ-aligned crop (never the 112 crop upscaled)
+            person = row.get("person_mask")
+            matte = person if isinstance(person, str) and person else mask_path
+            ffhq.append(_read_image(root / big, 256))
+            mattes.append(_read_image(root / matte, 256, mode="L") if isinstance(matte, str) and matte
+                          else np.full((256, 256), 255, np.uint8))
     img = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     msk = torch.from_numpy(np.stack(masks)).float()[:, None] / 255
     c = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
     emb = torch.from_numpy(np.asarray(embeddings[rows["embedding_row"].to_numpy()], dtype=np.float32))
-    return IdentityData(identity, img, msk, c, emb, [str(s) for s in rows["source"]])
+    wplus = None
+    if len(ffhq) == len(rows):
+        from idforge.methods.e4e import e4e_input
+
+        wplus = e4e_input(torch.from_numpy(np.stack(ffhq)).permute(0, 3, 1, 2).float() / 255,
+                          torch.from_numpy(np.stack(mattes)).float()[:, None] / 255)
+    return IdentityData(identity, img, msk, c, emb, [str(s) for s in rows["source"]], wplus)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,7 +349,8 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         if rec["flip_prob"] > 0:  # mirrored images encoded too (a flipped latent is not the latent of the mirror)
             latents_flip = _encode_latents(pipe, torch.flip(data.images, dims=[-1])).to(device)
             masks_flip = torch.flip(masks, dims=[-1])
-        refs = IdentityRefs(face_embeds=data.face_embeds, face_crops=data.crops112, class_noun=cfg.class_noun)
+        refs = IdentityRefs(face_embeds=data.face_embeds, face_crops=data.crops112, wplus_pixels=data.wplus,
+                            class_noun=cfg.class_noun)
         method.attach(pipe)
         method.prepare_identity(refs.to(device), pipe)
         method.train()
@@ -346,6 +364,7 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         n = data.images.shape[0]
         face = data.face_embeds.to(device)
         crops = data.crops112.to(device)
+        wplus_px = data.wplus.to(device) if data.wplus is not None else None
         losses: list[float] = []
         with _autocast(device, cfg.dtype):
             for step in range(rec["steps"]):
@@ -354,12 +373,16 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
                 prompts = [method.prompt(templates[int(i)], cfg.class_noun) for i in pick]
                 ids, ids_2 = tokenize(pipe, prompts)
                 lat, msk = latents[idx], masks[idx]
+                wpx = wplus_px[idx] if wplus_px is not None else None
                 if rec["flip_prob"] > 0:
                     flip = (torch.rand(rec["batch_size"], generator=gen) < rec["flip_prob"]).to(device)
                     lat = torch.where(flip[:, None, None, None], latents_flip[idx], lat)
                     msk = torch.where(flip[:, None, None, None], masks_flip[idx], msk)
+                    if wpx is not None:  # the W+ encoder sees the same mirror as the target
+                        wpx = torch.where(flip[:, None, None, None], torch.flip(wpx, dims=[-1]), wpx)
                 batch = TrainBatch(latents=lat, input_ids=ids, input_ids_2=ids_2,
-                                   face_embeds=face[idx][:, None], face_mask=msk, ref_pixels=crops[idx])
+                                   face_embeds=face[idx][:, None], face_mask=msk, ref_pixels=crops[idx],
+                                   wplus_pixels=wpx)
                 out = method.training_loss(batch, pipe, generator=gen)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
@@ -373,7 +396,8 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         t0 = time.perf_counter()
         method.eval()
         prompts = [method.prompt(p, cfg.class_noun) for p in (cfg.sample_prompts or [method.config.sample_prompt])]
-        sampling = {"seeds": list(cfg.sample_seeds), "num_inference_steps": cfg.sample_steps}
+        sampling = {"seeds": list(cfg.sample_seeds), "num_inference_steps": cfg.sample_steps,
+                    "scheduler": cfg.sample_scheduler}
         images = method.generate(pipe, prompts, method.sample_condition(pipe), **sampling)
         if run is not None:
             from idforge.track import log_image_grid

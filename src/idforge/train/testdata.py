@@ -35,6 +35,8 @@ def _png(arr: np.ndarray) -> bytes:
 def _write_tables(out: Path, rows: list[dict[str, Any]], embeddings: np.ndarray) -> Path:
     import pandas as pd
 
+    from idforge.curate.manifest import manifest_schema, write_table
+
     manifest = pd.DataFrame(rows)
     ids = manifest.groupby("identity", sort=True)
     identities = pd.DataFrame({
@@ -44,8 +46,10 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], embeddings: np.ndarray)
         "label": list(ids.groups),
         "embedding_dim": [int(embeddings.shape[1])] * len(ids.groups),
     })
+    # every column curation writes (null where a synthetic face has no value), so readers asking for all find them
     with atomic_path(out / "manifest.parquet") as tmp:
-        manifest.to_parquet(tmp, index=False)
+        write_table([{name: row.get(name) for name in manifest_schema().names} for row in rows], manifest_schema(),
+                    tmp)
     with atomic_path(out / "identities.parquet") as tmp:
         identities.to_parquet(tmp, index=False)
     buf = io.BytesIO()
