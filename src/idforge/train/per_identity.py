@@ -166,8 +166,9 @@ def load_identity_data(dataset_dir: str | os.PathLike[str], identity: str, resol
     missing = sorted(need - set(have))
     if missing:
         raise DataError(f"{root} manifest lacks columns {missing}; re-run `idforge curate` to rewrite it")
-    # only this identity's rows and the columns read here are materialised (mask and aligned_112 are optional)
-    columns = [c for c in have if c in need | {"mask", "aligned_112"}]
+    # only this identity's rows and the columns read here are materialised (the others are optional; aligned_ffhq
+    # and person_mask make the W+ encoders' input)
+    columns = [c for c in have if c in need | {"mask", "aligned_112", "aligned_ffhq", "person_mask"}]
     rows = read_manifest(root, columns=columns, filters=[("identity", "=", identity)], accepted_only=True)
     rows = rows.sort_values("sha256")
     if rows.empty:
