@@ -52,13 +52,16 @@ VERBOSE ?=
 demo: install data
 	@$(BIN)/idforge demo $(if $(MODEL),--model $(MODEL),) $(if $(VERBOSE),--verbose,)
 
+# Both cores (pytest-xdist); one module's tests stay on one worker (--dist loadscope), so a module-scoped fixture
+# (a trained model, a pipeline run) is built once. Every test uses free ports and its own temp dirs.
+TEST_WORKERS ?= 2
 # Lint first: a lint failure fails the run before the (long) suite starts.
 test: install data browser lint
-	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 test-fast: install data browser
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/python -m ruff check src tests components pipelines bench

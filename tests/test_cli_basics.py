@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,12 @@ def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) ->
     )
 
 
-def test_help_is_fast():
-    # Best of three: the machine is shared, and we want the command's cost, not the scheduler's.
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        proc = _run("--help")
-        best = min(best, time.perf_counter() - start)
-        assert proc.returncode == 0, proc.stderr
-    assert "models" in proc.stdout and "curate" in proc.stdout
-    assert best < 1.5, f"idforge --help took {best:.2f}s"
+def test_help_lists_the_commands():
+    # That help stays instant is guarded by what it imports (next test), not by a wall-clock bound on a shared CPU.
+    proc = _run("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("models", "curate", "personalize", "doctor", "demo"):
+        assert command in proc.stdout
 
 
 def test_help_imports_nothing_heavy():
