@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from idforge.io.locations import local_input, local_output, parse_location
+from idforge.io.locations import local_input, local_output, local_output_file, parse_location
 from idforge.io.uri import is_s3_uri
 
 app = typer.Typer(
@@ -83,15 +83,17 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt
 
 @models_app.command("make-tiny")
 def models_make_tiny(
-    out_dir: Annotated[Path, typer.Argument(help="Directory to write the model into (save_pretrained layout).")],
+    out_dir: Annotated[str, typer.Argument(parser=parse_location,
+                                           help="Directory (or s3://) to write the model into (save_pretrained).")],
     kind: Annotated[str, typer.Option(help="sd15 | sdxl | clip")] = "sd15",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Build a tiny random model of the real diffusers/transformers classes, for offline tests and demos."""
     from idforge.diffusion.tiny import make_tiny
 
-    path = make_tiny(out_dir, kind=kind, seed=seed)
-    typer.echo(f"wrote tiny {kind} model to {path}")
+    with local_output(out_dir) as work:
+        make_tiny(work, kind=kind, seed=seed)
+    typer.echo(f"wrote tiny {kind} model to {out_dir}")
 
 
 @models_app.command("check")
@@ -136,13 +138,14 @@ def methods_presets() -> None:
 
 
 @methods_app.command("inspect")
-def methods_inspect(path: Annotated[Path, typer.Argument(help="A method checkpoint (.safetensors).")]) -> None:
+def methods_inspect(path: Annotated[str, typer.Argument(parser=parse_location,
+                                                        help="A method checkpoint (.safetensors, or s3://).")]) -> None:
     """Method, config, UNet signature and parameter counts stored in a checkpoint."""
     from idforge.errors import DataError
     from idforge.methods.describe import describe_checkpoint
 
     try:
-        typer.echo(describe_checkpoint(path))
+        typer.echo(describe_checkpoint(local_input(path)))
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(str(exc)) from None
 
@@ -343,21 +346,28 @@ def evaluate(
 @app.command()
 def compare(
     runs: Annotated[list[str], typer.Argument(help="Two or more evaluation MLflow run ids.")],
-    output: Annotated[Optional[Path], typer.Option(help="Also write the table (.csv, .md or .parquet).")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        parser=parse_location, help="Also write the table (.csv, .md or .parquet; or s3://).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Side-by-side metrics of evaluation runs, with deltas against the first."""
     from idforge.evaluate.run import compare_runs
 
-    table = compare_runs(runs, _load(config, set_), output=output)
+    cfg = _load(config, set_)
+    if output is None:
+        table = compare_runs(runs, cfg)
+    else:
+        with local_output_file(output, cfg.storage) as path:
+            table = compare_runs(runs, cfg, output=path)
     typer.echo(table.to_string())
 
 
 @app.command()
 def register(
     run: Annotated[str, typer.Option(help="Evaluation MLflow run id.")],
-    gates: Annotated[Path, typer.Option(help="Gates YAML.")] = Path("configs/gates.yaml"),
+    gates: Annotated[str, typer.Option(parser=parse_location, help="Gates YAML (path or s3://).")] = (
+        "configs/gates.yaml"),
     model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default idforge-<method>).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -365,7 +375,8 @@ def register(
     """Register the evaluated model; alias `champion` moves only when every gate passes."""
     from idforge.evaluate.register import register_run
 
-    result = register_run(run, gates, _load(config, set_), model_name=model_name)
+    cfg = _load(config, set_)
+    result = register_run(run, local_input(gates, cfg.storage), cfg, model_name=model_name)
     typer.echo(result.summary())
     if not result.promoted:
         raise typer.Exit(code=3)
@@ -374,6 +385,9 @@ def register(
 # ----------------------------------------------------------------------------------------------------------------
 # pipelines
 
+GatesOpt = Annotated[
+    Optional[str], typer.Option(parser=parse_location, help="Gates YAML (path or s3://) passed as gates_yaml.")
+]
 ArgOpt = Annotated[
     Optional[list[str]],
     typer.Option("--arg", "-a", help="Pipeline parameter: --arg raw_uri=data/samples (repeatable).",
@@ -452,7 +466,7 @@ def pipeline_run(
     local: Annotated[bool, typer.Option("--local",
                                         help="Run here with kfp's local runner (required for now).")] = False,
     arg: ArgOpt = None,
-    gates: Annotated[Optional[Path], typer.Option(help="Gates YAML passed as gates_yaml.")] = None,
+    gates: GatesOpt = None,
     pipeline_root: Annotated[Path, typer.Option(help="Where task outputs go.")] = Path("outputs/kfp"),
     cache: Annotated[bool, typer.Option(help="Reuse outputs of unchanged steps.")] = True,
     verbose: VerboseOpt = False,
@@ -469,7 +483,7 @@ def pipeline_run(
     arguments = typed_arguments(name, _pipeline_args(arg))
     arguments.setdefault("config_yaml", _pipeline_config_yaml(config, set_, preset))
     if gates is not None:
-        arguments["gates_yaml"] = gates.read_text()
+        arguments["gates_yaml"] = local_input(gates).read_text()
     log_file = _quiet_log(name, verbose)
     run = run_local(name, arguments, pipeline_root=pipeline_root, enable_caching=cache, log_file=log_file)
     typer.echo(f"pipeline {name} finished; outputs under {run.pipeline_root}")
@@ -483,7 +497,7 @@ def pipeline_submit(
     host: Annotated[str, typer.Option(help="Kubeflow Pipelines endpoint, e.g. http://127.0.0.1:8080")],
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "idforge",
     arg: ArgOpt = None,
-    gates: Annotated[Optional[Path], typer.Option(help="Gates YAML passed as gates_yaml.")] = None,
+    gates: GatesOpt = None,
     registry: Annotated[Optional[str], typer.Option(help="Image registry prefix.")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Image tag.")] = None,
     service_account: Annotated[
@@ -513,7 +527,7 @@ def pipeline_submit(
     # On a cluster the tracking URI comes from the pods' MLFLOW_TRACKING_URI: do not bake a local path in.
     arguments.setdefault("config_yaml", dump_config(_load(config, set_, preset)))
     if gates is not None:
-        arguments["gates_yaml"] = gates.read_text()
+        arguments["gates_yaml"] = local_input(gates).read_text()
     run_id = submit(name, host, arguments, experiment=experiment, images=images,
                     service_account=service_account, pipeline_root=pipeline_root, platform=Platform.load(platform),
                     namespace=namespace or None)
@@ -534,14 +548,16 @@ def pipeline_status(
 
 @app.command()
 def personalize(
-    photos: Annotated[Path, typer.Option(help="A folder of photos of one person.")],
+    photos: Annotated[str, typer.Option(parser=parse_location, help="A folder (or s3://) of one person's photos.")],
     method: Annotated[Optional[str], typer.Option(help="Method (default: the --preset's).")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option(
         help='Prompt, "{}" where the person goes (repeatable), e.g. "a photo of {} on the beach".')] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where dataset, model, images, grid go.")] = Path(
+    output: Annotated[str, typer.Option("--output", "-o", parser=parse_location,
+                                        help="Where dataset, model, images, grid go (or s3://).")] = (
         "outputs/personalize"),
-    model: Annotated[Optional[Path], typer.Option(
-        help="A trained population adapter (method.safetensors) for id-adapter / infinite-id.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        parser=parse_location, help="A trained population adapter (method.safetensors) for id-adapter / "
+                                    "infinite-id.")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="0..3 or 1,5,9 (default 0,1).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -556,8 +572,10 @@ def personalize(
     method = method or preset
     if method is None:
         raise ConfigError("pass --method NAME (or --preset NAME)")
-    result = run(photos, method, list(prompt or []), output, cfg, artifact=model, seeds=_seeds(seeds))
-    typer.echo(f"{result.identity}: {result.photos_used} photo(s) -> {result.generated}")
+    with local_output(output, cfg.storage) as out:
+        result = run(local_input(photos, cfg.storage), method, list(prompt or []), out, cfg,
+                     artifact=local_input(model, cfg.storage), seeds=_seeds(seeds))
+    typer.echo(f"{result.identity}: {result.photos_used} photo(s) -> {output}")
     typer.echo(f"  grid   : {result.grid}")
     typer.echo(f"  report : {result.report}")
 

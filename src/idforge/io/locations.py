@@ -23,7 +23,7 @@ from idforge.io.uri import is_local, is_s3_uri, local_path, parse_s3_uri
 if TYPE_CHECKING:
     from idforge.config import StorageConfig
 
-__all__ = ["parse_location", "cache_root", "local_input", "local_output"]
+__all__ = ["parse_location", "cache_root", "local_input", "local_output", "local_output_file"]
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +87,22 @@ def local_output(location: str, storage: StorageConfig | None = None) -> Iterato
     yield work
     synced = store.upload_dir(work, location)
     log.info("uploaded %d file(s) to %s (%d unchanged)", len(synced.copied), location, len(synced.skipped))
+
+
+@contextlib.contextmanager
+def local_output_file(location: str, storage: StorageConfig | None = None) -> Iterator[Path]:
+    """A local path for a one-file output: the path itself, or for ``s3://`` a temporary file that is uploaded to
+    the object when the block exits without an exception (nothing is uploaded otherwise)."""
+    if not is_s3_uri(location):
+        yield local_path(location)
+        return
+    import tempfile
+
+    from idforge.io.storage import open_storage
+
+    store = open_storage(location, storage)
+    with tempfile.TemporaryDirectory(prefix="idforge-out-") as tmp:
+        path = Path(tmp) / location.rstrip("/").rsplit("/", 1)[-1]
+        yield path
+        store.put_file(path, location)
+
