@@ -7,7 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from idforge.curate.captions import is_caption_file, read_captions
+from idforge.curate.captions import caption_files, read_captions
 from idforge.errors import DataError
 from idforge.train.prepare import with_class_noun
 
@@ -24,7 +24,9 @@ def test_sidecars_and_captions_csv_are_read_and_a_stray_row_is_an_error(tmp_path
         tmp_path / "captions.csv", index=False)
     # the CSV wins over a sidecar; a bare unique file name also matches
     assert read_captions(tmp_path, rels) == {"a/one.jpg": "a man in the snow", "three.png": "a woman reading"}
-    assert is_caption_file("captions.csv") and is_caption_file("a/one.txt") and not is_caption_file("a/one.jpg")
+    # a photo's sidecar and the CSV are captions; an orphan .txt is an input (rejected with a reason, never dropped)
+    assert caption_files(["captions.csv", "a/one.txt", "a/one.jpg", "notes.txt", "a/three.TXT"]) == {
+        "captions.csv", "a/one.txt"}
     pd.DataFrame({"source": ["missing.jpg"], "caption": ["x"]}).to_csv(tmp_path / "captions.csv", index=False)
     with pytest.raises(DataError, match=r"names 1 photo\(s\) not in the input.*missing.jpg"):
         read_captions(tmp_path, rels)

@@ -72,6 +72,12 @@ def test_one_mlflow_run_per_identity_with_loss_curve_images_and_timings(trained)
         assert [m.step for m in client.get_metric_history(res.run_id, "train/loss")] == [0, 2]
         assert {"time/load_s", "time/train_s", "time/save_s", "time/sample_s"} <= set(run.data.metrics)
         assert "samples" in {a.path for a in client.list_artifacts(res.run_id)}
+        # the identity's artifact is a logged model of its run, the final loss linked to it
+        (model,) = client.search_logged_models([run.info.experiment_id],
+                                                filter_string=f"source_run_id = '{res.run_id}'")
+        assert model.name == f"{method}-id00"
+        assert {m.key: m.value for m in model.metrics}["final_loss"] == pytest.approx(res.final_loss)
+        assert "finetune.json" in {a.path for a in client.list_logged_model_artifacts(model.model_id)}
 
 
 @pytest.mark.slow

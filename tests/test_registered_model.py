@@ -164,7 +164,11 @@ def test_mlflow_models_serve_answers_rest_calls_with_params(registered, loaded, 
     (port,) = free_ports(1)
     log_path = tmp_path / "serve.log"
     # idforge comes from the model's own code/ (not this checkout's src/); `tests` for the test method's module
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # `mlflow models serve` execs `uvicorn` through the shell: the venv's bin must be on PATH, as it is when the
+    # venv is activated (CI runs .venv/bin/python without activating it)
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
     mlflow_cli = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
     cmd = [mlflow_cli, "models", "serve", "-m", f"models:/{NAME}/{registered['result'].version}",
            "--env-manager", "local", "-h", LOOPBACK, "-p", str(port), "-w", "1"]

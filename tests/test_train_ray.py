@@ -93,7 +93,17 @@ def test_rank0_logs_to_mlflow(uninterrupted, tracking):
     assert run.info.status == "FINISHED"
     assert run.data.params["method"] == "infinite-id" and run.data.params["steps"] == "4"
     history = client.get_metric_history(run.info.run_id, "loss")
-    assert [h.step for h in history] == [2, 4]  # one point per report, from rank 0 only
+    # one point per report, from rank 0 only; the logged model's link repeats the final point, at its step
+    assert [h.step for h in history] == [2, 4, 4] and len({h.value for h in history if h.step == 4}) == 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"method.safetensors", "metrics.json", "samples", "config.resolved.yaml"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_00000004.png"]
+    # the sample grid is an image series too (key `samples`, by step)
+    assert any("samples+step+4+" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+    # the trained method is a logged model of the run, its final metrics linked to it, its weights inside
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert len(models) == 1 and models[0].name == "infinite-id" and models[0].status.to_int() == 2  # READY
+    linked = {m.key: m.value for m in models[0].metrics}
+    assert linked["step"] == 4 and "loss" in linked
+    files = {a.path for a in client.list_logged_model_artifacts(models[0].model_id)}
+    assert "method.safetensors" in files

@@ -20,9 +20,21 @@ CAPTIONS_CSV = "captions.csv"
 SIDECAR_SUFFIX = ".txt"
 
 
-def is_caption_file(rel: str) -> bool:
-    """True for the files this module reads (never curated as photos)."""
-    return rel == CAPTIONS_CSV or rel.lower().endswith(SIDECAR_SUFFIX)
+def caption_files(rels: list[str]) -> set[str]:
+    """Which of the input files ``rels`` (relative paths) are captions rather than photos: ``captions.csv`` at the
+    root, and a ``.txt`` beside a file of the same stem (its photo). Any other ``.txt`` is an input like every
+    file, so it ends in the rejects with a reason instead of vanishing."""
+    stems: dict[tuple[str, str], int] = {}
+    for rel in rels:
+        path = PurePosixPath(rel)
+        if path.suffix.lower() != SIDECAR_SUFFIX:
+            stems[(str(path.parent), path.stem)] = stems.get((str(path.parent), path.stem), 0) + 1
+    out = set()
+    for rel in rels:
+        path = PurePosixPath(rel)
+        if rel == CAPTIONS_CSV or (path.suffix.lower() == SIDECAR_SUFFIX and (str(path.parent), path.stem) in stems):
+            out.add(rel)
+    return out
 
 
 def read_captions(root: Path, rels: list[str]) -> dict[str, str]:
@@ -34,7 +46,7 @@ def read_captions(root: Path, rels: list[str]) -> dict[str, str]:
         return out
     for rel in rels:
         side = (root / rel).with_suffix(SIDECAR_SUFFIX)
-        if side.is_file():
+        if side.is_file() and side != root / rel:  # an orphan .txt is an input, not its own caption
             text = " ".join(side.read_text(encoding="utf-8", errors="replace").split())
             if text:
                 out[rel] = text
@@ -66,4 +78,4 @@ def read_captions(root: Path, rels: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["CAPTIONS_CSV", "is_caption_file", "read_captions"]
+__all__ = ["CAPTIONS_CSV", "caption_files", "read_captions"]

@@ -52,6 +52,7 @@ class FileOutcome:
 def list_input(input_uri: str, storage_cfg=None) -> tuple[list[dict[str, str]], int]:
     """[{"index", "rel", "source"}] of every file under ``input_uri`` sorted by ``rel``, and how many hidden entries
     (dot-files, dot-folders) were skipped. Only names are listed; no byte is read."""
+    from idforge.curate.captions import caption_files
     from idforge.curate.run import list_inputs, source_of
     from idforge.io.storage import open_storage
     from idforge.io.uri import is_s3_uri, join_uri
@@ -66,7 +67,9 @@ def list_input(input_uri: str, storage_cfg=None) -> tuple[list[dict[str, str]], 
                 hidden += 1
             else:
                 rels.append(rel)
-        return [{"index": i, "rel": r, "source": join_uri(prefix, r)} for i, r in enumerate(sorted(rels))], hidden
+        captions = caption_files(rels)  # the same rule as a local folder's (curate.run.list_inputs)
+        rels = sorted(r for r in rels if r not in captions)
+        return [{"index": i, "rel": r, "source": join_uri(prefix, r)} for i, r in enumerate(rels)], hidden
     root = Path(input_uri).expanduser()
     rels, hidden = list_inputs(root)
     return [{"index": i, "rel": r, "source": source_of(input_uri, root, r)} for i, r in enumerate(rels)], hidden

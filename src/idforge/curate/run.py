@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from idforge.curate.captions import is_caption_file, read_captions
+from idforge.curate.captions import caption_files, read_captions
 from idforge.curate.config import CurateConfig
 from idforge.curate.report import CurateReport
 from idforge.errors import DataError
@@ -58,10 +58,10 @@ def list_inputs(root: Path) -> tuple[list[str], int]:
         hidden += sum(d.startswith(".") for d in dirnames) + sum(f.startswith(".") for f in filenames)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
-            rel = Path(dirpath, f).relative_to(root).as_posix()
-            if not f.startswith(".") and not is_caption_file(rel):  # captions.csv / sidecars: captions, not photos
-                rels.append(rel)
-    return sorted(rels), hidden
+            if not f.startswith("."):
+                rels.append(Path(dirpath, f).relative_to(root).as_posix())
+    captions = caption_files(rels)  # captions.csv / a photo's sidecar: captions, not photos
+    return sorted(r for r in rels if r not in captions), hidden
 
 
 def source_of(input_uri: str, root: Path, rel: str) -> str:

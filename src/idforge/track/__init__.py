@@ -8,6 +8,7 @@ MLflow open a stray run in some default location.
 from idforge.track.artifacts import log_artifact, log_artifacts, log_html
 from idforge.track.datasets import log_dataset
 from idforge.track.images import log_image, log_image_grid, log_image_step, make_image_grid
+from idforge.track.models import log_trained_model
 from idforge.track.params import flatten_config, log_config
 from idforge.track.runs import (
     absolute_tracking_uri,
@@ -36,6 +37,7 @@ __all__ = [
     "log_image_grid",
     "log_image_step",
     "log_dataset",
+    "log_trained_model",
     "describe_pipeline_run",
     "experiment_url",
     "log_metrics",

@@ -432,6 +432,12 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         result.timings["total"] = time.perf_counter() - t_start
         log_metrics({"time/load_s": t_load, "time/train_s": t_train, "time/sample_s": t_sample, "time/save_s": t_save,
                      "time/total_s": result.timings["total"], "final_loss": losses[-1]})
+        if run is not None:
+            from idforge.track import log_trained_model
+
+            log_trained_model(sorted(p for p in final.iterdir() if p.is_file()), f"{method_name}-{identity}",
+                              {"final_loss": losses[-1], "first_loss": losses[0], "step": len(losses)},
+                              params={"identity": identity, "base_model": base_model})
         result.status = "done"
         result.artifact_dir = str(final)
         method.detach()

@@ -311,10 +311,13 @@ def train_population(
         with result.checkpoint.as_directory() as d:
             final = _export(Path(d), out, train_cfg, root, result.metrics, info)
         if mlflow_run_id is not None:
-            from idforge.track import log_artifact
+            from idforge.track import log_artifact, log_trained_model
 
             for f in ("method.safetensors", "metrics.json"):
                 log_artifact(out / f)
+            # the driver's run is the active one here (``_mlflow_run``): the model is linked to it
+            log_trained_model([out / "method.safetensors", out / "config.resolved.yaml"], train_cfg.method,
+                              result.metrics, params={"steps": result.metrics.get("step"), "base_model": model_arg})
     return TrainResult(output_dir=out, method_path=out / "method.safetensors", steps=int(result.metrics["step"]),
                        metrics=dict(result.metrics), checkpoint=Path(result.checkpoint.path),
                        mlflow_run_id=mlflow_run_id, extra=final)
