@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idforge.redact import strip_password
+
 #: seconds a network probe may take
 PROBE_TIMEOUT_S = 3.0
 
@@ -171,17 +173,11 @@ def check_mlflow(tracking_cfg: Any) -> Check:
     if not tracking_cfg.enabled:
         return Check("MLflow", "info", "tracking.enabled is false", required=False)
     if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            response = requests.get(uri.rstrip("/") + "/version", timeout=PROBE_TIMEOUT_S)
-        except requests.exceptions.RequestException as exc:
-            return _missing("MLflow", f"{_redact(uri)} is unreachable ({type(exc).__name__})",
-                            "start the tracking server or set tracking.uri / $MLFLOW_TRACKING_URI")
-        if response.status_code != 200:
-            return _missing("MLflow", f"{_redact(uri)} answered HTTP {response.status_code} to /version",
-                            "check the URL and, with auth on, $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD")
-        return _ok("MLflow", f"server {response.text.strip()} at {_redact(uri)}")
+        got = _http_get("MLflow", uri.rstrip("/"), "/version",
+                        unreachable_fix="start the tracking server or set tracking.uri / $MLFLOW_TRACKING_URI",
+                        status_fix="check the URL and, with auth on, $MLFLOW_TRACKING_USERNAME/"
+                                   "$MLFLOW_TRACKING_PASSWORD")
+        return got if isinstance(got, Check) else _ok("MLflow", f"server {got.text.strip()} at {strip_password(uri)}")
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
         folder = db.parent if db.parent != Path("") else Path.cwd()
@@ -191,16 +187,22 @@ def check_mlflow(tracking_cfg: Any) -> Check:
         import mlflow
 
         return _ok("MLflow", f"local store {db} (mlflow {mlflow.__version__})")
-    return Check("MLflow", "info", f"tracking URI {_redact(uri)}", required=False)
+    return Check("MLflow", "info", f"tracking URI {strip_password(uri)}", required=False)
 
 
-def _redact(uri: str) -> str:
-    """``scheme://user:***@host`` for a URI with a password in it."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        auth, host = rest.split("@", 1)
-        return f"{scheme}://{auth.split(':', 1)[0]}:***@{host}"
-    return uri
+def _http_get(name: str, base: str, path: str, unreachable_fix: str, status_fix: str) -> Check | Any:
+    """GET ``base + path`` within the probe timeout: the response when it answers 200, else the failed row (the
+    address shown without any password)."""
+    import requests
+
+    shown = strip_password(base)
+    try:
+        response = requests.get(base + path, timeout=PROBE_TIMEOUT_S)
+    except requests.exceptions.RequestException as exc:
+        return _missing(name, f"{shown} is unreachable ({type(exc).__name__})", unreachable_fix)
+    if response.status_code != 200:
+        return _missing(name, f"{shown} answered HTTP {response.status_code} to {path}", status_fix)
+    return response
 
 
 def check_ray(address: str) -> Check:
@@ -215,18 +217,11 @@ def check_ray(address: str) -> Check:
 
 
 def check_kfp(host: str) -> Check:
-    import requests
-
     url = host.rstrip("/")
-    try:
-        response = requests.get(f"{url}/apis/v2beta1/healthz", timeout=PROBE_TIMEOUT_S)
-    except requests.exceptions.RequestException as exc:
-        return _missing("Kubeflow Pipelines", f"{url} is unreachable ({type(exc).__name__})",
-                        "port-forward the ml-pipeline-ui service or pass the right --kfp-host")
-    if response.status_code != 200:
-        return _missing("Kubeflow Pipelines", f"{url} answered HTTP {response.status_code} to /apis/v2beta1/healthz",
-                        "pass the KFP API endpoint (ml-pipeline service, port 8888) or the UI (8080)")
-    return _ok("Kubeflow Pipelines", f"API at {url}")
+    got = _http_get("Kubeflow Pipelines", url, "/apis/v2beta1/healthz",
+                    unreachable_fix="port-forward the ml-pipeline-ui service or pass the right --kfp-host",
+                    status_fix="pass the KFP API endpoint (ml-pipeline service, port 8888) or the UI (8080)")
+    return got if isinstance(got, Check) else _ok("Kubeflow Pipelines", f"API at {url}")
 
 
 def run_checks(cfg: Any, ray_address: str | None = None, kfp_host: str | None = None) -> list[Check]:
