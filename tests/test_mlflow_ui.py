@@ -55,6 +55,11 @@ def test_the_ui_opens_on_the_training_runs_with_dataset_metric_and_images(mlflow
                           params={"run_id": run_id, "path": "images"}, timeout=10).json()
     names = [f["path"] for f in listed.get("files", [])]
     assert any("samples+step+1+" in n for n in names) and any("samples+step+2+" in n for n in names), names
+    # ... and the UI renders one of them as an image on the run's artifact page
+    first = next(n for n in names if "samples+step+1+" in n and n.endswith(".png"))
+    shown = _dom(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{run_id}/artifacts/{first}"
+                 "?workflowType=machine_learning")
+    assert f'<img alt="{first}" src="blob:' in shown
 
     parent_page = _dom(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{parent.info.run_id}"
                        "?workflowType=machine_learning")
