@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from idforge.curate.config import CurateConfig
 from idforge.curate.detect import declared_face
@@ -30,13 +29,7 @@ def _cfg(tmp: Path, mode: str) -> CurateConfig:
 def source(face_photos, tmp_path_factory) -> Path:
     """A dataset curated from four sample photos (raw photos, the default alignment)."""
     tmp = tmp_path_factory.mktemp("aligned-src")
-    photos = tmp / "in"
-    for rel in PICK:
-        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(face_photos.root / rel) as im:
-            im = im.convert("RGB")
-            im.thumbnail((480, 480))
-            im.save(photos / rel, quality=92)
+    photos = face_photos.downscaled(PICK, tmp / "in", 480)
     out = tmp / "ds"
     curate_dataset(str(photos), str(out), cfg=_cfg(tmp, "raw"))
     return out

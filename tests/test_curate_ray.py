@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from idforge.curate.config import CurateConfig
 from idforge.curate.manifest import read_manifest
@@ -21,13 +20,7 @@ PICK = ("obama/1.jpg", "obama/4.jpg", "ardern/1.jpg", "ardern/2.jpg", "macron/1.
 @pytest.fixture(scope="module")
 def photos(face_photos, tmp_path_factory) -> Path:
     """Six photos of three people (downscaled: fast), in person folders, plus a file that is not an image."""
-    root = tmp_path_factory.mktemp("ray-in") / "in"
-    for rel in PICK:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(face_photos.root / rel) as im:
-            im = im.convert("RGB")
-            im.thumbnail((400, 400))
-            im.save(root / rel, quality=92)
+    root = face_photos.downscaled(PICK, tmp_path_factory.mktemp("ray-in") / "in", 400)
     (root / "notes.txt").write_text("not a photo")
     return root
 

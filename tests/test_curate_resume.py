@@ -21,14 +21,7 @@ PICK = ("obama/1.jpg", "obama/4.jpg", "ardern/1.jpg", "ardern/2.jpg", "macron/1.
 @pytest.fixture(scope="module")
 def small_input(face_photos, tmp_path_factory) -> Path:
     """Six photos of three people, downscaled (fast), in a flat folder."""
-    root = tmp_path_factory.mktemp("small") / "in"
-    root.mkdir()
-    for rel in PICK:
-        with Image.open(face_photos.root / rel) as im:
-            im = im.convert("RGB")
-            im.thumbnail((420, 420))
-            im.save(root / rel.replace("/", "_"), quality=92)
-    return root
+    return face_photos.downscaled(PICK, tmp_path_factory.mktemp("small") / "in", 420, flat=True)
 
 
 def _cfg(tmp: Path, **kw) -> CurateConfig:
