@@ -437,10 +437,10 @@ def test_missing_credentials_fail_to_render(tmp_path):
     assert re.search(r"secrets/[\w-]+\.env: no such file", proc.stderr), proc.stderr
 
 
-@pytest.mark.slow
-def test_mlflow_server_command_serves_the_service_name(rendered, tmp_path):
-    """Run the Deployment's own command and env (SQLite and a local folder in place of Postgres and MinIO): the
-    host names in-cluster clients use must pass MLflow's DNS-rebinding guard, and others must not."""
+@pytest.fixture(scope="module")
+def mlflow_from_manifest(rendered, tmp_path_factory):
+    """The MLflow Deployment's own command, start script and args (the basic-auth app included) run here, with
+    SQLite and a local folder in place of Postgres and the object store. Yields (base URL, the container's env)."""
     import os
     import signal
     import socket
@@ -449,44 +449,38 @@ def test_mlflow_server_command_serves_the_service_name(rendered, tmp_path):
 
     import requests
 
-    container = _containers(_named(rendered["base"], "Deployment", "idforge-mlflow")[0])[-1]
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    objs = rendered["base"]
+    container = _containers(_named(objs, "Deployment", "idforge-mlflow")[0])[-1]
     args = container["args"]
-    assert args[:2] == ["mlflow", "server"]
+    assert args[:2] == ["mlflow", "server"] and "--app-name=basic-auth" in args
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     replaced = {"--host": "127.0.0.1", "--port": str(port), "--workers": "1"}
-    # The basic-auth app (checked in test_mlflow_auth_config_renders) needs Flask-WTF, which only the MLflow image
-    # installs; this test is about the host guard, which the app does not change.
-    assert "--app-name=basic-auth" in args
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server"] + [
-        f"{a.split('=')[0]}={replaced[a.split('=')[0]]}" if a.split("=")[0] in replaced else a for a in args[2:]
-        if a != "--app-name=basic-auth"]
-    manifest_env = {e["name"]: e["value"] for e in container["env"]}
-    env = {**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": manifest_env["MLFLOW_SERVER_ALLOWED_HOSTS"],
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        f"{a.split('=')[0]}={replaced[a.split('=')[0]]}" if a.split("=")[0] in replaced else a for a in args[2:]]
+    env = _run_init_script(objs, container, tmp, {})
+    env.update({"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp),
+                "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+                "MLFLOW_ARTIFACTS_DESTINATION": str(tmp / "artifacts"),
+                "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"),
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(container["command"] + cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:  # the probes' path: no login
                     break
             except requests.RequestException:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "server.log").read_text()[-2000:]
             time.sleep(0.5)
-        url = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
-        layout = _named(rendered["base"], "ConfigMap", "idforge-bucket-layout")[0]["data"]
-        tracking_host = urlsplit(layout["MLFLOW_TRACKING_URI"]).netloc  # what the pods send as Host
-        assert tracking_host.startswith("idforge-mlflow.")
-        for host in (tracking_host, "idforge-mlflow:5000", f"localhost:{port}"):
-            assert requests.get(url, headers={"Host": host}, timeout=10).status_code == 200, host
-        refused = requests.get(url, headers={"Host": "attacker.example:5000"}, timeout=10)
-        assert refused.status_code == 403 and "Invalid Host header" in refused.text  # MLflow's host check
+        yield base, env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -495,6 +489,73 @@ def test_mlflow_server_command_serves_the_service_name(rendered, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.mark.slow
+def test_mlflow_server_command_serves_the_service_name(rendered, mlflow_from_manifest):
+    """The host names in-cluster clients use must pass MLflow's DNS-rebinding guard, and others must not."""
+    import requests
+
+    base, env = mlflow_from_manifest
+    admin = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    url = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+    layout = _named(rendered["base"], "ConfigMap", "idforge-bucket-layout")[0]["data"]
+    tracking_host = urlsplit(layout["MLFLOW_TRACKING_URI"]).netloc  # what the pods send as Host
+    assert tracking_host.startswith("idforge-mlflow.")
+    port = urlsplit(base).port
+    for host in (tracking_host, "idforge-mlflow:5000", f"localhost:{port}"):
+        assert requests.get(url, headers={"Host": host}, auth=admin, timeout=10).status_code == 200, host
+    refused = requests.get(url, headers={"Host": "attacker.example:5000"}, auth=admin, timeout=10)
+    assert refused.status_code == 403 and "Invalid Host header" in refused.text  # MLflow's host check
+
+
+@pytest.mark.slow
+def test_mlflow_basic_auth_only_the_pipelines_account_moves_the_champion(rendered, mlflow_from_manifest):
+    """The basic-auth app as deployed: no anonymous access; the bootstrap Job's own script creates the pipelines'
+    account (and is idempotent); that account registers a model and sets `champion`, another user may read it
+    but not move the alias."""
+    import os
+    import sys
+
+    import requests
+
+    base, env = mlflow_from_manifest
+    objs = rendered["base"]
+    api = f"{base}/api/2.0/mlflow"
+    admin = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    assert requests.get(f"{api}/experiments/search?max_results=1", timeout=10).status_code == 401
+    assert requests.get(f"{api}/experiments/search?max_results=1", auth=("admin", "wrong"), timeout=10
+                        ).status_code == 401
+    assert requests.get(f"{api}/experiments/search?max_results=1", auth=admin, timeout=10).status_code == 200
+
+    job = _containers(_named(objs, "Job", "idforge-mlflow-bootstrap")[0])[0]
+    job_env = {**_run_init_script(objs, job, Path("."), {}), "MLFLOW_TRACKING_URI": base}
+    for _ in range(2):  # creates the account, then re-keys it: the Job may rerun
+        out = subprocess.run([sys.executable, "-c", job["args"][0]], env={**os.environ, **job_env},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"MLflow user {job_env['MLFLOW_TRACKING_USERNAME']} ready" in out.stdout
+    pipeline = (job_env["MLFLOW_TRACKING_USERNAME"], job_env["MLFLOW_TRACKING_PASSWORD"])
+    reader = ("reader", "reader-password-123")
+    requests.post(f"{api}/users/create", json={"username": reader[0], "password": reader[1]}, auth=admin,
+                  timeout=10).raise_for_status()
+
+    def call(method, path, who, **body):
+        return requests.request(method, f"{api}/{path}", json=body, auth=who, timeout=10)
+
+    assert call("POST", "registered-models/create", pipeline, name="idforge-m").status_code == 200
+    exp = call("POST", "experiments/create", pipeline, name="idforge-auth").json()["experiment_id"]
+    run = call("POST", "runs/create", pipeline, experiment_id=exp).json()["run"]["info"]
+    made = call("POST", "model-versions/create", pipeline, name="idforge-m", run_id=run["run_id"],
+                source=f"{run['artifact_uri']}/model")
+    assert made.status_code == 200, made.text
+    version = made.json()["model_version"]["version"]
+    alias = {"name": "idforge-m", "alias": "champion", "version": version}
+    assert call("POST", "registered-models/alias", reader, **alias).status_code == 403  # READ only
+    assert call("POST", "registered-models/alias", pipeline, **alias).status_code == 200
+    got = requests.get(f"{api}/registered-models/alias", params={"name": "idforge-m", "alias": "champion"},
+                       auth=reader, timeout=10)
+    assert got.status_code == 200 and got.json()["model_version"]["version"] == version  # but it may read it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -688,8 +749,8 @@ def test_mlflow_auth_config_renders(rendered, tmp_path):
     out = subprocess.run(container["command"] + ["echo", "started", "with"], env=env, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "started with"  # the args run after the config is written
-    # Read as mlflow.server.auth.config.read_auth_config does (importing it needs Flask-WTF, which only the MLflow
-    # image installs): configparser, section [mlflow].
+    # Read as mlflow.server.auth.config.read_auth_config does (configparser, section [mlflow]); the live-server tests
+    # above run the auth app on the file this script writes.
     import configparser
 
     parser = configparser.ConfigParser()
