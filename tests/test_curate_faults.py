@@ -99,3 +99,64 @@ def test_a_damaged_cache_entry_is_recomputed_with_a_warning(few, tmp_path, caplo
     assert any(hurt.name in r.getMessage() and "recomputing" in r.getMessage() for r in caplog.records)
     assert report.cached_files == len(PICK) - 1  # only the damaged entry was redone
     pd.testing.assert_frame_equal(read_manifest(out), before)
+
+
+def test_a_stale_lock_of_a_dead_pid_is_taken_over_and_a_live_one_refuses(tmp_path, caplog):
+    import os
+    import subprocess
+    import sys
+
+    from idforge.errors import DataError
+    from idforge.io.lock import lock_path, output_lock
+
+    out = tmp_path / "ds"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    lock_path(out).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "x"}))
+    with caplog.at_level(logging.WARNING, logger="idforge.io.lock"), output_lock(out, "curate") as held:
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+        with pytest.raises(DataError, match=rf"pid {os.getpid()}.*delete the lock file .*\.ds\.lock"):
+            with output_lock(out, "curate"):
+                pass
+        assert held.exists()  # the refused second taker did not remove the holder's lock
+    assert "stale lock" in caplog.text and not lock_path(out).exists()
+
+
+def test_two_concurrent_curate_runs_on_one_output(face_photos, tmp_path):
+    """Two real `idforge curate` processes on one output: the second fails at once with the lock message, the
+    first completes intact."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from idforge.io.lock import lock_path
+
+    src = face_photos.downscaled(PICK, tmp_path / "base", 360, flat=True)
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(12):  # distinct bytes (a different JPEG quality): real per-file work, so the first run lasts
+        for f in sorted(src.iterdir()):
+            with Image.open(f) as im:
+                im.save(many / f"{i:02d}_{f.name}", quality=70 + i)
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "idforge.cli", "curate", "-i", str(many), "-o", str(out),
+           "--set", "curate.progress=false", "--set", "curate.min_images_per_identity=1",
+           "--set", f"curate.work_dir={tmp_path / 'work'}"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not lock_path(out).exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    t = time.perf_counter()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    second_s = time.perf_counter() - t
+    first_still_running = first.poll() is None
+    first_out, first_err = first.communicate(timeout=120)
+    assert first_still_running, "the first run ended before the second started: the drill proved nothing"
+    assert second.returncode == 2 and "is being written by another curate" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and str(lock_path(out)) in second.stderr
+    assert first.returncode == 0, first_err
+    assert len(read_manifest(out)) >= 36 and not lock_path(out).exists()
+    print(f"second refused after {second_s:.1f} s")

@@ -148,13 +148,30 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     captions = read_captions(root, rels)
     label_map = read_label_map(labels, work, storage_cfg)
     check_matte(ccfg)
+    from idforge.io.lock import output_lock
 
+    with output_lock(final, "curate"):  # one writer: the .partial sweep and the swap below are this run's alone
+        report = _curate_locked(input, output, ccfg, storage_cfg, root, final, rels, hidden, captions, label_map,
+                                t_start)
+    if s3_out:
+        open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress)
+    log.info("curated %d files into %s: %d accepted faces, %d identities", report.files, output,
+             report.faces_accepted, report.identities)
+    return report
+
+
+def _curate_locked(input: str, output: str, ccfg: CurateConfig, storage_cfg, root: Path, final: Path,
+                   rels: list[str], hidden: int, captions: dict[str, str], label_map: dict[str, str],
+                   t_start: float) -> CurateReport:
+    """The local engine's per-file and dataset stages into ``final``, under the output's lock."""
     from idforge.curate.process import FileTask, config_digest, model_identity, run_tasks
 
     models = model_identity(ccfg)
     digest = config_digest(ccfg, models)
     partial = final.with_name(f".{final.name}.partial")
     cache = partial / "cache"
+    for old in final.parent.glob(f".{final.name}.old-*"):  # a run killed inside replace_dir left it
+        shutil.rmtree(old, ignore_errors=True)
     for sub in ("crops", "masks", "matted"):
         shutil.rmtree(partial / sub, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -181,10 +198,6 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         if entry.name != "matte" and entry.name not in used:
             shutil.rmtree(entry, ignore_errors=True)
     replace_dir(partial, final)
-    if s3_out:
-        open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress)
-    log.info("curated %d files into %s: %d accepted faces, %d identities", report.files, output,
-             report.faces_accepted, report.identities)
     return report
 
 
