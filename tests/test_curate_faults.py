@@ -127,23 +127,11 @@ def test_two_concurrent_curate_runs_on_one_output(face_photos, tmp_path):
     """Two real `idforge curate` processes on one output: the second fails at once with the lock message, the
     first completes intact."""
     import subprocess
-    import sys
-
-    from PIL import Image
 
     from idforge.io.lock import lock_path
 
-    src = face_photos.downscaled(PICK, tmp_path / "base", 360, flat=True)
-    many = tmp_path / "many"
-    many.mkdir()
-    for i in range(12):  # distinct bytes (a different JPEG quality): real per-file work, so the first run lasts
-        for f in sorted(src.iterdir()):
-            with Image.open(f) as im:
-                im.save(many / f"{i:02d}_{f.name}", quality=70 + i)
     out = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "idforge.cli", "curate", "-i", str(many), "-o", str(out),
-           "--set", "curate.progress=false", "--set", "curate.min_images_per_identity=1",
-           "--set", f"curate.work_dir={tmp_path / 'work'}"]
+    cmd = _curate_cmd(_many(face_photos, tmp_path), out, tmp_path)
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not lock_path(out).exists():
@@ -160,3 +148,51 @@ def test_two_concurrent_curate_runs_on_one_output(face_photos, tmp_path):
     assert first.returncode == 0, first_err
     assert len(read_manifest(out)) >= 36 and not lock_path(out).exists()
     print(f"second refused after {second_s:.1f} s")
+
+
+def _many(face_photos, tmp: Path) -> Path:
+    """36 photos of distinct bytes (12 JPEG qualities of three): real per-file work, so a run lasts seconds."""
+    from PIL import Image
+
+    src = face_photos.downscaled(PICK, tmp / "base", 360, flat=True)
+    many = tmp / "many"
+    many.mkdir()
+    for i in range(12):
+        for f in sorted(src.iterdir()):
+            with Image.open(f) as im:
+                im.save(many / f"{i:02d}_{f.name}", quality=70 + i)
+    return many
+
+
+def _curate_cmd(src: Path, out: Path, tmp: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "idforge.cli", "curate", "-i", str(src), "-o", str(out),
+            "--set", "curate.progress=false", "--set", "curate.min_images_per_identity=1",
+            "--set", f"curate.work_dir={tmp / 'work'}"]
+
+
+def test_a_sigkilled_curate_process_resumes_from_its_cache_and_reproduces_the_manifest(face_photos, tmp_path):
+    import signal
+    import subprocess
+
+    many = _many(face_photos, tmp_path)
+    clean = tmp_path / "clean"
+    subprocess.run(_curate_cmd(many, clean, tmp_path), check=True, capture_output=True, timeout=120)
+    out = tmp_path / "ds"
+    run = subprocess.Popen(_curate_cmd(many, out, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = tmp_path / ".ds.partial" / "cache"
+    deadline = time.monotonic() + 60
+    while not (cache.is_dir() and sum(1 for e in cache.iterdir() if not e.name.startswith(".")) >= 10):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)  # the whole process, mid-run: no handler, no cleanup
+    run.wait(timeout=30)
+    done_before = sum(1 for e in cache.iterdir() if not e.name.startswith("."))
+    assert not out.exists()
+    rerun = subprocess.run(_curate_cmd(many, out, tmp_path), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr  # the dead run's lock is stale (its pid is gone): taken over
+    report = json.loads((out / "report.json").read_text())
+    assert report["cached_files"] >= done_before >= 10  # resumed: the finished files were not redone
+    pd.testing.assert_frame_equal(read_manifest(out), read_manifest(clean))
+    print(f"killed after {done_before} files; rerun reused {report['cached_files']}")
