@@ -196,3 +196,37 @@ def test_a_sigkilled_curate_process_resumes_from_its_cache_and_reproduces_the_ma
     assert report["cached_files"] >= done_before >= 10  # resumed: the finished files were not redone
     pd.testing.assert_frame_equal(read_manifest(out), read_manifest(clean))
     print(f"killed after {done_before} files; rerun reused {report['cached_files']}")
+
+
+def test_a_write_into_a_size_limited_target_fails_clearly_and_leaves_no_partial_output(few, tmp_path):
+    """RLIMIT_FSIZE in a child process (SIGXFSZ ignored, so the write gets EFBIG as on a full disk)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ds"
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))  # a crop PNG is larger\n"
+        "from idforge.cli import main\n"
+        "sys.argv = ['idforge'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    cmd = [sys.executable, "-c", code, *_curate_cmd(few, out, tmp_path)[3:]]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "File too large" in res.stderr and "free space there" in res.stderr
+    assert not out.exists()
+    cache = tmp_path / ".ds.partial" / "cache"
+    assert not [e for e in cache.iterdir() if e.name.startswith(".")]  # no half-written entry left behind
+    ok = subprocess.run(_curate_cmd(few, out, tmp_path), capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and len(read_manifest(out)) == len(PICK)  # without the limit the rerun completes
+
+
+def test_free_space_is_checked_up_front_against_an_estimate(tmp_path):
+    from idforge.curate.run import check_free_space
+    from idforge.errors import DataError
+
+    check_free_space(tmp_path, 10, CurateConfig())
+    with pytest.raises(DataError, match=rf"{tmp_path} has \d+ MB free, the run needs about \d+ MB \(10000000000 files"):
+        check_free_space(tmp_path, 10**10, CurateConfig())

@@ -8,6 +8,7 @@ stopped, and a re-run with the same config reuses it (hard-linked from the previ
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from idforge.curate.config import CurateConfig
+from idforge.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +95,28 @@ def analyse_file(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[
     """
     try:
         return _analyse(data, cfg, analyzer, entry)
+    except OSError as exc:
+        if exc.errno in DISK_FULL:  # not this file's fault: every later file would fail the same way
+            raise disk_full(entry, exc) from exc
+        return _internal_error(entry, exc)
     except Exception as exc:  # noqa: BLE001 - one bad file must not abort the other thousands
-        log.warning("curate: internal error on one file (%s: %s); rejected as internal_error",
-                    type(exc).__name__, exc)
-        for f in entry.iterdir():  # no half-written crops or embeddings survive into the cache entry
-            f.unlink()
-        return failed_record("internal_error", f"{type(exc).__name__}: {exc}")
+        return _internal_error(entry, exc)
+
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def disk_full(path: Path, exc: OSError) -> StorageError:
+    return StorageError(f"curate: writing {path} failed ({exc.strerror}): the disk or the file size limit is full; "
+                        "free space there (or set curate.work_dir / the output elsewhere) and rerun: finished files "
+                        "resume from the cache")
+
+
+def _internal_error(entry: Path, exc: Exception) -> dict[str, Any]:
+    log.warning("curate: internal error on one file (%s: %s); rejected as internal_error", type(exc).__name__, exc)
+    for f in entry.iterdir():  # no half-written crops or embeddings survive into the cache entry
+        f.unlink()
+    return failed_record("internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def _analyse(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[str, Any]:
@@ -257,9 +275,18 @@ def run_task(task: FileTask, cfg: CurateConfig, analyzer, digest: str, cache: Pa
     tmp = cache / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    record = analyse_file(data, cfg, analyzer, tmp)
-    record["sha256"] = sha
-    (tmp / "result.json").write_text(json.dumps(record, sort_keys=True))
+    try:
+        record = analyse_file(data, cfg, analyzer, tmp)
+        record["sha256"] = sha
+        (tmp / "result.json").write_text(json.dumps(record, sort_keys=True))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written entry is left for a later run to trust
+        if exc.errno in DISK_FULL:
+            raise disk_full(tmp, exc) from exc
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(tmp, entry)
     out["cached"] = False
     out["timings"].update(record["timings"])
