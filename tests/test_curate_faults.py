@@ -230,3 +230,17 @@ def test_free_space_is_checked_up_front_against_an_estimate(tmp_path):
     check_free_space(tmp_path, 10, CurateConfig())
     with pytest.raises(DataError, match=rf"{tmp_path} has \d+ MB free, the run needs about \d+ MB \(10000000000 files"):
         check_free_space(tmp_path, 10**10, CurateConfig())
+
+
+def test_prepare_refuses_a_cache_another_run_is_writing(tmp_path):
+    import os
+
+    from idforge.errors import DataError
+    from idforge.io.lock import output_lock
+    from idforge.train.prepare import prepare_dataset
+
+    out = tmp_path / "prepared"
+    with output_lock(out, "prepare"):
+        with pytest.raises(DataError, match=rf"another prepare .*pid {os.getpid()}.*\.prepared\.lock"):
+            prepare_dataset(tmp_path / "no-dataset", "no-model", out)
+    assert not out.exists()
