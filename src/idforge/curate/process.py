@@ -8,6 +8,7 @@ stopped, and a re-run with the same config reuses it (hard-linked from the previ
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from idforge.curate.config import CurateConfig
+from idforge.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,46 @@ def _write_png(path: Path, rgb_or_grey: np.ndarray) -> None:
     path.write_bytes(buf.tobytes())
 
 
+def failed_record(reason: str, detail: str) -> dict[str, Any]:
+    """The record of a file whose per-file stages did not finish (``internal_error``, ``worker_crashed``)."""
+    return {"status": "rejected", "reason": reason, "detail": detail, "faces": [], "timings": {}}
+
+
 def analyse_file(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[str, Any]:
     """Stages 1-4 + embedding for one file's bytes; writes crops/masks/emb.npy into ``entry``; returns the record.
 
     The record: ``status`` ("ok" | "rejected"), ``reason``, ``detail``, image facts, ``faces`` (one dict per
     detected face, each with its own ``reason``, "" when it passed) and ``timings`` (seconds per sub-stage).
+    An unexpected exception in any stage (detect, align, embed, matte, writing crops) rejects this file as
+    ``internal_error`` with the exception in ``detail`` instead of aborting the run (both engines call this).
     """
+    try:
+        return _analyse(data, cfg, analyzer, entry)
+    except OSError as exc:
+        if exc.errno in DISK_FULL:  # not this file's fault: every later file would fail the same way
+            raise disk_full(entry, exc) from exc
+        return _internal_error(entry, exc)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not abort the other thousands
+        return _internal_error(entry, exc)
+
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def disk_full(path: Path, exc: OSError) -> StorageError:
+    return StorageError(f"curate: writing {path} failed ({exc.strerror}): the disk or the file size limit is full; "
+                        "free space there (or set curate.work_dir / the output elsewhere) and rerun: finished files "
+                        "resume from the cache")
+
+
+def _internal_error(entry: Path, exc: Exception) -> dict[str, Any]:
+    log.warning("curate: internal error on one file (%s: %s); rejected as internal_error", type(exc).__name__, exc)
+    for f in entry.iterdir():  # no half-written crops or embeddings survive into the cache entry
+        f.unlink()
+    return failed_record("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _analyse(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[str, Any]:
     from idforge.curate.align import align
     from idforge.curate.decode import Rejected, decode_image
     from idforge.curate.detect import find_faces
@@ -187,6 +223,34 @@ def _publish(tmp: Path, entry: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def entry_problem(entry: Path) -> str:
+    """What is wrong with a cache entry ("" when it is whole): an unparsable ``result.json`` (a run killed while
+    a disk filled, a truncated copy) or a crop / embedding file it names that is missing or empty."""
+    try:
+        rec = json.loads((entry / "result.json").read_text())
+        if not isinstance(rec, dict) or "status" not in rec or not isinstance(rec.get("faces"), list):
+            return "result.json is not a per-file record"
+    except (OSError, ValueError) as exc:
+        return f"result.json is unreadable ({type(exc).__name__}: {exc})"
+    names = [n.format(i=f["face_index"]) for f in rec["faces"] if "emb_index" in f
+             for n in (CROP112, CROP_FFHQ, FACE_MASK, LANDMARK_MATTE)]
+    if names:
+        names.append("emb.npy")
+    for name in names:
+        f = entry / name
+        if not f.is_file() or f.stat().st_size == 0:
+            return f"{name} is missing or empty"
+    return ""
+
+
+def _damaged(entry: Path, task: FileTask) -> bool:
+    """True, with a warning naming the file, when the cache entry of ``task`` is damaged (it is then recomputed)."""
+    problem = entry_problem(entry)
+    if problem:
+        log.warning("curate: cache entry %s of %s is damaged (%s); recomputing it", entry, task.source, problem)
+    return bool(problem)
+
+
 def run_task(task: FileTask, cfg: CurateConfig, analyzer, digest: str, cache: Path, reuse: Path | None) -> dict:
     """Process (or reuse) one file; returns a summary: task fields, sha256, cache ``key``, ``cached`` flag, and
     the record's ``timings``. The record itself lives in ``cache/key/result.json``."""
@@ -198,9 +262,11 @@ def run_task(task: FileTask, cfg: CurateConfig, analyzer, digest: str, cache: Pa
     entry = cache / key
     out = {"index": task.index, "path": task.path, "rel": task.rel, "source": task.source, "sha256": sha,
            "key": key, "cached": True, "timings": {"read": t_read}}
-    if (entry / "result.json").is_file():
-        return out  # the same content appears twice in this input, or a resumed run already did it
-    if reuse is not None and (reuse / key / "result.json").is_file():
+    if entry.is_dir():
+        if (entry / "result.json").is_file() and not _damaged(entry, task):
+            return out  # the same content appears twice in this input, or a resumed run already did it
+        shutil.rmtree(entry, ignore_errors=True)
+    if reuse is not None and (reuse / key).is_dir() and not _damaged(reuse / key, task):
         tmp = cache / f".{key}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _link_tree(reuse / key, tmp)
@@ -209,9 +275,18 @@ def run_task(task: FileTask, cfg: CurateConfig, analyzer, digest: str, cache: Pa
     tmp = cache / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    record = analyse_file(data, cfg, analyzer, tmp)
-    record["sha256"] = sha
-    (tmp / "result.json").write_text(json.dumps(record, sort_keys=True))
+    try:
+        record = analyse_file(data, cfg, analyzer, tmp)
+        record["sha256"] = sha
+        (tmp / "result.json").write_text(json.dumps(record, sort_keys=True))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written entry is left for a later run to trust
+        if exc.errno in DISK_FULL:
+            raise disk_full(tmp, exc) from exc
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(tmp, entry)
     out["cached"] = False
     out["timings"].update(record["timings"])
@@ -235,7 +310,16 @@ def _init_worker(cfg_json: str, digest: str, cache: str, reuse: str | None) -> N
     )
 
 
+# Test hook of the fault drills: a pool worker given this file (its path under the input) kills itself with
+# SIGKILL, as the OOM killer would. Read only inside pool workers, never in the in-process path.
+KILL_ENV = "IDFORGE_TEST_KILL_WORKER_ON"
+
+
 def _worker_run(task: FileTask) -> dict:
+    if os.environ.get(KILL_ENV) == task.rel:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     w = _WORKER
     load_s = 0.0
     if w["analyzer"] is None:  # loaded on first use, once per worker: a fully cached re-run never loads it
@@ -249,9 +333,73 @@ def _worker_run(task: FileTask) -> dict:
     return out
 
 
+def crashed_result(task: FileTask, digest: str) -> dict:
+    """The summary of a file whose worker died twice (SIGKILL, OOM): rejected ``worker_crashed``, its record
+    carried inline (never cached: the next run tries the file again)."""
+    sha = hashlib.sha256(Path(task.path).read_bytes()).hexdigest()
+    detail = "the worker process died twice on this file (killed, e.g. out of memory); lower decode.max_pixels"
+    return {"index": task.index, "path": task.path, "rel": task.rel, "source": task.source, "sha256": sha,
+            "key": f"{sha}-{digest}", "cached": False, "timings": {},
+            "record": {**failed_record("worker_crashed", detail), "sha256": sha}}
+
+
+def _pool(cfg: CurateConfig, workers: int, init: tuple):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a forked child would inherit the parent's onnxruntime/torch thread pools in a broken state.
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=init)
+
+
+def _run_pool(tasks: list[FileTask], cfg: CurateConfig, digest: str, init: tuple, bar) -> dict[int, dict]:
+    """Every task on a pool of ``cfg.workers`` processes, at most ``workers`` in flight, so that when a worker dies
+    (``BrokenProcessPool``) the suspects are only the files in flight. Each suspect is retried alone in a fresh
+    one-worker pool (a file that crashes again is rejected ``worker_crashed``); the rest goes on in a new pool."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    done: dict[int, dict] = {}
+    queue = list(tasks)
+    while queue:
+        suspects: list[FileTask] = []
+        with _pool(cfg, cfg.workers, init) as pool:
+            flight: dict = {}
+            while queue or flight:
+                while queue and len(flight) < cfg.workers:
+                    task = queue.pop(0)
+                    flight[pool.submit(_worker_run, task)] = task
+                finished, _ = wait(flight, return_when=FIRST_COMPLETED)
+                broken = False
+                for fut in finished:
+                    task = flight.pop(fut)
+                    try:
+                        done[task.index] = fut.result()
+                        bar.update(1)
+                    except BrokenProcessPool:
+                        suspects.append(task)
+                        broken = True
+                if broken:
+                    suspects.extend(flight.values())  # they were in flight when the pool broke
+                    break
+        for task in sorted(suspects, key=lambda t: t.index):
+            log.warning("curate: a worker died while processing %s; retrying it once in a fresh worker",
+                        task.source)
+            with _pool(cfg, 1, init) as alone:
+                try:
+                    done[task.index] = alone.submit(_worker_run, task).result()
+                except BrokenProcessPool:
+                    log.warning("curate: the worker died again on %s; rejected as worker_crashed", task.source)
+                    done[task.index] = crashed_result(task, digest)
+            bar.update(1)
+    return done
+
+
 def run_tasks(tasks: list[FileTask], cfg: CurateConfig, digest: str, cache: Path, reuse: Path | None,
               progress: bool = True) -> list[dict]:
-    """Run every task, in a pool of ``cfg.workers`` processes (1: in this process), in input order."""
+    """Run every task, in a pool of ``cfg.workers`` processes (1: in this process), in input order. A per-file
+    exception is a rejected row either way (``analyse_file``); a dead pool worker is detected and its file
+    retried once (``_run_pool``)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), desc="curate", unit="img", disable=not progress)
@@ -272,15 +420,9 @@ def run_tasks(tasks: list[FileTask], cfg: CurateConfig, digest: str, cache: Path
                 results.append(res)
                 bar.update(1)
         else:
-            import multiprocessing as mp
-
-            # spawn: a forked child would inherit the parent's onnxruntime/torch thread pools in a broken state.
-            ctx = mp.get_context("spawn")
             init = (cfg.model_dump_json(), digest, str(cache), str(reuse) if reuse else None)
-            with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init) as pool:
-                for res in pool.imap(_worker_run, tasks, chunksize=1):
-                    results.append(res)
-                    bar.update(1)
+            done = _run_pool(tasks, cfg, digest, init, bar)
+            results = [done[t.index] for t in tasks]
     finally:
         bar.close()
     return results

@@ -112,6 +112,16 @@ def check_matte(ccfg: CurateConfig) -> None:
         check_matte_env(matte_python(ccfg.matte))  # fail before the long part, with the fix in the message
 
 
+def check_free_space(where: Path, files: int, ccfg: CurateConfig) -> None:
+    """Fail before the long part when ``where`` cannot hold the estimated output: per file one face's crops, masks
+    and mattes as PNG, bounded by 4 bytes per pixel of the FFHQ-size crop (PNG of photos compresses below that)."""
+    estimate = files * (4 * ccfg.align.ffhq_size ** 2 + 3 * 112 ** 2)
+    free = shutil.disk_usage(where).free
+    if free < estimate:
+        raise DataError(f"curate output {where} has {free / 1e6:.0f} MB free, the run needs about "
+                        f"{estimate / 1e6:.0f} MB ({files} files); free space there or choose another output")
+
+
 def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None) -> CurateReport:
     """Curate the photos at ``input`` (folder, file, or ``s3://`` prefix) into the dataset ``output`` (folder or
     ``s3://`` prefix).
@@ -148,17 +158,35 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     captions = read_captions(root, rels)
     label_map = read_label_map(labels, work, storage_cfg)
     check_matte(ccfg)
+    from idforge.io.lock import output_lock
 
+    with output_lock(final, "curate"):  # one writer: the .partial sweep and the swap below are this run's alone
+        report = _curate_locked(input, output, ccfg, storage_cfg, root, final, rels, hidden, captions, label_map,
+                                t_start)
+    if s3_out:
+        open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress)
+    log.info("curated %d files into %s: %d accepted faces, %d identities", report.files, output,
+             report.faces_accepted, report.identities)
+    return report
+
+
+def _curate_locked(input: str, output: str, ccfg: CurateConfig, storage_cfg, root: Path, final: Path,
+                   rels: list[str], hidden: int, captions: dict[str, str], label_map: dict[str, str],
+                   t_start: float) -> CurateReport:
+    """The local engine's per-file and dataset stages into ``final``, under the output's lock."""
     from idforge.curate.process import FileTask, config_digest, model_identity, run_tasks
 
     models = model_identity(ccfg)
     digest = config_digest(ccfg, models)
     partial = final.with_name(f".{final.name}.partial")
     cache = partial / "cache"
+    for old in final.parent.glob(f".{final.name}.old-*"):  # a run killed inside replace_dir left it
+        shutil.rmtree(old, ignore_errors=True)
     for sub in ("crops", "masks", "matted"):
         shutil.rmtree(partial / sub, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     reuse = final / "cache" if (final / "cache").is_dir() else None
+    check_free_space(partial, len(rels), ccfg)
     tasks = [FileTask(i, str(root / r) if root.is_dir() else str(root), r, source_of(str(input), root, r))
              for i, r in enumerate(rels)]
     log.info("curating %d files from %s with %s (%d worker(s))", len(tasks), input, ccfg.backend, ccfg.workers)
@@ -181,10 +209,6 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         if entry.name != "matte" and entry.name not in used:
             shutil.rmtree(entry, ignore_errors=True)
     replace_dir(partial, final)
-    if s3_out:
-        open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress)
-    log.info("curated %d files into %s: %d accepted faces, %d identities", report.files, output,
-             report.faces_accepted, report.identities)
     return report
 
 

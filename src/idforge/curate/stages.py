@@ -77,7 +77,7 @@ def collect(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dict[
     emb_parts: list[np.ndarray] = []
     for res in sorted(results, key=lambda r: r["rel"]):
         entry = cache / res["key"]
-        rec = json.loads((entry / "result.json").read_text())
+        rec = res.get("record") or json.loads((entry / "result.json").read_text())  # inline: worker_crashed
         rows, faces = file_rows(res, rec, label_of(label_map, res["source"], res["rel"]), ccfg.align.ffhq_size,
                                 entry)
         got.rows.extend(rows)

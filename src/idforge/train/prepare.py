@@ -476,7 +476,17 @@ def item_path(output_dir: Path, key: str) -> Path:
     return output_dir / "items" / key[:2] / f"{key}.safetensors"
 
 
-def prepare_dataset(
+def prepare_dataset(dataset_dir: str | os.PathLike[str], model: str, output_dir: str | os.PathLike[str],
+                    cfg: PrepareConfig | None = None, **kw: Any) -> PreparedIndex:
+    """:func:`encode_dataset` under the one-writer lock of ``output_dir`` (``idforge.io.lock``): two prepares on
+    one cache would encode into and prune each other's items. Raises DataError naming the holder when held."""
+    from idforge.io.lock import output_lock
+
+    with output_lock(output_dir, "prepare"):
+        return encode_dataset(dataset_dir, model, output_dir, cfg, **kw)
+
+
+def encode_dataset(
     dataset_dir: str | os.PathLike[str],
     model: str,
     output_dir: str | os.PathLike[str],
