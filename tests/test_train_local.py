@@ -235,3 +235,19 @@ def test_the_loop_takes_reference_sampling_and_feature_sizes_from_the_method():
     assert method_config_for_data("infinite-id", {"clip_dim": 32}, info) == {"clip_dim": 32, "face_dim": 128}
     assert method_config_for_data("id-adapter", {}, info) == {"face_dim": 128, "clip_dim": 48}
     assert method_config_for_data("textual-inversion", {"num_tokens": 2}, info) == {"num_tokens": 2}
+
+
+def test_validation_pairs_are_sampled_without_enumerating_them_stable_under_a_seed():
+    import time
+
+    from idforge.train.validation import sample_pair_indices
+
+    counts = [199_999] * 200_000  # 200 k held-out rows x (200 k - 1) other identities: 4e10 pairs, never listed
+    start = time.perf_counter()
+    first = sample_pair_indices(counts, 64, seed=3)
+    assert time.perf_counter() - start < 5.0
+    assert first == sample_pair_indices(counts, 64, seed=3)
+    assert first != sample_pair_indices(counts, 64, seed=4)
+    assert len(set(first)) == 64 and first == sorted(first)
+    assert all(0 <= i < len(counts) and 0 <= j < counts[i] for i, j in first)
+    assert sample_pair_indices([2, 0, 1], None, seed=0) == [(0, 0), (0, 1), (2, 0)]  # uncapped: every pair, in order

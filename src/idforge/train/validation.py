@@ -16,6 +16,7 @@ the method tests use it on synthetic ones.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 from dataclasses import dataclass, replace
@@ -63,28 +64,45 @@ def heldout_batches(heldout: PreparedDataset, references: PreparedDataset, refs_
     from idforge.train.dataset import collate
 
     identities = sorted(references.members)
-    pairs = []  # (held-out row, its identity, the other identity)
-    for row in (int(r) for r in heldout.targets):
-        ident = heldout.all_items.at[row, "identity"]
-        if ident in references.members:
-            pairs += [(row, ident, other) for other in identities if other != ident]
-    if not pairs:
+    rows = [int(r) for r in heldout.targets]
+    # Each held-out row whose identity is in the references pairs with every other identity: counted, not listed.
+    idents = [heldout.all_items.at[row, "identity"] for row in rows]
+    counts = [len(identities) - 1 if ident in references.members else 0 for ident in idents]
+    if not sum(counts):
         raise ValueError("no held-out image has an identity present in the references (and another identity to "
                          "compare with): nothing to measure")
-    pairs = _subsample(pairs, max_pairs, seed)
+    pairs = []  # (held-out row, its identity, the other identity)
+    for i, local in sample_pair_indices(counts, max_pairs, seed):
+        own = bisect.bisect_left(identities, idents[i])
+        pairs.append((rows[i], idents[i], identities[local + (local >= own)]))
     matched = [_sample(heldout, references, row, _refs(references, ident, refs_per_item)) for row, ident, _ in pairs]
     mismatched = [_sample(heldout, references, row, _refs(references, other, refs_per_item))
                   for row, _, other in pairs]
     return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
 
 
-def _subsample(items: list, max_items: int | None, seed: int) -> list:
-    """A seeded subset of ``max_items`` items in their original order, or all of them."""
+def sample_pair_indices(counts: list[int], max_items: int | None, seed: int) -> list[tuple[int, int]]:
+    """A seeded subset of ``max_items`` (row, pair within row) indices, in enumeration order, or all of them.
+
+    Row ``i`` owns ``counts[i]`` consecutive pairs of one virtual enumeration; only the drawn indices are decoded,
+    so the cost is O(rows + max_items) however many pairs there are (enumerating them all ran out of memory at
+    ~15 k identities). ``random.sample`` over a ``range`` draws the same indices as over a list of that length, so
+    a seed picks the pairs that enumerating and sampling them picked.
+    """
+    import itertools
     import random
 
-    if max_items is None or len(items) <= max_items:
-        return items
-    return sorted(random.Random(seed).sample(items, max_items))
+    starts = list(itertools.accumulate(counts, initial=0))
+    total = starts[-1]
+    if max_items is None or total <= max_items:
+        chosen = range(total)
+    else:
+        chosen = sorted(random.Random(seed).sample(range(total), max_items))
+    out = []
+    for index in chosen:
+        i = bisect.bisect_right(starts, index) - 1
+        out.append((i, index - starts[i]))
+    return out
 
 
 def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pairs: int | None = None,
@@ -101,18 +119,20 @@ def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pa
     from idforge.train.dataset import collate
 
     identities = sorted(dataset.members)
-    triples = []  # (target row, own reference row, other reference row)
-    for row in (int(r) for r in dataset.targets):
-        ident = dataset.all_items.at[row, "identity"]
-        own = [int(r) for r in dataset.members[ident] if int(r) != row]
-        for k, ref in enumerate(own):
-            for other in identities:
-                if other != ident:
-                    members = dataset.members[other]
-                    triples.append((row, ref, int(members[k % len(members)])))
-    if not triples:
+    rows = [int(r) for r in dataset.targets]
+    idents = [dataset.all_items.at[row, "identity"] for row in rows]
+    # Row i has (photos of its identity - 1) own references x (identities - 1) others: counted, not listed.
+    counts = [(len(dataset.members[ident]) - 1) * (len(identities) - 1) for ident in idents]
+    if not sum(counts):
         raise ValueError("no identity has two photos and no other identity to compare with: nothing to measure")
-    triples = _subsample(triples, max_pairs, seed)
+    triples = []  # (target row, own reference row, other reference row)
+    for i, local in sample_pair_indices(counts, max_pairs, seed):
+        row, ident = rows[i], idents[i]
+        k, o = divmod(local, len(identities) - 1)
+        own_members = [int(r) for r in dataset.members[ident] if int(r) != row]
+        pos = bisect.bisect_left(identities, ident)
+        members = dataset.members[identities[o + (o >= pos)]]
+        triples.append((row, own_members[k], int(members[k % len(members)])))
     matched = [dataset.compose(row, [ref] * refs_per_item, flip=False) for row, ref, _ in triples]
     mismatched = [dataset.compose(row, [other] * refs_per_item, flip=False) for row, _, other in triples]
     return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
