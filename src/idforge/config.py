@@ -61,6 +61,11 @@ class StorageConfig(Section):
     region: str | None = None
     access_key_env: str = "AWS_ACCESS_KEY_ID"
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    retry_total_s: float = Field(
+        default=60.0, ge=0, description="how long S3 calls keep retrying connection errors, 5xx and SlowDown "
+        "(exponential backoff with full jitter) before failing: the default rides out ~60 s of outage")
+    retry_base_s: float = Field(default=0.5, gt=0, description="first backoff wait; doubles per attempt")
+    retry_max_wait_s: float = Field(default=8.0, gt=0, description="cap on one backoff wait")
 
 
 class TrackingConfig(Section):

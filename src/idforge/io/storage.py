@@ -22,13 +22,15 @@ import io
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar
 from xml.etree import ElementTree
 
 from idforge.errors import StorageError
@@ -81,6 +83,7 @@ MIN_PART_SIZE = 5 * 1024 * 1024  # the S3 protocol's smallest multipart part (ex
 ENDPOINT_ENV_VARS = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 _SHA256_META = "sha256"
 _TMP_PREFIX = ".idforge-"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -499,6 +502,7 @@ def ca_bundle(cfg: StorageConfig) -> str | None:
     return path
 
 
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "ServiceBusy"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 
 
@@ -626,6 +630,42 @@ class S3Storage(Storage):
         except (MinioException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
             raise self._error(exc, uri, loc) from exc
 
+    def _transient(self, exc: BaseException) -> bool:
+        """True for failures worth waiting out: no connection, a timeout, a 5xx, SlowDown (not TLS, 4xx, 404)."""
+        import urllib3.exceptions
+        from minio.error import InvalidResponseError, S3Error, ServerError
+
+        if isinstance(exc, S3Error):
+            return exc.code in _TRANSIENT_CODES
+        if isinstance(exc, ServerError):
+            return exc.status_code >= 500
+        if isinstance(exc, InvalidResponseError):
+            return int(getattr(exc, "_code", 0) or 0) >= 500
+        reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+        if isinstance(reason, urllib3.exceptions.SSLError):
+            return False
+        return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+    def _call(self, uri: str, loc: S3Location | None, fn: Callable[[], _T]) -> _T:
+        """``fn()`` retried on transient failures with exponential backoff and full jitter for up to
+        ``storage.retry_total_s``; then (or on any other failure) the one-line StorageError of :meth:`_error`."""
+        deadline = time.monotonic() + self.cfg.retry_total_s
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except StorageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - sorted into transient (retry) and final (StorageError)
+                left = deadline - time.monotonic()
+                if not self._transient(exc) or left <= 0:
+                    raise self._error(exc, uri, loc) from exc
+                wait = min(left, random.uniform(0, min(self.cfg.retry_max_wait_s, self.cfg.retry_base_s * 2**attempt)))
+                attempt += 1
+                log.warning("S3 %s failed (%s), retry %d in %.1fs (%.0fs of retrying left)", uri,
+                            type(exc).__name__, attempt, wait, left)
+                time.sleep(wait)
+
     @staticmethod
     def _is_missing(exc: BaseException) -> bool:
         from minio.error import InvalidResponseError, S3Error
@@ -638,13 +678,16 @@ class S3Storage(Storage):
 
     def _is_object(self, loc: S3Location) -> bool:
         """True if an object exists at exactly ``loc`` (a HEAD); other failures raise StorageError."""
-        try:
-            self._client.stat_object(loc.bucket, loc.key)
-            return True
-        except Exception as exc:  # noqa: BLE001 - sorted out below
-            if not self._is_missing(exc):
-                raise self._error(exc, loc.uri, loc) from exc
-        return False
+        def head() -> bool:
+            try:
+                self._client.stat_object(loc.bucket, loc.key)
+                return True
+            except Exception as exc:  # noqa: BLE001 - a missing key is an answer; the rest goes to _call
+                if self._is_missing(exc):
+                    return False
+                raise
+
+        return self._call(loc.uri, loc, head)
 
     def _loc(self, uri: str, need_key: bool = True) -> S3Location:
         loc = parse_s3_uri(uri)
@@ -661,14 +704,9 @@ class S3Storage(Storage):
             raise StorageError(f"put_file: source {src} is not a file: check the path")
         digest = _sha256_file(src)  # recorded as metadata, so later syncs compare without downloading
         size = src.stat().st_size
-        with self._errors(uri, loc):
-            result = self._client.fput_object(
-                loc.bucket,
-                loc.key,
-                str(src),
-                metadata={_SHA256_META: digest},
-                part_size=self.part_size,
-            )
+        result = self._call(uri, loc, lambda: self._client.fput_object(
+            loc.bucket, loc.key, str(src), metadata={_SHA256_META: digest}, part_size=self.part_size,
+        ))  # fmt: skip
         mtime = result.last_modified.timestamp() if getattr(result, "last_modified", None) else None
         log.debug("put %s -> %s (%d bytes, etag %s)", src, uri, size, result.etag)
         return ObjectInfo(uri, size, mtime, result.etag, digest)
@@ -676,12 +714,14 @@ class S3Storage(Storage):
     def get_file(self, uri: str, local: str | os.PathLike[str]) -> Path:
         dest = local_path(local)
         loc = self._loc(uri)
-        with self._errors(uri, loc):
-            response = self._client.get_object(loc.bucket, loc.key)
+        # A connection lost mid-body restarts this object's download (whole objects are the unit of resume).
+        return self._call(uri, loc, lambda: self._get_once(uri, loc, dest))
+
+    def _get_once(self, uri: str, loc: S3Location, dest: Path) -> Path:
+        response = self._client.get_object(loc.bucket, loc.key)
         try:
             with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-                with self._errors(uri, loc):
-                    _, digest = _copy_hashing(response, fh)
+                _, digest = _copy_hashing(response, fh)
                 recorded = response.headers.get(f"x-amz-meta-{_SHA256_META}")
                 if recorded and recorded != digest:
                     raise StorageError(
@@ -719,15 +759,10 @@ class S3Storage(Storage):
         # Already in memory: no spool file needed, and a single PUT (or multipart above 5 MiB) is atomic.
         loc = self._loc(uri)
         digest = hashlib.sha256(data).hexdigest()
-        with self._errors(uri, loc):
-            result = self._client.put_object(
-                loc.bucket,
-                loc.key,
-                io.BytesIO(data),
-                len(data),
-                metadata={_SHA256_META: digest},
-                part_size=self.part_size,
-            )
+        result = self._call(uri, loc, lambda: self._client.put_object(
+            loc.bucket, loc.key, io.BytesIO(data), len(data), metadata={_SHA256_META: digest},
+            part_size=self.part_size,
+        ))  # fmt: skip
         return ObjectInfo(uri, len(data), None, result.etag, digest)
 
     def write_stream(self, uri: str, stream: IO[bytes]) -> ObjectInfo:
@@ -753,8 +788,7 @@ class S3Storage(Storage):
 
     def stat(self, uri: str) -> ObjectInfo:
         loc = self._loc(uri)
-        with self._errors(uri, loc):
-            st = self._client.stat_object(loc.bucket, loc.key)
+        st = self._call(uri, loc, lambda: self._client.stat_object(loc.bucket, loc.key))
         meta = st.metadata or {}
         return ObjectInfo(
             uri,
@@ -769,17 +803,18 @@ class S3Storage(Storage):
         base = prefix.rstrip("/")
         key_prefix = loc.as_prefix()
         out: list[ObjectInfo] = []
-        with self._errors(prefix, loc):
-            for obj in self._client.list_objects(loc.bucket, prefix=key_prefix, recursive=recursive):
-                rel = obj.object_name[len(key_prefix) :]
-                if not rel or (recursive and rel.endswith("/")):
-                    continue  # directory-marker objects some tools create
-                if obj.is_dir:
-                    out.append(ObjectInfo(join_uri(base, rel.rstrip("/")) + "/", 0, None))
-                else:
-                    mtime = obj.last_modified.timestamp() if obj.last_modified else None
-                    etag = (obj.etag or "").strip('"') or None
-                    out.append(ObjectInfo(join_uri(base, rel), int(obj.size or 0), mtime, etag))
+        listing = self._call(prefix, loc, lambda: list(
+            self._client.list_objects(loc.bucket, prefix=key_prefix, recursive=recursive)))
+        for obj in listing:
+            rel = obj.object_name[len(key_prefix) :]
+            if not rel or (recursive and rel.endswith("/")):
+                continue  # directory-marker objects some tools create
+            if obj.is_dir:
+                out.append(ObjectInfo(join_uri(base, rel.rstrip("/")) + "/", 0, None))
+            else:
+                mtime = obj.last_modified.timestamp() if obj.last_modified else None
+                etag = (obj.etag or "").strip('"') or None
+                out.append(ObjectInfo(join_uri(base, rel), int(obj.size or 0), mtime, etag))
         return sorted(out, key=lambda i: i.uri)
 
     def delete(self, uri: str, recursive: bool = False) -> None:
@@ -885,11 +920,14 @@ def localize(
     if target.is_dir():
         log.debug("localize %s: cache hit %s", uri, target)
     else:
-        with atomic_path(target) as tmp:
-            tmp.mkdir(parents=True)
-            if single is not None:
-                storage.get_file(uri, tmp / uri_name(uri))
-            else:
-                storage.download_dir(uri, tmp, progress=progress)
+        # A fixed partial directory, not a fresh temp one: a localize killed or failed at object 9000 keeps the
+        # objects it completed, and the rerun's download_dir skips each one whose size and sha256 match.
+        partial = cache / f"{digest}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        if single is not None:
+            storage.get_file(uri, partial / uri_name(uri))
+        else:
+            storage.download_dir(uri, partial, progress=progress)
+        os.replace(partial, target)
         log.info("localize %s -> %s (%d files)", uri, target, len(manifest))
     return target / uri_name(uri) if single is not None else target
