@@ -15,13 +15,18 @@ from idforge.curate.manifest import read_manifest
 from idforge.curate.run import curate_dataset
 
 PICK = ("obama/1.jpg", "obama/4.jpg", "ardern/1.jpg", "ardern/2.jpg", "macron/1.jpg", "macron/2.jpg")
+# one sidecar caption and one from captions.csv (curate.captions): both engines carry them into the manifest
+CAPTIONS = {"obama/1.jpg": "a man at a lectern", "ardern/2.jpg": "a woman smiling outdoors"}
 
 
 @pytest.fixture(scope="module")
 def photos(face_photos, tmp_path_factory) -> Path:
-    """Six photos of three people (downscaled: fast), in person folders, plus a file that is not an image."""
+    """Six photos of three people (downscaled: fast), in person folders, plus a file that is not an image, and
+    two captions (a sidecar ``.txt`` and a ``captions.csv`` row)."""
     root = face_photos.downscaled(PICK, tmp_path_factory.mktemp("ray-in") / "in", 400)
     (root / "notes.txt").write_text("not a photo")
+    (root / "obama" / "1.txt").write_text(CAPTIONS["obama/1.jpg"] + "\n")
+    (root / "captions.csv").write_text(f"source,caption\nardern/2.jpg,{CAPTIONS['ardern/2.jpg']}\n")
     return root
 
 
@@ -48,6 +53,8 @@ def _sorted_manifest(ds: Path):
 def _same_dataset(a: Path, b: Path) -> None:
     ma, mb = _sorted_manifest(a), _sorted_manifest(b)
     assert ma.to_json() == mb.to_json()
+    captioned = mb[mb["caption"] != ""]
+    assert dict(zip(captioned["rel"], captioned["caption"], strict=True)) == CAPTIONS
     assert (a / "embeddings.npy").read_bytes() == (b / "embeddings.npy").read_bytes()
     assert (a / "identities.parquet").read_bytes() == (b / "identities.parquet").read_bytes()
     for col in ("aligned", "aligned_ffhq", "mask", "person_mask", "matted"):

@@ -12,6 +12,7 @@ that is not in the input is an error (a typo would otherwise drop a caption sile
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from idforge.errors import DataError
@@ -38,22 +39,38 @@ def caption_files(rels: list[str]) -> set[str]:
 
 
 def read_captions(root: Path, rels: list[str]) -> dict[str, str]:
-    """``{rel: caption}`` for the photos ``rels`` (paths relative to ``root``) that have a caption."""
+    """``{rel: caption}`` for the photos ``rels`` (paths relative to the folder ``root``) that have a caption."""
+    if not root.is_dir():
+        return {}
+
+    def read_text(rel: str) -> str | None:
+        path = root / rel
+        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+    return captions_from(read_text, rels, str(root))
+
+
+def captions_from(read_text: Callable[[str], str | None], rels: list[str], where: str) -> dict[str, str]:
+    """``{rel: caption}`` for the photos ``rels``, reading the caption files through ``read_text(rel)`` (their text,
+    or None where there is no such file): one rule for a local folder and an object-store prefix (``where``, named
+    in errors)."""
+    import io
+
     import pandas as pd
 
     out: dict[str, str] = {}
-    if not root.is_dir():
-        return out
     for rel in rels:
-        side = (root / rel).with_suffix(SIDECAR_SUFFIX)
-        if side.is_file() and side != root / rel:  # an orphan .txt is an input, not its own caption
-            text = " ".join(side.read_text(encoding="utf-8", errors="replace").split())
+        side = str(PurePosixPath(rel).with_suffix(SIDECAR_SUFFIX))
+        if side != rel:  # an orphan .txt is an input, not its own caption
+            raw = read_text(side)
+            text = " ".join((raw or "").split())
             if text:
                 out[rel] = text
-    csv = root / CAPTIONS_CSV
-    if not csv.is_file():
+    raw_csv = read_text(CAPTIONS_CSV)
+    if raw_csv is None:
         return out
-    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    csv = f"{where.rstrip('/')}/{CAPTIONS_CSV}"
+    table = pd.read_csv(io.StringIO(raw_csv), dtype=str, keep_default_na=False)
     col = next((c for c in ("source", "file", "path") if c in table.columns), None)
     if col is None or "caption" not in table.columns:
         raise DataError(f"{csv} needs a 'caption' column and one of 'source', 'file' or 'path' (got "
@@ -78,4 +95,4 @@ def read_captions(root: Path, rels: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["CAPTIONS_CSV", "caption_files", "read_captions"]
+__all__ = ["CAPTIONS_CSV", "caption_files", "captions_from", "read_captions"]

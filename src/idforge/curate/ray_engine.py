@@ -49,10 +49,11 @@ class FileOutcome:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per per-file sub-stage
 
 
-def list_input(input_uri: str, storage_cfg=None) -> tuple[list[dict[str, str]], int]:
-    """[{"index", "rel", "source"}] of every file under ``input_uri`` sorted by ``rel``, and how many hidden entries
-    (dot-files, dot-folders) were skipped. Only names are listed; no byte is read."""
-    from idforge.curate.captions import caption_files
+def list_input(input_uri: str, storage_cfg=None) -> tuple[list[dict[str, str]], int, dict[str, str]]:
+    """[{"index", "rel", "source"}] of every file under ``input_uri`` sorted by ``rel``, how many hidden entries
+    (dot-files, dot-folders) were skipped, and the photos' captions ``{rel: caption}`` (``curate.captions``: the
+    same rule as the local engine's). Only names and caption files are read, no photo."""
+    from idforge.curate.captions import caption_files, captions_from, read_captions
     from idforge.curate.run import list_inputs, source_of
     from idforge.io.storage import open_storage
     from idforge.io.uri import is_s3_uri, join_uri
@@ -67,12 +68,20 @@ def list_input(input_uri: str, storage_cfg=None) -> tuple[list[dict[str, str]], 
                 hidden += 1
             else:
                 rels.append(rel)
-        captions = caption_files(rels)  # the same rule as a local folder's (curate.run.list_inputs)
-        rels = sorted(r for r in rels if r not in captions)
-        return [{"index": i, "rel": r, "source": join_uri(prefix, r)} for i, r in enumerate(rels)], hidden
+        caption_rels = caption_files(rels)  # the same rule as a local folder's (curate.run.list_inputs)
+        rels = sorted(r for r in rels if r not in caption_rels)
+
+        def read_text(rel: str) -> str | None:
+            if rel not in caption_rels:
+                return None
+            return storage.read_bytes(join_uri(prefix, rel)).decode("utf-8", errors="replace")
+
+        captions = captions_from(read_text, rels, prefix)
+        return [{"index": i, "rel": r, "source": join_uri(prefix, r)} for i, r in enumerate(rels)], hidden, captions
     root = Path(input_uri).expanduser()
     rels, hidden = list_inputs(root)
-    return [{"index": i, "rel": r, "source": source_of(input_uri, root, r)} for i, r in enumerate(rels)], hidden
+    items = [{"index": i, "rel": r, "source": source_of(input_uri, root, r)} for i, r in enumerate(rels)]
+    return items, hidden, read_captions(root, rels)
 
 
 def curate_file(item: dict[str, str], data: bytes, ccfg: CurateConfig, analyzer, digest: str, label: str,
@@ -271,7 +280,7 @@ def curate_on_ray(input: str, output: str, ccfg: CurateConfig, storage_cfg=None,
     if not s3_in and not Path(input).expanduser().exists():
         raise DataError(f"curate input {input} does not exist; point --input at a folder of photos or s3:// prefix")
     final = None if s3_out else check_local_output(input, output, None if s3_in else Path(input).expanduser())
-    items, hidden = list_input(str(input), storage_cfg)
+    items, hidden, captions = list_input(str(input), storage_cfg)
     if not items:
         raise DataError(f"curate input {input} holds no files; point --input at a folder of photos")
     label_map = read_label_map(labels, work, storage_cfg)
@@ -314,6 +323,8 @@ def curate_on_ray(input: str, output: str, ccfg: CurateConfig, storage_cfg=None,
             ray.shutdown()
     with stages.timed(timings, "read_staged"):
         rows, faces, emb = _read_staged(staging, storage_cfg)
+    for row in rows:  # each photo's own caption, as the local engine sets it (curate.run._assemble)
+        row.caption = captions.get(row.rel, "")
     ident_rows, metrics = stages.dedup_and_group(faces, emb, ccfg, timings)
     report = stages.build_report(rows, ident_rows, ccfg, int(emb.shape[1]) if len(faces) else 0, models, timings,
                                  metrics, cached_files=0)
