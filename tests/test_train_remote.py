@@ -60,7 +60,7 @@ def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir
     monkeypatch.setenv("IDFORGE_CHECKPOINTS", str(tmp_path / "checkpoints"))
     config_yaml = dump_config(_cfg(mlflow_uri))
     cfg = load_config_text(config_yaml)
-    with start_run(cfg.tracking, run_name="pipeline") as parent:
+    with start_run(cfg.tracking, run_name="pipeline", leave_open=True) as parent:  # as the pipeline opens it
         parent_id = parent.info.run_id
 
     # The pipeline's train step, as KFP calls it: the Jobs API address sends the training to the cluster.
@@ -104,6 +104,8 @@ def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir
     run = MlflowClient(mlflow_uri).get_run(result.mlflow_run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent_id and run.info.status == "FINISHED"
     assert model.metadata["mlflow_run_id"] == result.mlflow_run_id
+    # the job resumed the parent run to nest under it, and left it open: only the pipeline's exit task closes it
+    assert MlflowClient(mlflow_uri).get_run(parent_id).info.status == "RUNNING"
 
 
 @pytest.mark.slow

@@ -376,7 +376,9 @@ def run_job(argv: list[str] | None = None) -> dict[str, Any]:
         # An s3:// data URI goes to the workers as it is: each localizes it wherever Ray places it (autoscaled
         # nodes included), instead of copies staged on the nodes alive at submit time.
         data = _absolute(args.data)
-        parent = start_run(cfg.tracking, run_id=args.parent_run_id) if args.parent_run_id else contextlib.nullcontext()
+        # the pipeline's parent run: only its exit task closes it (track.close_pipeline_runs), never a step
+        parent = (start_run(cfg.tracking, run_id=args.parent_run_id, leave_open=True) if args.parent_run_id
+                  else contextlib.nullcontext())
         with parent:
             result = train_population(
                 cfg, data, args.model, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
