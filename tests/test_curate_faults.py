@@ -61,17 +61,9 @@ def test_sigkilled_worker_is_retried_once_then_rejected_and_the_rest_finishes(fe
 
 def test_an_exception_in_a_per_file_stage_is_a_rejected_row(few, tmp_path, monkeypatch):
     import idforge.curate.detect as detect
+    from tests.fixtures.process import raising_on_call
 
-    real = detect.find_faces
-    calls = {"n": 0}
-
-    def broken(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("detector exploded")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(detect, "find_faces", broken)
+    monkeypatch.setattr(detect, "find_faces", raising_on_call(detect.find_faces, 2, RuntimeError("detector exploded")))
     out = tmp_path / "ds"
     report = curate_dataset(str(few), str(out), cfg=_cfg(tmp_path))
     m = read_manifest(out)

@@ -71,17 +71,11 @@ def _run(src: Path, out: Path, tmp: Path, **kw) -> Path:
 
 def test_interrupted_run_leaves_no_dataset_and_resumes(small_input, tmp_path, monkeypatch):
     import idforge.curate.process as process
+    from tests.fixtures.process import raising_on_call
 
     real = process.analyse_file
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # the user pressing Ctrl-C mid-run
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(process, "analyse_file", flaky)
+    # the user pressing Ctrl-C mid-run
+    monkeypatch.setattr(process, "analyse_file", raising_on_call(real, 4, KeyboardInterrupt()))
     out = tmp_path / "ds"
     with pytest.raises(KeyboardInterrupt):
         curate_dataset(str(small_input), str(out), cfg=_cfg(tmp_path))
