@@ -172,6 +172,35 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_exactly(prepared_dir, tiny_
     assert resumed.metrics["loss"] == whole.metrics["loss"]
 
 
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_newest_readable_one(prepared_dir, tiny_sd15_dir,
+                                                                              tmp_path, caplog):
+    """A kill that truncated the newest checkpoint's state: the rerun skips it with a warning naming it, resumes
+    from the older one and still ends where an uninterrupted run ends; with no readable checkpoint left, a clear
+    error instead of a silent start from step 0."""
+    from idforge.train.population import train_local
+
+    cfg = TrainConfig(method="infinite-id", steps=4, batch_size=2, lr=1e-2, checkpoint_every=1, report_every=1,
+                      keep_checkpoints=2)
+    whole = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "whole")
+    marker, out = tmp_path / "fault", tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="injected fault at step 3"):
+        train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=out, fault_step=3, fault_marker=marker)
+    kept = sorted((out / "checkpoints").glob("checkpoint_*"))
+    assert [p.name for p in kept] == ["checkpoint_00000001", "checkpoint_00000002"]
+    state = kept[-1] / "train_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="idforge.train.loop"):
+        resumed = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=out, fault_step=3,
+                              fault_marker=marker)
+    assert resumed.metrics["resumed_from"] == 1
+    assert resumed.metrics["weight_checksum"] == whole.metrics["weight_checksum"]
+    assert "checkpoint_00000002 is unreadable" in caplog.text
+    for d in (out / "checkpoints").glob("checkpoint_*"):  # now 3 and 4: both damaged
+        (d / "train_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"no readable checkpoint to resume from: .*checkpoint_00000004"):
+        train_local(cfg.model_copy(update={"steps": 5}), prepared_dir, str(tiny_sd15_dir), output_dir=out)
+
+
 def test_held_out_photos_are_measured_against_references_from_the_training_photos(prepared_dir):
     """The loop's identity-gap pair: each held-out photo is conditioned on a TRAINING photo of its own identity
     (matched) and of the other identity (mismatched), never on itself or another held-out photo."""

@@ -161,6 +161,59 @@ def test_s3_checkpoints_outlive_a_dead_run_and_no_resume_starts_over(ray_head, s
 
 
 @pytest.mark.slow
+def test_a_job_sigkilled_after_its_first_s3_checkpoint_resumes_from_it(ray_head, s3_server, prepared_dir,
+                                                                       tiny_sd15_dir, tmp_path):
+    """A real SIGKILL of the job's driver (as an OOM kill or a lost head pod), landing before Ray recorded the
+    checkpoint its worker had uploaded: the retried step still resumes from the newest checkpoint on the bucket (not
+    from step 0), and the dead run's checkpoints are cleaned up once the new run keeps its own."""
+    import os
+    import signal
+
+    from idforge.io.storage import open_storage
+    from idforge.ops.ray_jobs import follow_job, submit_ray_job
+
+    steps = 12
+    cfg = IdforgeConfig(train=TRAIN.model_copy(update={"steps": steps}), tracking=TrackingConfig(enabled=False))
+    storage_env = dict(s3_server.env)
+    base = f"s3://{s3_server.bucket}/kill-{tmp_path.name}"
+    data, out, model = f"{base}/prepared", f"{base}/out", str(tiny_sd15_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in storage_env.items():
+            mp.setenv(k, v)
+        store = open_storage(base)
+        store.upload_dir(prepared_dir, data)
+
+        def checkpoints() -> list[str]:
+            return [u.rsplit("/", 1)[0] for u in store.list(f"{out}/ray/train") if u.endswith("/train_state.pt")]
+
+        _, config_yaml = remote._resolved_config_yaml(cfg, "infinite-id")
+        pid_file = tmp_path / "driver.pid"
+        entrypoint = remote.build_entrypoint(data, out, model, "infinite-id", 1, 0.0, python=sys.executable)
+        job = submit_ray_job(ray_head, f"echo $$ > {shlex.quote(str(pid_file))} && exec {entrypoint}",
+                             {"env_vars": {**storage_env, remote.CONFIG_ENV: config_yaml}},
+                             job_id=f"idforge-test-sigkill-{tmp_path.name}"[:60])
+        deadline = time.monotonic() + 180
+        while not checkpoints():
+            assert time.monotonic() < deadline, "the job wrote no checkpoint within 180 s"
+            time.sleep(0.2)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        assert follow_job(ray_head, job, lambda _c: None, timeout_s=120) is JobStatus.FAILED
+        dead = checkpoints()
+        assert dead and not store.exists(f"{out}/method.safetensors")
+        # Ray's controller records each checkpoint in this snapshot only after the worker uploaded it; a kill between
+        # the two (here made certain) leaves checkpoints Ray itself would not resume from.
+        snapshot = f"{out}/ray/train/checkpoint_manager_snapshot.json"
+        if store.exists(snapshot):
+            store.delete(snapshot)
+
+        result = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
+                                      timeout_s=240, local_dir=tmp_path / "local", env_vars=storage_env)
+        assert result.status is JobStatus.SUCCEEDED and result.steps == steps
+        assert 1 <= result.metrics["resumed_from"] < steps  # from the dead run's checkpoint, not from step 0
+        assert checkpoints() == [result.checkpoint_uri] and result.checkpoint_uri not in dead
+
+
+@pytest.mark.slow
 def test_failed_job_raises_with_its_last_log_lines_and_a_retry_gets_a_new_id(ray_head, tiny_sd15_dir, tmp_path):
     not_prepared = tmp_path / "empty"
     not_prepared.mkdir()

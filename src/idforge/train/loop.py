@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from idforge.errors import ConfigError
+from idforge.errors import ConfigError, DataError
 from idforge.train import checkpoint as ckpt
 from idforge.train.config import TrainConfig
 from idforge.train.optim import make_optimizer, peak_memory_gib, reset_peak_memory
@@ -51,6 +51,9 @@ class LoopSpec(BaseModel):
     local_files_only: bool = True
     tracking: dict[str, Any] | None = None  # TrackingConfig with the URI resolved by the driver
     mlflow_run_id: str | None = None
+    # where the run's checkpoints live (``<storage_path>/<run name>``, local or s3://): the fallback when Ray's own
+    # record of them is missing (a driver SIGKILLed before writing it) or names an unreadable one
+    run_state: str | None = None
     fault_step: int | None = None  # tests/drills: raise once after this optimizer step ...
     fault_marker: str | None = None  # ... on each rank whose marker file (suffixed .rank<r>) does not exist yet
 
@@ -64,7 +67,10 @@ class LoopEnv(Protocol):
     device: Any
     limit_threads: bool  # CPU: use only ``cpus_per_worker`` threads (workers share the node)
 
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+    def checkpoint_candidates(self) -> Iterator[contextlib.AbstractContextManager[Path]]:
+        """The checkpoints to resume from, newest first, each a context manager that makes it a local directory
+        (lazily: an older one is fetched only when every newer one was unreadable)."""
+        ...
 
     def report(self, metrics: dict[str, Any], write: Callable[[Path], None] | None) -> None: ...
 
@@ -89,6 +95,10 @@ class LocalEnv:
     def latest_checkpoint(self) -> Iterator[Path | None]:
         dirs = self._dirs()
         yield dirs[-1] if dirs else None
+
+    def checkpoint_candidates(self) -> Iterator[contextlib.AbstractContextManager[Path]]:
+        for d in reversed(self._dirs()):
+            yield contextlib.nullcontext(d)
 
     def report(self, metrics: dict[str, Any], write: Callable[[Path], None] | None) -> None:
         self.reports.append(dict(metrics))
@@ -428,34 +438,58 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
 
 
 def resume(env: LoopEnv, stepper: TrainStep, generator: Any, cfg: TrainConfig) -> int:
-    """Restore the newest checkpoint ``env`` offers into the method, the optimisation state and this rank's noise
-    generator; returns its step (0 and ``train.init_from``'s weights, if given, when there is none).
+    """Restore the newest readable checkpoint ``env`` offers into the method, the optimisation state and this rank's
+    noise generator; returns its step (0 and ``train.init_from``'s weights, if given, when there is none).
+
+    A checkpoint whose ``train_state.pt`` cannot be read (truncated by a kill mid-upload, a damaged disk) is skipped
+    with a warning naming it, and the next older one is tried: every rank reads the same shared state file, so all
+    ranks make the same choice. An unreadable per-rank RNG file only costs that rank its exact noise stream.
 
     Raises:
         ConfigError: the checkpoint holds another method config's weights.
+        DataError: checkpoints exist but none of them can be read.
     """
     method, rank = stepper.method, env.rank
-    with env.latest_checkpoint() as resume_dir:
-        if resume_dir is None:
-            if cfg.init_from:
-                _init_from(method, cfg.init_from)
-            return 0
-        state = ckpt.read_state(resume_dir)
-        try:
-            method.load_state_dict(state["method"])
-        except ValueError as exc:
-            raise ConfigError(f"cannot resume from {resume_dir}: {exc}. The checkpoint was written by a run with "
-                              "another method config; train into a new output directory, or delete that one to "
-                              "start over") from None
-        stepper.load_state_dict(state)
-        step = int(state["step"])
-        rng = ckpt.read_rng(resume_dir, rank)
-        if rng is not None:
-            ckpt.restore_rng(rng, generator)
-        else:  # the world size changed: a fresh but deterministic stream for this rank
-            generator.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * step)
-        log.info("rank %d resumed from %s at step %d", rank, resume_dir, step)
-        return step
+    unreadable: list[str] = []
+    for candidate in env.checkpoint_candidates():
+        with candidate as resume_dir:
+            try:
+                state = ckpt.read_state(resume_dir)
+            except Exception as exc:  # noqa: BLE001 - any unreadable state file: fall back to an older checkpoint
+                unreadable.append(f"{resume_dir} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                log.warning("rank %d: checkpoint %s is unreadable (%s); trying the next older one", rank,
+                            resume_dir, exc)
+                continue
+            try:
+                method.load_state_dict(state["method"])
+            except ValueError as exc:
+                raise ConfigError(f"cannot resume from {resume_dir}: {exc}. The checkpoint was written by a run "
+                                  "with another method config; train into a new output directory, or delete that "
+                                  "one to start over") from None
+            stepper.load_state_dict(state)
+            step = int(state["step"])
+            try:
+                rng = ckpt.read_rng(resume_dir, rank)
+            except Exception as exc:  # noqa: BLE001 - a damaged RNG file: the deterministic fresh stream below
+                log.warning("rank %d: the RNG state in %s is unreadable (%s); continuing with a fresh seeded stream",
+                            rank, resume_dir, exc)
+                rng = None
+            if rng is not None:
+                ckpt.restore_rng(rng, generator)
+            else:  # the world size changed: a fresh but deterministic stream for this rank
+                generator.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * step)
+            if unreadable:
+                log.warning("rank %d resumed from the older checkpoint %s at step %d; skipped unreadable: %s", rank,
+                            resume_dir, step, "; ".join(unreadable))
+            else:
+                log.info("rank %d resumed from %s at step %d", rank, resume_dir, step)
+            return step
+    if unreadable:
+        raise DataError(f"no readable checkpoint to resume from: {'; '.join(unreadable)}. Delete them (or train "
+                        "with resume=False / --no-resume) to start over")
+    if cfg.init_from:
+        _init_from(method, cfg.init_from)
+    return 0
 
 
 def checkpoint_state(stepper: TrainStep, step: int, per_step: int, world: int, train: dict[str, Any]

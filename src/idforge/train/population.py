@@ -49,7 +49,7 @@ class TrainResult:
 class _RayEnv:
     """``LoopEnv`` over Ray Train's worker context."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: LoopSpec) -> None:
         import ray.train
         import ray.train.torch
 
@@ -58,17 +58,26 @@ class _RayEnv:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.limit_threads = True
+        self.run_state = spec.run_state
+        self.storage = spec.storage
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
+    def checkpoint_candidates(self) -> Iterator[contextlib.AbstractContextManager[Path]]:
+        """Ray's latest checkpoint, then every ``checkpoint_*`` under the run's storage, newest first.
+
+        Ray restores its checkpoint history only from the run state its controller wrote; a job whose driver was
+        SIGKILLed can leave checkpoints on storage that Ray then does not offer (``get_checkpoint()`` is None), and
+        Ray's latest can itself be unreadable. Both fall back to what is on storage.
+        """
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield Path(d)
+        latest = ray.train.get_checkpoint()
+        seen: set[str] = set()
+        if latest is not None:
+            seen.add(latest.path.rstrip("/").rsplit("/", 1)[-1])
+            yield _as_path(latest)
+        for checkpoint in stored_checkpoints(self.run_state, self.storage):
+            if checkpoint.path.rstrip("/").rsplit("/", 1)[-1] not in seen:
+                yield _as_path(checkpoint)
 
     def report(self, metrics: dict[str, Any], write: Any) -> None:
         import tempfile
@@ -83,9 +92,45 @@ class _RayEnv:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+@contextlib.contextmanager
+def _as_path(checkpoint: Any) -> Iterator[Path]:
+    with checkpoint.as_directory() as d:
+        yield Path(d)
+
+
+def stored_checkpoints(run_state: str | None, storage: dict[str, Any] | None) -> list[Any]:
+    """The Ray ``Checkpoint``s under ``run_state`` (local or s3://) that hold a ``train_state.pt``, newest first.
+
+    Ray names them ``checkpoint_<timestamp>``, so the name orders them in time.
+    """
+    if not run_state:
+        return []
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from idforge.config import StorageConfig
+    from idforge.train.checkpoint import STATE_FILE
+
+    path, fs = ray_storage(run_state, StorageConfig.model_validate(storage) if storage else None)
+    fs = fs or pafs.LocalFileSystem()
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        log.warning("cannot list the stored checkpoints under %s: %s", run_state, exc)
+        return []
+    dirs = sorted((e.path for e in entries if e.type == pafs.FileType.Directory
+                   and e.base_name.startswith("checkpoint_")), reverse=True)
+    found = []
+    for d in dirs:
+        if fs.get_file_info(f"{d}/{STATE_FILE}").type == pafs.FileType.File:
+            found.append(ray.train.Checkpoint(d, filesystem=fs))
+    return found
+
+
 def train_fn(config: dict[str, Any]) -> None:
     """The Ray Train worker entry point: a pure function of ``config`` (a ``LoopSpec`` as a dict)."""
-    run_loop(LoopSpec.model_validate(config), _RayEnv())
+    spec = LoopSpec.model_validate(config)
+    run_loop(spec, _RayEnv(spec))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,6 +210,27 @@ def _forget_run(run_state: str, out: Path, storage_cfg: Any) -> None:
         log.warning("resume=False: removing the previous run state at %s", run_state)
         store.delete(run_state, recursive=True)
     (out / "mlflow_run_id").unlink(missing_ok=True)
+
+
+def _drop_unkept_checkpoints(run_state: str, storage_cfg: Any, result: Any) -> None:
+    """Remove the checkpoints under ``run_state`` that this run's Ray did not keep: those of a killed earlier run
+    that it resumed from through :func:`stored_checkpoints` (Ray's ``num_to_keep`` rotation never saw them)."""
+    from idforge.io.storage import open_storage
+
+    def name(c: Any) -> str:  # compared by name: paths may differ in form (symlinks, a scheme), names never
+        return c.path.rstrip("/").rsplit("/", 1)[-1]
+
+    kept = {name(c) for c, _ in (result.best_checkpoints or [])} | {name(result.checkpoint)}
+    stale = [c for c in stored_checkpoints(run_state, storage_cfg.model_dump(mode="json") if storage_cfg else None)
+             if name(c) not in kept]
+    if not stale:
+        return
+    store = open_storage(run_state, storage_cfg)
+    prefix = run_state.split("://", 1)[0] + "://" if "://" in run_state else ""
+    for c in stale:
+        uri = f"{prefix}{c.path}"
+        log.info("removing the checkpoint %s of an earlier, killed run (resumed from; not kept by this one)", uri)
+        store.delete(uri, recursive=True)
 
 
 def resolve_gpus_per_worker(requested: float, workers: int, ray_address: str | None) -> float:
@@ -282,7 +348,7 @@ def train_population(
         spec = LoopSpec(
             train=train_cfg.model_dump(mode="json"), data_dir=data_arg, model=model_arg, model_kind=model_kind,
             storage=storage_cfg.model_dump(mode="json") if storage_cfg is not None else None,
-            local_files_only=local_files_only, tracking=tracking, mlflow_run_id=mlflow_run_id,
+            local_files_only=local_files_only, tracking=tracking, mlflow_run_id=mlflow_run_id, run_state=run_state,
             fault_step=fault_step, fault_marker=str(fault_marker) if fault_marker else None,
         )
         with _ray_session(ray_address, num_cpus=max(workers * train_cfg.cpus_per_worker, 1),
@@ -308,6 +374,7 @@ def train_population(
             raise result.error
         if result.checkpoint is None:
             raise DataError(f"training at {run_state} ended without a checkpoint")
+        _drop_unkept_checkpoints(run_state, storage_cfg, result)
         with result.checkpoint.as_directory() as d:
             final = _export(Path(d), out, train_cfg, root, result.metrics, info)
         if mlflow_run_id is not None:
