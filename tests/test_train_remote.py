@@ -8,7 +8,9 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +34,33 @@ TRAIN = TrainConfig(method="infinite-id", steps=2, batch_size=1, lr=1e-3, checkp
 def prepared_dir(tmp_path_factory, tiny_sd15_dir, tiny_clip_dir):
     return prepare_synthetic(tmp_path_factory.mktemp("remote-data"), tiny_sd15_dir, tiny_clip_dir, identities=2,
                              images_per_identity=2, size=128, flip=False)
+
+
+@dataclass
+class S3Run:
+    """The prepared data uploaded to the test S3 server, and where a run's output and checkpoints go there."""
+
+    env: dict[str, str]
+    store: Any
+    data: str
+    out: str
+
+    def checkpoints(self) -> list[str]:
+        return [u.rsplit("/", 1)[0] for u in self.store.list(f"{self.out}/ray/train")
+                if u.endswith("/train_state.pt")]
+
+
+@pytest.fixture
+def s3_run(s3_server, prepared_dir, tmp_path, monkeypatch) -> S3Run:
+    from idforge.io.storage import open_storage
+
+    env = dict(s3_server.env)  # the test head has no S3 settings of its own (a cluster's pods do)
+    for k, v in env.items():  # this process reads the same server
+        monkeypatch.setenv(k, v)
+    base = f"s3://{s3_server.bucket}/run-{tmp_path.name}"
+    store = open_storage(base)
+    store.upload_dir(prepared_dir, f"{base}/prepared")
+    return S3Run(env=env, store=store, data=f"{base}/prepared", out=f"{base}/out")
 
 
 def _cfg(tracking_uri: str | None) -> IdforgeConfig:
@@ -109,108 +138,85 @@ def test_job_trains_streams_and_reattaches(ray_head, prepared_dir, tiny_sd15_dir
 
 
 @pytest.mark.slow
-def test_s3_checkpoints_outlive_a_dead_run_and_no_resume_starts_over(ray_head, s3_server, prepared_dir,
-                                                                     tiny_sd15_dir, tmp_path):
-    from idforge.io.storage import open_storage
+def test_s3_checkpoints_outlive_a_dead_run_and_no_resume_starts_over(ray_head, s3_run, tiny_sd15_dir, tmp_path):
     from idforge.ops.ray_jobs import RayJobError, run_ray_job
 
-    storage_env = dict(s3_server.env)  # the test head has no S3 settings of its own (a cluster's pods do)
-    base = f"s3://{s3_server.bucket}/remote-{tmp_path.name}"
-    data, out = f"{base}/prepared", f"{base}/out"
+    storage_env, store, data, out, checkpoints = s3_run.env, s3_run.store, s3_run.data, s3_run.out, s3_run.checkpoints
     cfg, model = _cfg(None), str(tiny_sd15_dir)
-    with pytest.MonkeyPatch.context() as mp:  # this process reads the same server
-        for k, v in storage_env.items():
-            mp.setenv(k, v)
-        store = open_storage(base)
-        store.upload_dir(prepared_dir, data)
 
-        def checkpoints() -> list[str]:
-            return [u.rsplit("/", 1)[0] for u in store.list(f"{out}/ray/train") if u.endswith("/train_state.pt")]
+    # 1. The run dies after its second step, before that step's checkpoint: step 1's lies on the bucket
+    # (written by Ray Train through the configured endpoint; AWS would refuse these credentials).
+    _, config_yaml = remote._resolved_config_yaml(cfg, "infinite-id")
+    entrypoint = remote.build_entrypoint(data, out, model, "infinite-id", 1, 0.0, python=sys.executable)
+    entrypoint += f" --fault-step 2 --fault-marker {shlex.quote(str(tmp_path / 'fault'))}"
+    with pytest.raises(RayJobError, match="FAILED"):
+        run_ray_job(ray_head, entrypoint, {"env_vars": {**storage_env, remote.CONFIG_ENV: config_yaml}},
+                    job_id=f"idforge-test-dies-{tmp_path.name}"[:60], log_sink=lambda _c: None, timeout_s=240)
+    assert (tmp_path / "fault.rank0").is_file()  # it died where it was told to
+    (dead_ckpt,) = checkpoints()
+    assert dead_ckpt.startswith(f"{out}/ray/train/checkpoint_")
+    assert not store.exists(f"{out}/method.safetensors")  # nothing exported by the dead run
 
-        # 1. The run dies after its second step, before that step's checkpoint: step 1's lies on the bucket
-        # (written by Ray Train through the configured endpoint; AWS would refuse these credentials).
-        _, config_yaml = remote._resolved_config_yaml(cfg, "infinite-id")
-        entrypoint = remote.build_entrypoint(data, out, model, "infinite-id", 1, 0.0, python=sys.executable)
-        entrypoint += f" --fault-step 2 --fault-marker {shlex.quote(str(tmp_path / 'fault'))}"
-        with pytest.raises(RayJobError, match="FAILED"):
-            run_ray_job(ray_head, entrypoint, {"env_vars": {**storage_env, remote.CONFIG_ENV: config_yaml}},
-                        job_id=f"idforge-test-dies-{tmp_path.name}"[:60], log_sink=lambda _c: None, timeout_s=240)
-        assert (tmp_path / "fault.rank0").is_file()  # it died where it was told to
-        (dead_ckpt,) = checkpoints()
-        assert dead_ckpt.startswith(f"{out}/ray/train/checkpoint_")
-        assert not store.exists(f"{out}/method.safetensors")  # nothing exported by the dead run
+    # 2. The retried step (a new job, as on another node) resumes from the S3 checkpoint and finishes.
+    result = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
+                                  timeout_s=240, local_dir=tmp_path / "local", env_vars=storage_env)
+    assert result.status is JobStatus.SUCCEEDED and result.steps == 2
+    assert result.metrics["resumed_from"] == 1
+    assert result.checkpoint_uri.startswith(f"{out}/ray/train/checkpoint_")
+    assert checkpoints() == [result.checkpoint_uri]  # keep_checkpoints=1: step 1's is gone
+    assert sorted(p.name for p in result.local_dir.iterdir()) == sorted(remote.OUTPUT_FILES)
+    assert store.read_bytes(f"{out}/method.safetensors") == result.method_path.read_bytes()
+    assert json.loads(store.read_text(f"{out}/train_job.json"))["output"] == out
 
-        # 2. The retried step (a new job, as on another node) resumes from the S3 checkpoint and finishes.
-        result = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
-                                      timeout_s=240, local_dir=tmp_path / "local", env_vars=storage_env)
-        assert result.status is JobStatus.SUCCEEDED and result.steps == 2
-        assert result.metrics["resumed_from"] == 1
-        assert result.checkpoint_uri.startswith(f"{out}/ray/train/checkpoint_")
-        assert checkpoints() == [result.checkpoint_uri]  # keep_checkpoints=1: step 1's is gone
-        assert sorted(p.name for p in result.local_dir.iterdir()) == sorted(remote.OUTPUT_FILES)
-        assert store.read_bytes(f"{out}/method.safetensors") == result.method_path.read_bytes()
-        assert json.loads(store.read_text(f"{out}/train_job.json"))["output"] == out
-
-        # 3. resume=False on the same S3 output: a new job (not a re-attach to the finished one) from step 0.
-        fresh = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
-                                     timeout_s=240, local_dir=tmp_path / "fresh", env_vars=storage_env,
-                                     resume=False)
-        assert not fresh.attached and fresh.job_id != result.job_id
-        assert fresh.metrics["resumed_from"] == 0 and fresh.steps == 2
-        assert checkpoints() == [fresh.checkpoint_uri] and fresh.checkpoint_uri != result.checkpoint_uri
+    # 3. resume=False on the same S3 output: a new job (not a re-attach to the finished one) from step 0.
+    fresh = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
+                                 timeout_s=240, local_dir=tmp_path / "fresh", env_vars=storage_env,
+                                 resume=False)
+    assert not fresh.attached and fresh.job_id != result.job_id
+    assert fresh.metrics["resumed_from"] == 0 and fresh.steps == 2
+    assert checkpoints() == [fresh.checkpoint_uri] and fresh.checkpoint_uri != result.checkpoint_uri
 
 
 @pytest.mark.slow
-def test_a_job_sigkilled_after_its_first_s3_checkpoint_resumes_from_it(ray_head, s3_server, prepared_dir,
-                                                                       tiny_sd15_dir, tmp_path):
+def test_a_job_sigkilled_after_its_first_s3_checkpoint_resumes_from_it(ray_head, s3_run, tiny_sd15_dir, tmp_path):
     """A real SIGKILL of the job's driver (as an OOM kill or a lost head pod), landing before Ray recorded the
     checkpoint its worker had uploaded: the retried step still resumes from the newest checkpoint on the bucket (not
     from step 0), and the dead run's checkpoints are cleaned up once the new run keeps its own."""
     import os
     import signal
 
-    from idforge.io.storage import open_storage
     from idforge.ops.ray_jobs import follow_job, submit_ray_job
 
     steps = 12
     cfg = IdforgeConfig(train=TRAIN.model_copy(update={"steps": steps}), tracking=TrackingConfig(enabled=False))
-    storage_env = dict(s3_server.env)
-    base = f"s3://{s3_server.bucket}/kill-{tmp_path.name}"
-    data, out, model = f"{base}/prepared", f"{base}/out", str(tiny_sd15_dir)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in storage_env.items():
-            mp.setenv(k, v)
-        store = open_storage(base)
-        store.upload_dir(prepared_dir, data)
+    storage_env, store, data, out, checkpoints = s3_run.env, s3_run.store, s3_run.data, s3_run.out, s3_run.checkpoints
+    model = str(tiny_sd15_dir)
 
-        def checkpoints() -> list[str]:
-            return [u.rsplit("/", 1)[0] for u in store.list(f"{out}/ray/train") if u.endswith("/train_state.pt")]
+    _, config_yaml = remote._resolved_config_yaml(cfg, "infinite-id")
+    pid_file = tmp_path / "driver.pid"
+    entrypoint = remote.build_entrypoint(data, out, model, "infinite-id", 1, 0.0, python=sys.executable)
+    job = submit_ray_job(ray_head, f"echo $$ > {shlex.quote(str(pid_file))} && exec {entrypoint}",
+                         {"env_vars": {**storage_env, remote.CONFIG_ENV: config_yaml}},
+                         job_id=f"idforge-test-sigkill-{tmp_path.name}"[:60])
+    deadline = time.monotonic() + 180
+    while not checkpoints():
+        assert time.monotonic() < deadline, "the job wrote no checkpoint within 180 s"
+        time.sleep(0.2)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert follow_job(ray_head, job, lambda _c: None, timeout_s=120) is JobStatus.FAILED
+    dead = checkpoints()
+    assert dead and not store.exists(f"{out}/method.safetensors")
+    # Ray's controller records each checkpoint in this snapshot only after the worker uploaded it; a kill between
+    # the two (here made certain) leaves checkpoints Ray itself would not resume from.
+    snapshot = f"{out}/ray/train/checkpoint_manager_snapshot.json"
+    if store.exists(snapshot):
+        store.delete(snapshot)
 
-        _, config_yaml = remote._resolved_config_yaml(cfg, "infinite-id")
-        pid_file = tmp_path / "driver.pid"
-        entrypoint = remote.build_entrypoint(data, out, model, "infinite-id", 1, 0.0, python=sys.executable)
-        job = submit_ray_job(ray_head, f"echo $$ > {shlex.quote(str(pid_file))} && exec {entrypoint}",
-                             {"env_vars": {**storage_env, remote.CONFIG_ENV: config_yaml}},
-                             job_id=f"idforge-test-sigkill-{tmp_path.name}"[:60])
-        deadline = time.monotonic() + 180
-        while not checkpoints():
-            assert time.monotonic() < deadline, "the job wrote no checkpoint within 180 s"
-            time.sleep(0.2)
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        assert follow_job(ray_head, job, lambda _c: None, timeout_s=120) is JobStatus.FAILED
-        dead = checkpoints()
-        assert dead and not store.exists(f"{out}/method.safetensors")
-        # Ray's controller records each checkpoint in this snapshot only after the worker uploaded it; a kill between
-        # the two (here made certain) leaves checkpoints Ray itself would not resume from.
-        snapshot = f"{out}/ray/train/checkpoint_manager_snapshot.json"
-        if store.exists(snapshot):
-            store.delete(snapshot)
-
-        result = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
-                                      timeout_s=240, local_dir=tmp_path / "local", env_vars=storage_env)
-        assert result.status is JobStatus.SUCCEEDED and result.steps == steps
-        assert 1 <= result.metrics["resumed_from"] < steps  # from the dead run's checkpoint, not from step 0
-        assert checkpoints() == [result.checkpoint_uri] and result.checkpoint_uri not in dead
+    result = train_on_ray_cluster(cfg, data, model, "infinite-id", out, ray_head, log_sink=lambda _c: None,
+                                  timeout_s=240, local_dir=tmp_path / "local", env_vars=storage_env)
+    assert result.status is JobStatus.SUCCEEDED and result.steps == steps
+    assert 1 <= result.metrics["resumed_from"] < steps  # from the dead run's checkpoint, not from step 0
+    assert checkpoints() == [result.checkpoint_uri] and result.checkpoint_uri not in dead
 
 
 @pytest.mark.slow
