@@ -33,6 +33,7 @@ import numpy as np
 from idforge.errors import ConfigError, DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
 from idforge.io.identity import identity_path
+from idforge.io.lock import holds_output_lock
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -213,6 +214,7 @@ class _MethodCache:
         return method
 
 
+@holds_output_lock("generate")
 def generate_images(
     method_name: str | None,
     artifact: str | os.PathLike[str] | None,
