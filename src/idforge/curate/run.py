@@ -160,11 +160,13 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     check_matte(ccfg)
     from idforge.io.lock import output_lock
 
-    with output_lock(final, "curate"):  # one writer: the .partial sweep and the swap below are this run's alone
+    # One writer: the .partial sweep and the swap below are this run's alone; for an s3:// output the lease on the
+    # prefix covers its local working copy (one per output URI) and the upload, whose manifest goes last.
+    with output_lock(output if s3_out else final, "curate", storage_cfg):
         report = _curate_locked(input, output, ccfg, storage_cfg, root, final, rels, hidden, captions, label_map,
                                 t_start)
-    if s3_out:
-        open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress)
+        if s3_out:
+            open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress, prune=True)
     log.info("curated %d files into %s: %d accepted faces, %d identities", report.files, output,
              report.faces_accepted, report.identities)
     return report
