@@ -31,6 +31,7 @@ from idforge.curate.config import CurateConfig
 from idforge.curate.report import CurateReport
 from idforge.errors import DataError
 from idforge.io.atomic import replace_dir
+from idforge.io.space import check_free_space, curated_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,6 @@ def check_matte(ccfg: CurateConfig) -> None:
         check_matte_env(matte_python(ccfg.matte))  # fail before the long part, with the fix in the message
 
 
-def check_free_space(where: Path, files: int, ccfg: CurateConfig) -> None:
-    """Fail before the long part when ``where`` cannot hold the estimated output: per file one face's crops, masks
-    and mattes as PNG, bounded by 4 bytes per pixel of the FFHQ-size crop (PNG of photos compresses below that)."""
-    estimate = files * (4 * ccfg.align.ffhq_size ** 2 + 3 * 112 ** 2)
-    free = shutil.disk_usage(where).free
-    if free < estimate:
-        raise DataError(f"curate output {where} has {free / 1e6:.0f} MB free, the run needs about "
-                        f"{estimate / 1e6:.0f} MB ({files} files); free space there or choose another output")
-
-
 def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None) -> CurateReport:
     """Curate the photos at ``input`` (folder, file, or ``s3://`` prefix) into the dataset ``output`` (folder or
     ``s3://`` prefix).
@@ -188,7 +179,7 @@ def _curate_locked(input: str, output: str, ccfg: CurateConfig, storage_cfg, roo
         shutil.rmtree(partial / sub, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     reuse = final / "cache" if (final / "cache").is_dir() else None
-    check_free_space(partial, len(rels), ccfg)
+    check_free_space(partial, len(rels), curated_file_bytes(ccfg.align.ffhq_size), "curate")
     tasks = [FileTask(i, str(root / r) if root.is_dir() else str(root), r, source_of(str(input), root, r))
              for i, r in enumerate(rels)]
     log.info("curating %d files from %s with %s (%d worker(s))", len(tasks), input, ccfg.backend, ccfg.workers)
