@@ -124,14 +124,14 @@ def _swap_while_polling(tmp_path, swaps: int) -> tuple[int, int]:
 
 
 def _slow_renames(monkeypatch):
-    """Every os.replace inside atomic.py takes a millisecond more: a gap between two renames becomes visible."""
+    """Every os.replace inside atomic.py takes 3 ms more: a gap between two renames becomes visible."""
     import idforge.io.atomic as atomic
 
     real = os.replace
 
     def slow(a, b):
         real(a, b)
-        time.sleep(0.001)
+        time.sleep(0.003)
 
     monkeypatch.setattr(atomic.os, "replace", slow)
 

@@ -5,6 +5,7 @@ the earlier version's stale objects, after its commit."""
 from __future__ import annotations
 
 import io
+import os
 
 import pandas as pd
 import pytest
@@ -118,3 +119,22 @@ def test_an_s3_output_is_held_under_its_lease_while_the_stage_writes_it(s3_env, 
     with local_output(prefix, what="prepare", prune=True) as work:
         (work / "index.parquet").unlink()
     assert storage.list(prefix) == [f"{prefix}/prepared.json"]
+
+
+def test_curate_to_s3_refuses_an_output_prefix_another_run_holds(s3_env, s3_prefix, tmp_path):
+    """curate's s3:// output: the prefix's lease covers the local working copy and the upload."""
+    from idforge.curate.config import CurateConfig
+    from idforge.curate.run import curate_dataset
+    from idforge.errors import DataError
+    from idforge.io.lock import output_lock
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"not decoded: refused before any work")
+    cfg = CurateConfig(work_dir=str(tmp_path / "work"), matte={"backend": "landmarks"})
+    out = f"{s3_prefix}/dataset"
+    with output_lock(out, "curate"):
+        with pytest.raises(DataError, match=rf"{out} is being written by another curate .*pid {os.getpid()}"):
+            curate_dataset(str(photos), out, cfg=cfg)
+    assert open_storage(out).list(out) == []  # nothing uploaded
+    assert not (tmp_path / "work" / "outputs").exists() or not any((tmp_path / "work" / "outputs").iterdir())
