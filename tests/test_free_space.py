@@ -118,3 +118,42 @@ def test_generate_checks_free_space_before_generating_and_its_estimate_bounds_th
     assert len(pngs) == 2 and [a[1] for a in seen] == [2, 0]
     assert max(p.stat().st_size + p.with_suffix(".json").stat().st_size for p in pngs) <= seen[0][2]
     shutil.rmtree(out)
+
+
+PREPARE_CHILD = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write gets EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), int(sys.argv[4])))
+from idforge.errors import IdforgeError
+from idforge.train.prepare import prepare_dataset
+try:
+    print(prepare_dataset(sys.argv[1], sys.argv[2], sys.argv[3], clip_model=sys.argv[5]).summary())
+except IdforgeError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_prepare_into_a_size_limited_target_fails_clearly_and_leaves_no_partial_item(
+        tiny_sd15_dir, tiny_clip_dir, tmp_path):
+    """RLIMIT_FSIZE (4 kB, below one item's size) in a child process: the run stops with the clear error, no temp
+    file or half item is left, and the rerun without the limit completes."""
+    import subprocess
+    import sys
+
+    from idforge.train.dataset import read_prepared
+    from idforge.train.testdata import write_curated_synthetic
+
+    ds = write_curated_synthetic(tmp_path / "ds", identities=2, images_per_identity=2)
+    out = tmp_path / "prepared"
+    args = [sys.executable, "-c", PREPARE_CHILD, str(ds), str(tiny_sd15_dir), str(out)]
+    res = subprocess.run([*args, "4096", str(tiny_clip_dir)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "prepare: writing" in res.stderr and "(File too large)" in res.stderr and "free space there" in res.stderr
+    left = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert not left, f"partial output left behind: {left}"  # no temp file, no truncated item, no index
+    from idforge.train.prepare import prepare_dataset  # the rerun without the limit: here (imports are warm)
+
+    prepare_dataset(ds, str(tiny_sd15_dir), out, clip_model=str(tiny_clip_dir))
+    index, _ = read_prepared(out)
+    assert len(index) == 4 and all((out / f).stat().st_size > 4096 for f in index["file"])

@@ -9,13 +9,21 @@ config change while a run that fills the disk costs the hours it ran.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from idforge.errors import DataError
+from idforge.errors import DataError, StorageError
 
-__all__ = ["check_free_space", "curated_file_bytes", "prepared_item_bytes", "png_bytes", "count_files"]
+__all__ = ["check_free_space", "curated_file_bytes", "prepared_item_bytes", "png_bytes", "count_files",
+           "DISK_FULL", "disk_full_errno", "clear_disk_full"]
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # a full disk, a file size limit, a full quota
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 _RECORD_BYTES = 4096  # a sidecar/metadata record, a safetensors header: small, but per item
 
@@ -75,3 +83,31 @@ def count_files(root: str | os.PathLike[str], pattern: str) -> int:
     """Files under ``root`` matching ``pattern`` (0 when ``root`` does not exist): what a resumed run has already."""
     root = Path(root)
     return sum(1 for _ in root.rglob(pattern)) if root.is_dir() else 0
+
+
+def disk_full_errno(exc: BaseException) -> int | None:
+    """The errno of ``exc`` when it says the disk (or a size limit, or a quota) is full, else None.
+
+    Libraries written in Rust (safetensors) report I/O errors as text ("File too large (os error 27)"), not as
+    OSError: the errno is read from that text.
+    """
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        found = _OS_ERROR.search(str(exc))
+        code = int(found.group(1)) if found else None
+    return code if code in DISK_FULL else None
+
+
+@contextlib.contextmanager
+def clear_disk_full(path: str | os.PathLike[str], what: str, resume: str) -> Iterator[None]:
+    """Turn a full-disk failure while writing ``path`` into one clear StorageError (path, cause, fix); ``resume``
+    says what a rerun keeps. Other errors pass unchanged. Put it outside the atomic write, so the temp file is
+    gone by the time the error is raised."""
+    try:
+        yield
+    except Exception as exc:
+        code = disk_full_errno(exc)
+        if code is None:
+            raise
+        raise StorageError(f"{what}: writing {path} failed ({os.strerror(code)}): the disk or the file size limit "
+                           f"is full; free space there (or choose another output) and rerun: {resume}") from exc

@@ -39,7 +39,7 @@ import numpy as np
 
 from idforge.errors import DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
-from idforge.io.space import check_free_space
+from idforge.io.space import check_free_space, clear_disk_full
 from idforge.train.clip_features import clip_record
 from idforge.train.config import PrepareConfig
 
@@ -458,7 +458,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], dtype: str, metadata: di
     # face embeddings and landmarks stay float32: they are small, and cosine similarities need the precision.
     keep = {"face_embed", "target_kps"}
     data = {k: (v.to(cast) if v.is_floating_point() and k not in keep else v).contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with clear_disk_full(path, "prepare", "the items already written are kept and reused"), atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata=metadata)
 
 
