@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,83 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path, monkeyp
         atomic_write_bytes(target, b"new") if write == "bytes" else atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def _swap_while_polling(tmp_path, swaps: int) -> tuple[int, int]:
+    """``swaps`` replace_dir calls onto ``dst`` while a thread polls ``dst/manifest.parquet``; (misses, polls)."""
+    import threading
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "manifest.parquet").write_text("v0")
+    stop = threading.Event()
+    seen = {"misses": 0, "polls": 0}
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen["polls"] += 1
+            if not (dst / "manifest.parquet").is_file():
+                seen["misses"] += 1
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(swaps):
+            src = tmp_path / f".dst.partial-{i}"
+            src.mkdir()
+            (src / "manifest.parquet").write_text(f"v{i + 1}")
+            replace_dir(src, dst)
+    finally:
+        stop.set()
+        t.join()
+    assert (dst / "manifest.parquet").read_text() == f"v{swaps}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # every old version removed, no .old-* left
+    return seen["misses"], seen["polls"]
+
+
+def _slow_renames(monkeypatch):
+    """Every os.replace inside atomic.py takes 3 ms more: a gap between two renames becomes visible."""
+    import idforge.io.atomic as atomic
+
+    real = os.replace
+
+    def slow(a, b):
+        real(a, b)
+        time.sleep(0.003)
+
+    monkeypatch.setattr(atomic.os, "replace", slow)
+
+
+def test_replace_dir_never_leaves_readers_without_the_dataset(tmp_path, monkeypatch):
+    """A reader polling dst/manifest.parquet through 200 swaps never finds it missing (renameat2 exchange)."""
+    _slow_renames(monkeypatch)
+    misses, polls = _swap_while_polling(tmp_path, 200)
+    assert polls > 200 and misses == 0
+
+
+def test_the_two_rename_fallback_has_the_gap_the_exchange_closes(tmp_path, monkeypatch):
+    """The guard above can fail: with the exchange unavailable (another OS, NFS) the same drill sees the gap,
+    and the fallback still replaces the directory whole."""
+    import idforge.io.atomic as atomic
+
+    _slow_renames(monkeypatch)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    misses, polls = _swap_while_polling(tmp_path, 50)
+    assert misses > 0
+
+
+def test_a_kill_after_the_exchange_leaves_an_old_dir_the_next_run_finds(tmp_path, monkeypatch):
+    import idforge.io.atomic as atomic
+    from idforge.io.atomic import stale_old_dirs
+
+    dst, src = tmp_path / "ds", tmp_path / ".ds.partial"
+    for d, v in ((dst, "old"), (src, "new")):
+        d.mkdir()
+        (d / "manifest.parquet").write_text(v)
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed between the swap and the removal of the old version
+        replace_dir(src, dst)
+    monkeypatch.undo()
+    assert (dst / "manifest.parquet").read_text() == "new"  # the new dataset is in place
+    assert stale_old_dirs(dst) == [tmp_path / f".ds.old-{os.getpid()}"]
+    assert (stale_old_dirs(dst)[0] / "manifest.parquet").read_text() == "old"

@@ -216,12 +216,14 @@ def test_a_write_into_a_size_limited_target_fails_clearly_and_leaves_no_partial_
 
 
 def test_free_space_is_checked_up_front_against_an_estimate(tmp_path):
-    from idforge.curate.run import check_free_space
     from idforge.errors import DataError
+    from idforge.io.space import check_free_space, curated_file_bytes
 
-    check_free_space(tmp_path, 10, CurateConfig())
-    with pytest.raises(DataError, match=rf"{tmp_path} has \d+ MB free, the run needs about \d+ MB \(10000000000 files"):
-        check_free_space(tmp_path, 10**10, CurateConfig())
+    per_file = curated_file_bytes(CurateConfig().align.ffhq_size)
+    check_free_space(tmp_path, 10, per_file, "curate")
+    with pytest.raises(DataError, match=rf"curate output {tmp_path} has \d+ MB free, the run needs about \d+ MB "
+                                        r"\(10000000000 files"):
+        check_free_space(tmp_path, 10**10, per_file, "curate")
 
 
 def test_prepare_refuses_a_cache_another_run_is_writing(tmp_path):

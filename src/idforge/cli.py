@@ -206,7 +206,7 @@ def prepare(
     from idforge.train.prepare import prepare_dataset
 
     cfg = _load(config, set_)
-    with local_output(output, cfg.storage) as out:
+    with local_output(output, cfg.storage, what="prepare", prune=True) as out:
         index = prepare_dataset(local_input(dataset, cfg.storage), model or cfg.model.base, out, cfg.prepare,
                                 clip_model=cfg.model.clip, device=cfg.run.device,
                                 local_files_only=cfg.model.local_files_only)
@@ -241,7 +241,7 @@ def train(
         # Ray Train's checkpoints beside the outputs on the bucket: a rerun on another machine resumes from them.
         ray_dir = output.rstrip("/") + "/ray"
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": ray_dir})})
-    with local_output(output, cfg.storage) as out:
+    with local_output(output, cfg.storage, what="train") as out:
         result = train_population(cfg, data, model or cfg.model.base, workers=workers,
                                   gpus_per_worker=gpus_per_worker, output_dir=out, resume=resume,
                                   ray_address=ray_address, local_files_only=cfg.model.local_files_only)
@@ -279,13 +279,13 @@ def finetune(
     if identity and len(identity) == 1:
         from idforge.train.per_identity import finetune_identity
 
-        with local_output(output, cfg.storage) as out:
+        with local_output(output, cfg.storage, what="finetune") as out:
             result = finetune_identity(method, identity[0], data, base, out, cfg.finetune, tracking=cfg.tracking)
         typer.echo(f"{identity[0]}: {result.status} -> {output.rstrip('/')}/{identity[0]}")
         return
     from idforge.train.fanout import finetune_all, format_status
 
-    with local_output(output, cfg.storage) as out:
+    with local_output(output, cfg.storage, what="finetune --all") as out:
         results = finetune_all(method, data, base, out, cfg.finetune, identities=identity or None,
                                tracking=cfg.tracking)
     typer.echo(format_status(results))
@@ -316,7 +316,7 @@ def generate(
 
     cfg = _load(config, set_, preset)
     inputs = [local_input(x, cfg.storage) for x in (artifact, refs, prompts)]
-    with local_output(output, cfg.storage) as out:
+    with local_output(output, cfg.storage, what="generate") as out:
         result = generate_images(method, inputs[0], inputs[1], inputs[2], _seeds(seeds), model, out, cfg,
                                  identities=identity or None)
     typer.echo(result.summary())
@@ -337,7 +337,7 @@ def evaluate(
     from idforge.evaluate.run import evaluate_generated
 
     cfg = _load(config, set_)
-    with local_output(output, cfg.storage) as out:
+    with local_output(output, cfg.storage, what="evaluate") as out:
         result = evaluate_generated(local_input(generated, cfg.storage), local_input(dataset, cfg.storage), out, cfg,
                                     run_name=run_name)
     typer.echo(result.summary_text())

@@ -31,6 +31,7 @@ from idforge.curate.config import CurateConfig
 from idforge.curate.report import CurateReport
 from idforge.errors import DataError
 from idforge.io.atomic import replace_dir
+from idforge.io.space import check_free_space, curated_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,6 @@ def check_matte(ccfg: CurateConfig) -> None:
         check_matte_env(matte_python(ccfg.matte))  # fail before the long part, with the fix in the message
 
 
-def check_free_space(where: Path, files: int, ccfg: CurateConfig) -> None:
-    """Fail before the long part when ``where`` cannot hold the estimated output: per file one face's crops, masks
-    and mattes as PNG, bounded by 4 bytes per pixel of the FFHQ-size crop (PNG of photos compresses below that)."""
-    estimate = files * (4 * ccfg.align.ffhq_size ** 2 + 3 * 112 ** 2)
-    free = shutil.disk_usage(where).free
-    if free < estimate:
-        raise DataError(f"curate output {where} has {free / 1e6:.0f} MB free, the run needs about "
-                        f"{estimate / 1e6:.0f} MB ({files} files); free space there or choose another output")
-
-
 def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None) -> CurateReport:
     """Curate the photos at ``input`` (folder, file, or ``s3://`` prefix) into the dataset ``output`` (folder or
     ``s3://`` prefix).
@@ -160,11 +151,13 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     check_matte(ccfg)
     from idforge.io.lock import output_lock
 
-    with output_lock(final, "curate"):  # one writer: the .partial sweep and the swap below are this run's alone
+    # One writer: the .partial sweep and the swap below are this run's alone; for an s3:// output the lease on the
+    # prefix covers its local working copy (one per output URI) and the upload, whose manifest goes last.
+    with output_lock(output if s3_out else final, "curate", storage_cfg):
         report = _curate_locked(input, output, ccfg, storage_cfg, root, final, rels, hidden, captions, label_map,
                                 t_start)
-    if s3_out:
-        open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress)
+        if s3_out:
+            open_storage(output, storage_cfg).upload_dir(final, str(output), progress=ccfg.progress, prune=True)
     log.info("curated %d files into %s: %d accepted faces, %d identities", report.files, output,
              report.faces_accepted, report.identities)
     return report
@@ -186,7 +179,7 @@ def _curate_locked(input: str, output: str, ccfg: CurateConfig, storage_cfg, roo
         shutil.rmtree(partial / sub, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     reuse = final / "cache" if (final / "cache").is_dir() else None
-    check_free_space(partial, len(rels), ccfg)
+    check_free_space(partial, len(rels), curated_file_bytes(ccfg.align.ffhq_size), "curate")
     tasks = [FileTask(i, str(root / r) if root.is_dir() else str(root), r, source_of(str(input), root, r))
              for i, r in enumerate(rels)]
     log.info("curating %d files from %s with %s (%d worker(s))", len(tasks), input, ccfg.backend, ccfg.workers)

@@ -33,6 +33,8 @@ import numpy as np
 from idforge.errors import ConfigError, DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
 from idforge.io.identity import identity_path
+from idforge.io.lock import holds_output_lock
+from idforge.io.space import check_free_space, count_files, png_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -213,6 +215,7 @@ class _MethodCache:
         return method
 
 
+@holds_output_lock("generate")
 def generate_images(
     method_name: str | None,
     artifact: str | os.PathLike[str] | None,
@@ -302,6 +305,8 @@ def generate_images(
 
         total = len(faces) * len(seeds) * sum(min(len(pset.categories[c]), protocol.prompts_per_category or 10**9)
                                               for c in categories)
+        check_free_space(out, max(total - count_files(out / "images", "*.png"), 0),  # what a resumed run still writes
+                         png_bytes(sampling["height"] or 1024, sampling["width"] or 1024), "generate", unit="images")
         bar = tqdm(total=total, desc="generate", unit="img", disable=None)
         for ident, ref in faces.items():
             art_path = resolve_artifact(artifact, ident)

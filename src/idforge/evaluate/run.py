@@ -26,6 +26,7 @@ import numpy as np
 
 from idforge.errors import ConfigError, DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.io.lock import holds_output_lock
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -73,6 +74,7 @@ def _read_images(root: Path, rel_paths: Sequence[str]) -> list[np.ndarray]:
     return [read_rgb(root / p) for p in rel_paths]
 
 
+@holds_output_lock("evaluate")
 def evaluate_generated(
     generated_dir: str | os.PathLike[str],
     dataset_dir: str | os.PathLike[str] | None,

@@ -70,23 +70,33 @@ def local_input(location: str | None, storage: StorageConfig | None = None) -> P
 
 
 @contextlib.contextmanager
-def local_output(location: str, storage: StorageConfig | None = None) -> Iterator[Path]:
+def local_output(location: str, storage: StorageConfig | None = None, *, what: str = "run",
+                 prune: bool = False) -> Iterator[Path]:
     """A local directory for an output location: the path itself, or for ``s3://`` a per-URI working copy that is
     first synced from the location and, when the block exits without an exception, uploaded to it (files whose
-    content already matches are skipped both ways)."""
+    content already matches are skipped both ways; the manifest/index goes last, see ``Storage.upload_dir``).
+
+    For ``s3://`` the whole block holds the location's lease (``idforge.io.lock``, ``what`` names the stage in the
+    message another run gets), so two runs never share the working copy or interleave uploads. ``prune`` deletes
+    the objects the stage removed from the working copy, after the upload: only for stages that own every object
+    under the location (not train, whose Ray checkpoints are written straight to ``<location>/ray``).
+    """
     if not is_s3_uri(location):
         yield local_path(location)
         return
+    from idforge.io.lock import output_lock
     from idforge.io.storage import open_storage
 
-    store = open_storage(location, storage)
-    work = cache_root() / "outputs" / hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
-    work.mkdir(parents=True, exist_ok=True)
-    if store.exists(location):
-        store.download_dir(location, work)
-    yield work
-    synced = store.upload_dir(work, location)
-    log.info("uploaded %d file(s) to %s (%d unchanged)", len(synced.copied), location, len(synced.skipped))
+    with output_lock(location, what, storage):
+        store = open_storage(location, storage)
+        work = cache_root() / "outputs" / hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
+        work.mkdir(parents=True, exist_ok=True)
+        if store.exists(location):
+            store.download_dir(location, work)
+        yield work
+        synced = store.upload_dir(work, location, prune=prune)
+        log.info("uploaded %d file(s) to %s (%d unchanged, %d stale deleted)", len(synced.copied), location,
+                 len(synced.skipped), len(synced.deleted))
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ObjectInfo",
     "SyncResult",
+    "COMMIT_LAST",
+    "commit_last",
     "Storage",
     "LocalStorage",
     "S3Storage",
@@ -82,6 +84,10 @@ MIN_PART_SIZE = 5 * 1024 * 1024  # the S3 protocol's smallest multipart part (ex
 # for an MLflow server on MinIO needs nothing more).
 ENDPOINT_ENV_VARS = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 _SHA256_META = "sha256"
+# What readers open first in each kind of output, uploaded after everything else (the last one last): the curated
+# dataset's tables with its manifest last, a prepared cache's index then prepared.json, generate's index then record.
+COMMIT_LAST = ("embeddings.npy", "identities.parquet", "report.json", "index.parquet", "generate.json",
+               "prepared.json", "manifest.parquet")
 _TMP_PREFIX = ".idforge-"
 _T = TypeVar("_T")
 
@@ -111,6 +117,7 @@ class SyncResult:
 
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)  # stale objects removed (upload_dir with prune)
 
     @property
     def total(self) -> int:
@@ -134,6 +141,19 @@ def _copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[int, str]:
         dst.write(chunk)
         n += len(chunk)
     return n, h.hexdigest()
+
+
+def commit_last(rels: Sequence[str], commit: Sequence[str]) -> list[str]:
+    """``rels`` (relative paths) in upload order: everything else sorted, then the commit points in ``commit``'s
+    order (a name matches that file, or every file under a folder so named, e.g. a parquet dataset of parts)."""
+
+    def rank(rel: str) -> int:
+        for i, name in enumerate(commit):
+            if rel == name or rel.startswith(name.rstrip("/") + "/"):
+                return i + 1
+        return 0
+
+    return sorted(rels, key=lambda rel: (rank(rel), rel))
 
 
 def _local_files(root: Path) -> list[str]:
@@ -249,9 +269,17 @@ class Storage(ABC):
         """The digest of a listed object: recorded metadata when the backend has it, else read."""
         return info.sha256 or self.sha256(info.uri)
 
-    def upload_dir(self, local_dir: str | os.PathLike[str], uri: str, progress: bool = False) -> SyncResult:
+    def upload_dir(self, local_dir: str | os.PathLike[str], uri: str, progress: bool = False, *,
+                   commit: Sequence[str] = COMMIT_LAST, prune: bool = False) -> SyncResult:
         """Copy every file under ``local_dir`` to ``uri``/<relative path>, skipping files whose content (sha256)
-        already matches the destination. Each file is written atomically; nothing at the destination is deleted.
+        already matches the destination. Each file is written atomically.
+
+        A dataset is published with its commit point last: the files named in ``commit`` (or lying under a folder
+        so named; the manifest, the index, the record file) go after everything else, in ``commit``'s order. A
+        reader (or an upload killed half-way) therefore sees the previous manifest until the new one is complete,
+        and a manifest never names an object that is not there yet. With ``prune``, objects under ``uri`` that
+        ``local_dir`` no longer has (an earlier version's) are deleted, after the commit point, so the previous
+        manifest stays valid until it is replaced. Without it nothing at the destination is deleted.
 
         Raises:
             StorageError: ``local_dir`` is not a directory, or the destination fails.
@@ -261,7 +289,8 @@ class Storage(ABC):
             raise StorageError(f"upload_dir: {root} is not a directory: give the folder to upload")
         remote = {self._rel(uri, info.uri): info for info in self.list_info(uri, recursive=True)}
         result = SyncResult()
-        for rel in _progress(_local_files(root), progress, f"upload {uri}"):
+        local = _local_files(root)
+        for rel in _progress(commit_last(local, commit), progress, f"upload {uri}"):
             src = root / rel
             dest = join_uri(uri, rel)
             have = remote.get(rel)
@@ -272,7 +301,13 @@ class Storage(ABC):
                     continue
             self.put_file(src, dest)
             result.copied.append(rel)
-        log.info("upload_dir %s -> %s: %d copied, %d unchanged", root, uri, len(result.copied), len(result.skipped))
+        if prune:
+            keep = set(local)
+            for rel in sorted(set(remote) - keep):
+                self.delete(join_uri(uri, rel))
+                result.deleted.append(rel)
+        log.info("upload_dir %s -> %s: %d copied, %d unchanged, %d stale deleted", root, uri, len(result.copied),
+                 len(result.skipped), len(result.deleted))
         return result
 
     def download_dir(self, uri: str, local_dir: str | os.PathLike[str], progress: bool = False) -> SyncResult:

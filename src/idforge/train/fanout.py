@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from idforge.io.lock import holds_output_lock
 from idforge.train.finetune_config import FinetuneConfig
 from idforge.train.per_identity import FinetuneResult, artifact_dir, finetune_identity, is_done, list_identities
 
@@ -63,6 +64,7 @@ def _ray_init(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+@holds_output_lock("finetune --all")  # the root; each identity's task also locks its own folder
 def finetune_all(
     method: str,
     dataset_dir: str | os.PathLike[str],

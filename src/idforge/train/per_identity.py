@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from idforge.errors import DataError
 from idforge.io.identity import check_identity, identity_path
+from idforge.io.lock import holds_output_lock
 from idforge.train.finetune_config import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -264,6 +265,7 @@ def recipe(method: Any, cfg: FinetuneConfig) -> dict[str, Any]:
     return r
 
 
+@holds_output_lock("finetune", lambda a: artifact_dir(a["output_dir"], a["identity"]))  # one identity's folder
 def finetune_identity(
     method: str,
     identity: str,

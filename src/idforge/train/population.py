@@ -23,6 +23,7 @@ from typing import Any
 
 from idforge.errors import ConfigError, DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.io.lock import holds_output_lock
 from idforge.io.s3_clients import ray_storage
 from idforge.io.uri import join_uri
 from idforge.train.config import TrainConfig
@@ -283,6 +284,7 @@ def _check_data(data_dir: Path) -> dict[str, Any]:
     return info
 
 
+@holds_output_lock("train")  # one writer per run directory: two trainings would mix checkpoints
 def train_population(
     cfg: Any,
     data_dir: str | os.PathLike[str],

@@ -39,6 +39,7 @@ import numpy as np
 
 from idforge.errors import DataError
 from idforge.io.atomic import atomic_path, atomic_write_text
+from idforge.io.space import check_free_space, clear_disk_full
 from idforge.train.clip_features import clip_record
 from idforge.train.config import PrepareConfig
 
@@ -313,6 +314,22 @@ def _load_encoders(model: str, clip_model: str | None, cfg: PrepareConfig, devic
     )
 
 
+def _item_bytes(enc: _Encoders, cfg: PrepareConfig) -> int:
+    """Upper bound of one cached item's size at this model's latent size (``idforge.io.space``)."""
+    from idforge.io.space import prepared_item_bytes
+
+    vae_cfg = enc.vae.config
+    tokens = dim = 0
+    if enc.clip is not None:
+        vis = getattr(enc.clip.config, "vision_config", enc.clip.config)
+        dim = int(getattr(vis, "hidden_size", 0))
+        tokens = (int(getattr(vis, "image_size", 0)) // max(int(getattr(vis, "patch_size", 1)), 1)) ** 2
+    return prepared_item_bytes(enc.resolution, latent_channels=int(getattr(vae_cfg, "latent_channels", 4)),
+                               vae_scale=2 ** (len(vae_cfg.block_out_channels) - 1),
+                               dtype_bytes=2 if cfg.storage_dtype == "float16" else 4, flip=cfg.flip,
+                               clip_tokens=tokens, clip_dim=dim)
+
+
 def _pixels(images: Sequence[Any], resolution: int) -> torch.Tensor:
     """PIL RGB images -> (B, 3, R, R) float in [-1, 1] (bicubic resize, as diffusers' training examples do)."""
     import torch
@@ -441,7 +458,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], dtype: str, metadata: di
     # face embeddings and landmarks stay float32: they are small, and cosine similarities need the precision.
     keep = {"face_embed", "target_kps"}
     data = {k: (v.to(cast) if v.is_floating_point() and k not in keep else v).contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with clear_disk_full(path, "prepare", "the items already written are kept and reused"), atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata=metadata)
 
 
@@ -556,6 +573,8 @@ def encode_dataset(
     enc = None
     if todo or need_text:
         enc = _load_encoders(model, clip_model, cfg, device, dtype, local_files_only, need_clip=bool(todo))
+    if todo:  # before the long part: the items' size is known once the model's latent size is
+        check_free_space(out, len(todo), _item_bytes(enc, cfg), "prepare", unit="items")
     if todo:
         from tqdm.auto import tqdm
 
