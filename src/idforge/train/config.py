@@ -141,3 +141,6 @@ class TrainConfig(Section):
         "bounded cache (idforge.train.stream)")
     stream_cache_bytes: int = Field(
         default=2 << 30, ge=1 << 20, description="input=stream: local cache of downloaded shards per worker (LRU)")
+    stream_window_shards: int = Field(
+        default=8, ge=1, description="input=stream: shards whose items are shuffled together (the cache should hold "
+        "this many shards)")

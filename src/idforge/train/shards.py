@@ -59,12 +59,13 @@ def stored(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.T
 
 
 def write_shard(path: str | os.PathLike[str], items: Mapping[str, Mapping[str, torch.Tensor]],
-                meta: Mapping[str, Mapping[str, str]], dtype: str) -> None:
-    """Write the items ``{key: tensors}`` (float32 as encoded) as one shard at the local ``path`` (not atomic:
-    callers write a temp path and rename or upload it)."""
+                meta: Mapping[str, Mapping[str, str]], dtype: str | None) -> None:
+    """Write the items ``{key: tensors}`` (float32 as encoded, cast by :func:`stored` to ``dtype``; None = as
+    given) as one shard at the local ``path`` (not atomic: callers write a temp path and rename or upload it)."""
     from safetensors.torch import save_file
 
-    flat = {f"{key}/{name}": t for key, tensors in items.items() for name, t in stored(tensors, dtype).items()}
+    flat = {f"{key}/{name}": t.contiguous() for key, tensors in items.items()
+            for name, t in (stored(tensors, dtype) if dtype else tensors).items()}
     save_file(flat, str(path), metadata={"format": SHARD_FORMAT, "items": json.dumps(meta, sort_keys=True)})
 
 
@@ -128,3 +129,48 @@ class ShardReader:
     def forget(self, path: str | os.PathLike[str]) -> None:
         """Close ``path`` (before its cached file is evicted/deleted)."""
         self._open.pop(str(path), None)
+
+
+def reshard(src: str | os.PathLike[str], dst: str | os.PathLike[str], shard_items: int = 256) -> Path:
+    """Copy a per-item prepared set (``prepare.engine: local``) into the shard layout at ``dst`` (local), items in
+    index order (prepare sorts them by identity), ``shard_items`` per shard; tensors are copied bit for bit.
+
+    For moving an existing cache to ``train.input: stream`` without re-encoding, and for tests and benchmarks.
+    Raises DataError when ``src`` is not a per-item prepared set.
+    """
+    import shutil
+
+    from safetensors import safe_open
+
+    from idforge.io.atomic import atomic_path, atomic_write_text
+    from idforge.train.dataset import read_prepared
+
+    if shard_items < 1:
+        raise DataError(f"shard_items must be >= 1, got {shard_items}")
+    root, out = Path(src), Path(dst)
+    index, info = read_prepared(root)
+    if is_sharded(info):
+        raise DataError(f"{root} is already sharded")
+    files = []
+    for start in range(0, len(index), shard_items):
+        chunk = index.iloc[start:start + shard_items]
+        items, meta = {}, {}
+        for key, rel in zip(chunk["key"], chunk["file"], strict=True):
+            with safe_open(str(root / rel), framework="pt") as fh:
+                items[key] = {name: fh.get_tensor(name) for name in fh.keys()}
+                m = fh.metadata() or {}
+            meta[key] = {k: m.get(k, "") for k in ("identity", "source", "input_hash", "resolution")}
+        rel = shard_rel(shard_name(list(chunk["key"])))
+        (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / rel) as tmp:
+            write_shard(tmp, items, meta, None)  # stored already: copied as they are
+        files += [rel] * len(chunk)
+    text = out / info["text_file"]
+    text.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root / info["text_file"], text)
+    index = index.assign(file=files)
+    with atomic_path(out / "index.parquet") as tmp:
+        index.to_parquet(tmp, index=False)
+    atomic_write_text(out / "prepared.json", json.dumps({**info, "layout": LAYOUT, "num_shards": len(set(files))},
+                                                        indent=2, sort_keys=True))
+    return out
