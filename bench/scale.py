@@ -179,7 +179,7 @@ def write_synthetic_sharded(out: Path, items: int, per_identity: int = 20, shard
     index = pd.DataFrame({"key": keys, "identity": ident, "identity_index": [int(i[2:]) for i in ident],
                           "class_noun": "person", "source": [f"p/{i}.png" for i in range(items)],
                           "sha256": "", "face_index": 0, "file": files, "caption_row": -1})
-    index.to_parquet(out / "index.parquet", index=False)
+    index.to_parquet(out / "index.parquet", index=False, row_group_size=shards.INDEX_ROW_GROUP)
     captions = [{"class_noun": "person", "template": t, "prompt": t.format(class_noun="person"), "kind": "template"}
                 for t in ("a photo of a {class_noun}", "a portrait of a {class_noun}")]
     (out / "text").mkdir(exist_ok=True)

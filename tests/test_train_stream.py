@@ -146,3 +146,32 @@ def test_streamed_training_killed_after_a_checkpoint_resumes_bit_exactly(sharded
     local = train_local(cfg.model_copy(update={"input": "local"}), sharded, str(tiny_sd15_dir),
                         output_dir=tmp_path / "local")
     assert np.isfinite(local.metrics["loss"]) and local.metrics["loss"] != whole.metrics["loss"]
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_two_ray_train_workers_stream_only_their_shards_from_s3(per_item, tiny_sd15_dir, s3_server, s3_env, s3_prefix,
+                                                                 tmp_path):
+    """Each rank downloads its own identities' shards and nothing else; no node copies the prepared set."""
+    import ray
+
+    from idforge.io.storage import open_storage
+    from idforge.train.population import train_population
+    from idforge.train.shards import reshard
+
+    data = reshard(per_item, tmp_path / "sharded", shard_items=3)  # 4 identities x 3 photos: one shard each
+    open_storage(s3_prefix).upload_dir(data, f"{s3_prefix}/prepared")
+    cache = tmp_path / "cache"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {**s3_server.env, "IDFORGE_CACHE": str(cache)}})
+    try:
+        cfg = TrainConfig(method="infinite-id", steps=2, batch_size=2, lr=1e-3, checkpoint_every=2, report_every=2,
+                          input="stream", stream_window_shards=1, stream_cache_bytes=1 << 20)
+        result = train_population(cfg, f"{s3_prefix}/prepared", str(tiny_sd15_dir), workers=2,
+                                  output_dir=tmp_path / "run")
+    finally:
+        ray.shutdown()
+    assert result.steps == 2 and result.metrics["weight_checksums"][0] == result.metrics["weight_checksums"][1]
+    fetched = {r: {p.name for p in cache.glob(f"stream/*/rank{r}/shards/shards/*.safetensors")} for r in (0, 1)}
+    assert len(fetched[0]) == len(fetched[1]) == 2 and fetched[0].isdisjoint(fetched[1])
+    assert not (cache / "prepared").exists()  # nothing localized whole

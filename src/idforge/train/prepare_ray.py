@@ -369,7 +369,7 @@ def prepare_on_ray(
         "input_hashes": "stored" if digest else "files",
     }
     buf = io.BytesIO()
-    index.to_parquet(buf, index=False)
+    index.to_parquet(buf, index=False, row_group_size=shards.INDEX_ROW_GROUP)
     store.write_bytes(join_uri(out, "index.parquet"), buf.getvalue())
     store.write_text(join_uri(out, "prepared.json"), json.dumps(info, indent=2, sort_keys=True))
     pruned = _prune(store, out, live, text_rel) if cfg.prune else 0

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 SHARD_FORMAT = "idforge.shard/1"
 LAYOUT = "shards"
 SHARD_DIR = "shards"
+# Rows per row group of a sharded set's index.parquet: a streaming rank reads the index a row group at a time, so
+# its transient memory is one group's, not the whole index's (``idforge.train.stream.read_index_compact``).
+INDEX_ROW_GROUP = 16384
 # float tensors kept float32 whatever the storage dtype: small, and cosine similarities need the precision
 # (the same rule as prepare._save)
 KEEP_FLOAT32 = frozenset({"face_embed", "target_kps"})
@@ -170,7 +173,7 @@ def reshard(src: str | os.PathLike[str], dst: str | os.PathLike[str], shard_item
     shutil.copyfile(root / info["text_file"], text)
     index = index.assign(file=files)
     with atomic_path(out / "index.parquet") as tmp:
-        index.to_parquet(tmp, index=False)
+        index.to_parquet(tmp, index=False, row_group_size=INDEX_ROW_GROUP)
     atomic_write_text(out / "prepared.json", json.dumps({**info, "layout": LAYOUT, "num_shards": len(set(files))},
                                                         indent=2, sort_keys=True))
     return out

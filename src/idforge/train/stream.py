@@ -153,14 +153,39 @@ def assign_identities(sizes: Sequence[int], world_size: int) -> np.ndarray:
     return ranks
 
 
-def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
-    """(int32 codes, sorted unique values) of a pyarrow string column, without a Python string per row."""
+def read_index_compact(path: str | os.PathLike[str], batch_rows: int = 16384) -> dict[str, Any]:
+    """The index columns a streaming rank needs, as compact numpy arrays: ``keys`` (``S<n>``), ``identity`` and
+    ``file`` and ``class_noun`` as int32 codes into value lists (``*_values``, in first-seen order), and
+    ``caption_row``. Read ``batch_rows`` rows at a time, single-threaded: the transient Arrow memory (which the
+    allocator keeps once touched) stays the same whatever the index size; no Python string per row is made."""
+    import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    values = pc.unique(column)
-    values = pc.take(values, pc.array_sort_indices(values))
-    codes = pc.index_in(column, value_set=values)
-    return np.asarray(codes.to_numpy(), dtype=np.int32), [str(v) for v in values.to_pylist()]
+    names = ("identity", "file", "class_noun")
+    values: dict[str, dict[str, int]] = {n: {} for n in names}
+    codes: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    keys, captions = [], []
+    pf = pq.ParquetFile(str(path))
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["key", *names, "caption_row"], use_threads=False):
+        keys.append(_fixed_bytes(batch.column("key")))
+        captions.append(np.asarray(batch.column("caption_row").to_numpy(zero_copy_only=False), dtype=np.int32))
+        for n in names:
+            col = batch.column(n)
+            uniq = pc.unique(col).to_pylist()  # few per batch: identities, shards and nouns are runs
+            seen = values[n]
+            mapping = np.asarray([seen.setdefault(str(u), len(seen)) for u in uniq], dtype=np.int32)
+            local = pc.index_in(col, value_set=pa.array(uniq, type=col.type)).to_numpy(zero_copy_only=False)
+            codes[n].append(mapping[np.asarray(local, dtype=np.int64)])
+    width = max((k.dtype.itemsize for k in keys), default=1)
+    out: dict[str, Any] = {
+        "keys": np.concatenate([k.astype(f"S{width}") for k in keys]) if keys else np.zeros(0, "S1"),
+        "caption_row": np.concatenate(captions) if captions else np.zeros(0, np.int32),
+    }
+    for n in names:
+        out[n] = np.concatenate(codes[n]) if codes[n] else np.zeros(0, np.int32)
+        out[f"{n}_values"] = list(values[n])
+    return out
 
 
 def _fixed_bytes(column: Any) -> np.ndarray:
@@ -195,7 +220,6 @@ class StreamDataset:
                  refs_per_item: int = 1, ref_includes_target: bool = False, flip_prob: float = 0.5, seed: int = 0,
                  keys: Sequence[str] | None = None) -> None:
         import pandas as pd
-        import pyarrow.parquet as pq
         from safetensors.torch import load_file
 
         if refs_per_item < 1:
@@ -211,16 +235,16 @@ class StreamDataset:
         if not is_sharded(self.info):
             raise DataError(f"{meta} holds one file per item (prepare.engine=local): train.input=stream reads "
                             "shards; prepare with prepare.engine=ray, or use train.input=local")
-        table = pq.read_table(meta / "index.parquet", columns=["key", "identity", "class_noun", "file", "caption_row"])
         self.cache = cache
         self.reader = cache.reader or ShardReader()
         cache.reader = self.reader
-        self.keys = _fixed_bytes(table.column("key"))
-        ident_codes, ident_values = _codes(table.column("identity"))
-        self.file_codes, self.files = _codes(table.column("file"))
-        noun_codes, noun_values = _codes(table.column("class_noun"))
-        self.own_caption = table.column("caption_row").to_numpy().astype(np.int32)
-        del table
+        index = read_index_compact(meta / "index.parquet")
+        self.keys = index["keys"]
+        ident_codes, ident_values = index["identity"], index["identity_values"]
+        self.file_codes, self.files = index["file"], index["file_values"]
+        noun_codes, noun_values = index["class_noun"], index["class_noun_values"]
+        self.own_caption = index["caption_row"]
+        del index
         self.identity_names = list(self.info.get("identities") or ident_values)
         # identity ids of the full prepared list (they agree between ranks and subsets, as PreparedDataset's do)
         name_to_id = {n: i for i, n in enumerate(self.identity_names)}
