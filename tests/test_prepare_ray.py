@@ -18,11 +18,15 @@ LOCAL = PrepareConfig(batch_size=4)
 ON_RAY = PrepareConfig(batch_size=4, engine="ray", workers=2, shard_items=4)
 
 
+pytestmark = pytest.mark.slow  # two encoder actors start (each loads the encoders): ~1-2 min on 2 shared cores
+
+
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3_server):
+    """A local two-CPU Ray; its workers get the S3 server's credentials (they start before a test patches env)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": s3_server.env})
     yield
     ray.shutdown()
 
@@ -151,3 +155,24 @@ def test_ray_engine_refuses_an_output_of_the_local_engine(both, curated, tiny_sd
     local, _ = both
     with pytest.raises(DataError, match="local engine"):
         prepare_dataset(curated, str(tiny_sd15_dir), local.output_dir, ON_RAY, clip_model=str(tiny_clip_dir))
+
+
+@pytest.mark.s3
+def test_ray_engine_writes_shards_straight_to_s3(both, curated, tiny_sd15_dir, tiny_clip_dir, s3_env, s3_prefix,
+                                                 tmp_path):
+    from idforge.io.storage import open_storage
+    from idforge.train.prepare import prepare_dataset
+
+    local, _ = both
+    out = f"{s3_prefix}/prepared"
+    first = prepare_dataset(curated, str(tiny_sd15_dir), out, ON_RAY, clip_model=str(tiny_clip_dir))
+    assert first.computed == 9 and first.info["num_shards"] == 3
+    store = open_storage(out)
+    listed = store.list(out)
+    assert len([u for u in listed if "/shards/" in u]) == 3 and not [u for u in listed if "/items/" in u]
+    again = prepare_dataset(curated, str(tiny_sd15_dir), out, ON_RAY, clip_model=str(tiny_clip_dir))
+    assert again.noop and store.list(out) == listed
+    down = tmp_path / "down"
+    store.download_dir(out, down)
+    a, b = _items_by_source(local.output_dir), _items_by_source(down)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s])

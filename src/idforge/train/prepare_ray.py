@@ -97,7 +97,8 @@ class ShardEncoder:
     """A Ray Data actor: loads the encoders once; each call encodes whole shards and writes them to the output.
 
     Input batch (pandas): ``shard`` (name) and ``rows`` (pickled list of ``prepare._Row``); output: one row per
-    item ``{key, file, shapes}`` (``shapes`` JSON on the first item of each shard, "" elsewhere).
+    item ``{key, file, shapes}`` (``shapes``: JSON field shapes and resolution on each shard's first item, "" on
+    the others).
     """
 
     def __init__(self, model: str, clip_model: str | None, cfg_json: str, device: str, dtype: str,
@@ -147,7 +148,7 @@ class ShardEncoder:
         tmp = Path(tmp_name)
         try:
             shards.write_shard(tmp, items, meta, self.cfg.storage_dtype)
-            shapes = json.dumps(shards.shard_shapes(tmp)[0])
+            shapes = json.dumps(dict(zip(("shapes", "resolution"), shards.shard_shapes(tmp), strict=True)))
             self._publish(tmp, rel)
         finally:
             tmp.unlink(missing_ok=True)
@@ -321,7 +322,8 @@ def prepare_on_ray(
                  len(rows), len(plan), cfg.workers)
         results = _run_encoders(plan, model, clip_model, cfg, device, dtype, local_files_only, out, storage)
         known.update({r["key"]: r["file"] for r in results})
-        shapes = next(json.loads(r["shapes"]) for r in results if r["shapes"])
+        first = next(json.loads(r["shapes"]) for r in results if r["shapes"])
+        shapes, resolution = first["shapes"], int(first["resolution"])
     if need_text:
         import torch
 
@@ -329,11 +331,9 @@ def prepare_on_ray(
         enc = _load_encoders(model, clip_model, cfg, text_device, dtype, local_files_only, need_clip=False)
         _write_safetensors(store, join_uri(out, text_rel), _encode_captions(enc, [c["prompt"] for c in captions]),
                            cfg.storage_dtype, {"prompts": json.dumps([c["prompt"] for c in captions])})
-    if shapes is None:  # nothing encoded: the previous run's shapes (same item settings, or the keys would differ)
+    if shapes is None:  # nothing encoded: the previous run's (same item settings, or the keys would differ)
         assert previous is not None
-        shapes = previous["shapes"]
-    resolution = int(previous["resolution"]) if (previous is not None and not todo) else _resolution(store, out, known,
-                                                                                                     rows[0].key)
+        shapes, resolution = previous["shapes"], int(previous["resolution"])
     index = pd.DataFrame({
         "key": [r.key for r in rows],
         "identity": [r.identity for r in rows],
@@ -377,17 +377,6 @@ def prepare_on_ray(
              "encoded" if need_text else "cached")
     return PreparedIndex(Path(out), index, info, computed=len(todo), reused=len(rows) - len(todo),
                          text_computed=need_text, pruned=pruned)
-
-
-def _resolution(store: Any, out: str, known: dict[str, str], key: str) -> int:
-    """The training resolution recorded in the shard of ``key`` (read from its header)."""
-    from idforge.io.uri import is_s3_uri, join_uri
-
-    uri = join_uri(out, known[key])
-    if not is_s3_uri(out):
-        return shards.shard_shapes(uri)[1]
-    with tempfile.TemporaryDirectory(prefix="idforge-shard-") as d:
-        return shards.shard_shapes(store.get_file(uri, Path(d) / "s.safetensors"))[1]
 
 
 def _write_safetensors(store: Any, uri: str, tensors: dict[str, Any], dtype: str, metadata: dict[str, str]) -> None:
