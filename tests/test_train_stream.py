@@ -175,3 +175,14 @@ def test_two_ray_train_workers_stream_only_their_shards_from_s3(per_item, tiny_s
     fetched = {r: {p.name for p in cache.glob(f"stream/*/rank{r}/shards/shards/*.safetensors")} for r in (0, 1)}
     assert len(fetched[0]) == len(fetched[1]) == 2 and fetched[0].isdisjoint(fetched[1])
     assert not (cache / "prepared").exists()  # nothing localized whole
+
+
+def test_streamed_training_validates_on_held_out_photos(sharded, tiny_sd15_dir, tmp_path, monkeypatch):
+    from idforge.train.population import train_local
+
+    monkeypatch.setenv("IDFORGE_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(method="infinite-id", steps=2, batch_size=2, checkpoint_every=2, report_every=2,
+                      input="stream", holdout_per_identity=1, validate_every=2)
+    result = train_local(cfg, sharded, str(tiny_sd15_dir), output_dir=tmp_path / "run")
+    for name in ("val_matched", "val_mismatched", "val_identity_gap"):
+        assert np.isfinite(result.metrics[name]), name
