@@ -3,6 +3,7 @@ engine.
 
     python bench/scale.py grouping [--faces 10000 100000 1000000]
     python bench/scale.py curation [--images 48]
+    python bench/scale.py training-input [--items 10000 100000]
 
 grouping: per N, a child process builds N synthetic faces (``idforge.curate.synthetic``: 20 photos per person,
 within-person cosine 0.5-0.8, strangers 0 +/- 0.044 at D = 512), the FAISS similarity graph and the average-linkage
@@ -13,6 +14,13 @@ scipy average linkage) at the largest N it fits (2 000 faces by default), for th
 curation: the sample photos re-encoded into ``--images`` distinct files (bench/curate_throughput.py), curated by
 the local engine (1 process) and by Ray Data on a local Ray with 1 and 2 CPU actors; images/s over the per-file
 stage (model loading and actor start-up included, Ray's own start-up not) and the 2-vs-1 ratio.
+
+training-input: per N, a child process writes a synthetic sharded prepared set of N items (small tensors of the
+tiny model's shapes, 20 photos per identity, 256 items per shard), then a FRESH child streams it the way one
+``train.input: stream`` worker does (``idforge.train.stream``: metadata, identity split, shard cache in copy mode
+bounded at 64 MiB, shuffle window of 8 shards, batches of 8 composed and collated) for ``--samples`` samples; it
+reports the peak RSS, the RSS after imports (the floor), samples/s and the cache's bytes. The reference rate, in
+the same run, is the tiny model's training step rate (``bench/train_throughput.py --model tiny``, batch 1).
 """
 
 from __future__ import annotations
@@ -133,6 +141,128 @@ def curation(images: int) -> list[dict]:
     return results
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# training input streamed per rank
+
+
+def write_synthetic_sharded(out: Path, items: int, per_identity: int = 20, shard_items: int = 256) -> Path:
+    """A sharded prepared set of ``items`` synthetic items (tiny-model shapes, small reference crops)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from idforge.io.atomic import atomic_write_text
+    from idforge.train import shards
+    from idforge.train.prepare import FORMAT
+
+    rng = np.random.default_rng(0)
+    ident = [f"id{i // per_identity:06d}" for i in range(items)]
+    keys = [f"{i:040x}" for i in range(items)]
+    files: list[str] = []
+    (out / shards.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    shapes = {"latents": (4, 8, 8), "latents_flip": (4, 8, 8), "face_embed": (64,), "clip_image_embed": (32,),
+              "clip_patch_tokens": (17, 32), "target_kps": (5, 2), "face_mask": (1, 8, 8)}
+    for start in range(0, items, shard_items):
+        chunk = range(start, min(items, start + shard_items))
+        # one draw per field and shard (a per-item draw would dominate the bench's set-up time)
+        bulk = {name: torch.from_numpy(rng.standard_normal((len(chunk), *shape), dtype=np.float32))
+                for name, shape in shapes.items()}
+        pixels = torch.from_numpy(rng.integers(0, 255, (len(chunk), 3, 16, 16), dtype=np.uint8))
+        tensors = {keys[i]: {**{name: b[j].clone() for name, b in bulk.items()}, "ref_pixels": pixels[j].clone()}
+                   for j, i in enumerate(chunk)}
+        meta = {keys[i]: {"identity": ident[i], "source": f"p/{i}.png", "input_hash": "", "resolution": "64"}
+                for i in chunk}
+        rel = shards.shard_rel(shards.shard_name([keys[i] for i in chunk]))
+        shards.write_shard(out / rel, tensors, meta, "float16")
+        files += [rel] * len(chunk)
+    identities = sorted(set(ident))
+    index = pd.DataFrame({"key": keys, "identity": ident, "identity_index": [int(i[2:]) for i in ident],
+                          "class_noun": "person", "source": [f"p/{i}.png" for i in range(items)],
+                          "sha256": "", "face_index": 0, "file": files, "caption_row": -1})
+    index.to_parquet(out / "index.parquet", index=False, row_group_size=shards.INDEX_ROW_GROUP)
+    captions = [{"class_noun": "person", "template": t, "prompt": t.format(class_noun="person"), "kind": "template"}
+                for t in ("a photo of a {class_noun}", "a portrait of a {class_noun}")]
+    (out / "text").mkdir(exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.zeros(2, 77, dtype=torch.long), "text_embeds": torch.randn(2, 77, 32)},
+              str(out / "text" / "t.safetensors"))
+    info = {"format": FORMAT, "layout": shards.LAYOUT, "resolution": 64, "text_file": "text/t.safetensors",
+            "captions": captions, "identities": identities, "num_items": items, "fingerprint": "synthetic"}
+    atomic_write_text(out / "prepared.json", json.dumps(info))
+    return out
+
+
+def stream_child(data: Path, samples: int, batch: int, cache_bytes: int) -> dict:
+    import gc
+
+    import torch
+
+    from idforge.train.stream import ShardCache, StreamDataset, make_stream_loader
+
+    torch.set_num_threads(1)
+    gc.collect()
+    floor = _current_rss_gb()
+    with tempfile.TemporaryDirectory(prefix="idforge-stream-") as td:
+        cache = ShardCache(str(data), Path(td) / "shards", cache_bytes, copy=True)
+        t = time.perf_counter()
+        ds = StreamDataset(data, cache, refs_per_item=1, seed=0)
+        setup_s = time.perf_counter() - t
+        meta_rss = _current_rss_gb()
+        loader = iter(make_stream_loader(ds, batch, seed=0, window=8))
+        next(loader)  # first shards in
+        t = time.perf_counter()
+        n = 0
+        while n < samples:
+            b = next(loader)
+            n += int(b["latents"].shape[0])
+        wall = time.perf_counter() - t
+        return {"items": len(ds), "samples": n, "samples_per_s": round(n / wall, 1), "setup_s": round(setup_s, 2),
+                "rss_after_imports_gb": round(floor, 3), "rss_after_metadata_gb": round(meta_rss, 3),
+                "peak_rss_gb": round(_peak_rss_gb(), 3), "cache_peak_mb": round(cache.peak_bytes / 2**20, 1),
+                "cache_bound_mb": round(cache_bytes / 2**20, 1), "shard_misses": cache.misses,
+                "fetched_mb": round(cache.bytes_fetched / 2**20, 1)}
+
+
+def _current_rss_gb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def training_input(sizes: list[int], samples: int, batch: int, cache_mb: int, step_rate: float | None) -> list[dict]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="idforge-bench-") as td:
+        for n in sizes:
+            data = Path(td) / f"p{n}"
+            t = time.perf_counter()
+            _child(["_write_sharded", str(data), str(n)])
+            res = _child(["_stream_child", str(data), str(samples), str(batch), str(cache_mb << 20)])
+            res["write_s"] = round(time.perf_counter() - t, 1)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    if step_rate is None:
+        with tempfile.TemporaryDirectory() as td:
+            out = Path(td) / "tiny.json"
+            subprocess.run([sys.executable, str(Path(__file__).with_name("train_throughput.py")), "--method",
+                            "infinite-id", "--model", "tiny", "--no-reference", "--no-loader", "--steps", "20",
+                            "--json", str(out)], capture_output=True, text=True, check=True)
+            step_rate = float(json.loads(out.read_text())["ours_samples_per_s"])
+    small, large = results[0], results[-1]
+    ratio = large["peak_rss_gb"] / small["peak_rss_gb"]
+    slowest = min(r["samples_per_s"] for r in results)
+    print(f"peak RSS {large['items']} vs {small['items']} items: {large['peak_rss_gb']} / {small['peak_rss_gb']} GB "
+          f"= {ratio:.3f}x (goal <= 1.10); slowest stream {slowest} samples/s vs the tiny model's step rate "
+          f"{step_rate:.1f} samples/s = {slowest / step_rate:.1f}x (goal >= 1)", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -141,6 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dense-faces", type=int, default=2_000)
     c = sub.add_parser("curation")
     c.add_argument("--images", type=int, default=48)
+    t = sub.add_parser("training-input")
+    t.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000])
+    t.add_argument("--samples", type=int, default=20_000, help="samples streamed per size")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--cache-mb", type=int, default=64)
+    t.add_argument("--step-rate", type=float, default=None,
+                   help="reference samples/s; default: measure the tiny model's step rate in this run")
+    w = sub.add_parser("_write_sharded")
+    w.add_argument("out", type=Path)
+    w.add_argument("items", type=int)
+    sc = sub.add_parser("_stream_child")
+    sc.add_argument("data", type=Path)
+    sc.add_argument("samples", type=int)
+    sc.add_argument("batch", type=int)
+    sc.add_argument("cache_bytes", type=int)
     child = sub.add_parser("_grouping_child")
     child.add_argument("n", type=int)
     child.add_argument("--dense", action="store_true")
@@ -148,10 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "_grouping_child":
         print(json.dumps(grouping_child(args.n, args.dense)))
         return 0
+    if args.what == "_write_sharded":
+        write_synthetic_sharded(args.out, args.items)
+        print(json.dumps({"written": args.items}))
+        return 0
+    if args.what == "_stream_child":
+        print(json.dumps(stream_child(args.data, args.samples, args.batch, args.cache_bytes)))
+        return 0
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (other jobs share these cores)",
           flush=True)
     if args.what == "grouping":
         grouping(args.faces, args.dense_faces)
+    elif args.what == "training-input":
+        training_input(args.items, args.samples, args.batch, args.cache_mb, args.step_rate)
     else:
         curation(args.images)
     print(f"load average {os.getloadavg()[0]:.2f} at end", flush=True)

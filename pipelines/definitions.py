@@ -97,8 +97,9 @@ def _evaluate_and_register(
 
 def _train_population(target: Target, dataset: Any, method: Any, base_model: Any, prep_config: Any,
                       config_yaml: Any, parent: Any, workers: Any, gpus_per_worker: Any, ray_address: Any,
-                      init_from: Any = "") -> Any:
-    prep = _gpu(prepare(dataset=dataset, base_model=base_model, config_yaml=prep_config), target)
+                      init_from: Any = "", prepare_engine: Any = "") -> Any:
+    prep = _gpu(prepare(dataset=dataset, base_model=base_model, config_yaml=prep_config, engine=prepare_engine,
+                        ray_address=ray_address), target)
     train = train_adapter(prepared=prep.outputs["prepared"], method=method, base_model=base_model,
                           config_yaml=config_yaml, parent_run_id=parent, workers=workers,
                           gpus_per_worker=gpus_per_worker, ray_address=ray_address, init_from=init_from)
@@ -144,7 +145,7 @@ def build_train_adapter(target: Target) -> Callable[..., Any]:
     def train_adapter_pipeline(
         dataset_uri: str, base_model: str, method: str = DEFAULT_METHOD_POPULATION, config_yaml: str = "",
         gates_yaml: str = "", preset: str = "", steps: int = 0, lr: float = 0.0, workers: int = 1,
-        gpus_per_worker: float = 1.0, ray_address: str = "",
+        gpus_per_worker: float = 1.0, ray_address: str = "", prepare_engine: str = "",
     ):
         with _closing_parent_run(target, config_yaml):
             prep_cfg = _settings(target, config_yaml, preset)
@@ -152,7 +153,7 @@ def build_train_adapter(target: Target) -> Callable[..., Any]:
             dataset = _import_dataset(dataset_uri)
             parent = _open_run(target, run_cfg, "train-adapter", dataset.output)
             train = _train_population(target, dataset.output, method, base_model, prep_cfg, run_cfg, parent.output,
-                                      workers, gpus_per_worker, ray_address)
+                                      workers, gpus_per_worker, ray_address, prepare_engine=prepare_engine)
             _evaluate_and_register(target, train.outputs["model"], dataset.output, method, base_model, run_cfg,
                                    parent.output, gates_yaml)
 
@@ -186,7 +187,7 @@ def build_end_to_end(target: Target) -> Callable[..., Any]:
         raw_uri: str, base_model: str, method: str = DEFAULT_METHOD_POPULATION, config_yaml: str = "",
         labels_uri: str = "", gates_yaml: str = "", preset: str = "", steps: int = 0, lr: float = 0.0,
         workers: int = 1, gpus_per_worker: float = 1.0, ray_address: str = "", first_identity: int = 0,
-        max_identities: int = 0,
+        max_identities: int = 0, prepare_engine: str = "",
     ):
         with _closing_parent_run(target, config_yaml):
             cur = _curate(target, raw_uri, config_yaml, labels_uri)
@@ -197,7 +198,7 @@ def build_end_to_end(target: Target) -> Callable[..., Any]:
             regime = _cpu(method_regime(method=method), target, memory="1Gi")
             with dsl.If(regime.output == "population", name="population-method"):
                 train = _train_population(target, dataset, method, base_model, prep_cfg, run_cfg, parent.output,
-                                          workers, gpus_per_worker, ray_address)
+                                          workers, gpus_per_worker, ray_address, prepare_engine=prepare_engine)
                 _evaluate_and_register(target, train.outputs["model"], dataset, method, base_model, run_cfg,
                                        parent.output, gates_yaml)
             with dsl.Else(name="per-identity-method"):
@@ -216,7 +217,7 @@ def build_retrain(target: Target) -> Callable[..., Any]:
     def retrain(
         raw_uri: str, base_model: str, method: str = DEFAULT_METHOD_POPULATION, config_yaml: str = "",
         labels_uri: str = "", gates_yaml: str = "", preset: str = "", steps: int = 0, lr: float = 0.0,
-        workers: int = 1, gpus_per_worker: float = 1.0, ray_address: str = "",
+        workers: int = 1, gpus_per_worker: float = 1.0, ray_address: str = "", prepare_engine: str = "",
     ):
         with _closing_parent_run(target, config_yaml):
             cur = _curate(target, raw_uri, config_yaml, labels_uri)
@@ -227,7 +228,7 @@ def build_retrain(target: Target) -> Callable[..., Any]:
             champion.set_caching_options(False)  # the champion moves between runs
             train = _train_population(target, cur.outputs["dataset"], method, base_model, prep_cfg, run_cfg,
                                       parent.output, workers, gpus_per_worker, ray_address,
-                                      init_from=champion.output)
+                                      init_from=champion.output, prepare_engine=prepare_engine)
             _evaluate_and_register(target, train.outputs["model"], cur.outputs["dataset"], method, base_model,
                                    run_cfg, parent.output, gates_yaml, compare_to_champion=True)
 

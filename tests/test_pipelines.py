@@ -240,3 +240,14 @@ def test_pipeline_config_makes_every_path_a_step_reads_absolute(tmp_path, monkey
     assert out["generate"]["protocol"] == str(tmp_path / "repo" / "configs" / "protocols" / "smoke.yaml")
     assert out["evaluate"]["protocol"] == "s3://bucket/protocol.yaml"  # URIs are left alone
     assert cfg.generate.protocol == "configs/protocols/smoke.yaml"  # the caller's config is not modified
+
+
+@pytest.mark.parametrize("name", ["train-adapter", "end-to-end", "retrain"])
+def test_the_prepare_engine_is_a_pipeline_parameter(name):
+    pipeline, _ = _compiled(name)
+    param = pipeline["root"]["inputDefinitions"]["parameters"]["prepare_engine"]
+    assert param["parameterType"] == "STRING" and param["defaultValue"] == ""  # "" = the config's prepare.engine
+    prep = next(t for t in _all_tasks(pipeline).values() if t["taskInfo"]["name"] == "prepare")
+    # inside the exit handler's sub-DAG the pipeline's parameters arrive as channels named after them
+    assert prep["inputs"]["parameters"]["engine"]["componentInputParameter"].endswith("-prepare_engine")
+    assert prep["inputs"]["parameters"]["ray_address"]["componentInputParameter"].endswith("-ray_address")

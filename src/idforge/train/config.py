@@ -45,6 +45,14 @@ class PrepareConfig(Section):
     )
     batch_size: int = Field(default=8, ge=1, description="images per VAE/CLIP forward pass")
     prune: bool = Field(default=True, description="delete cached items no longer in the dataset")
+    # engine=ray (idforge.train.prepare_ray): Ray Data actors encode, items are written as shards of many items
+    engine: Literal["local", "ray"] = Field(
+        default="local", description="local: one process, one file per item; ray: Ray Data encoder actors writing "
+        "shards of shard_items items (local or s3:// output)")
+    ray_address: str | None = Field(
+        default=None, description="engine=ray: the cluster to join (ray://head:10001, auto); None = a local Ray")
+    workers: int = Field(default=1, ge=1, description="engine=ray: encoder actors (one GPU each where CUDA is used)")
+    shard_items: int = Field(default=256, ge=1, description="engine=ray: items per shard file")
 
     @field_validator("caption_templates")
     @classmethod
@@ -127,3 +135,12 @@ class TrainConfig(Section):
     storage_path: str | None = Field(
         default=None, description="Ray Train persistent storage (shared by all nodes); None = <output>/ray"
     )
+    input: Literal["local", "stream"] = Field(
+        default="local", description="local: every worker reads the whole prepared set (an s3:// one is copied to "
+        "each node first); stream: each rank reads only the shards of its identities from storage, through a "
+        "bounded cache (idforge.train.stream)")
+    stream_cache_bytes: int = Field(
+        default=2 << 30, ge=1 << 20, description="input=stream: local cache of downloaded shards per worker (LRU)")
+    stream_window_shards: int = Field(
+        default=8, ge=1, description="input=stream: shards whose items are shuffled together (the cache should hold "
+        "this many shards)")

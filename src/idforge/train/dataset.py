@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from idforge.errors import DataError
+from idforge.train.shards import ShardReader, is_sharded
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,7 +102,9 @@ class PreparedDataset:
         own = self.all_items["caption_row"] if "caption_row" in self.all_items else None
         self.own_caption = own.to_numpy() if own is not None else np.full(len(self.all_items), -1)
         self.class_nouns = dict(zip(self.all_items["identity"], self.all_items["class_noun"], strict=True))
-        size = sum((self.root / f).stat().st_size for f in self.all_items["file"])
+        # the shard layout (prepare.engine=ray) names a shard per item: each file counts once
+        self._shards = ShardReader() if is_sharded(self.info) else None
+        size = sum((self.root / f).stat().st_size for f in set(self.all_items["file"]))
         self._memory: dict[int, dict[str, torch.Tensor]] | None = {} if size <= memory_cache_bytes else None
         singles = [i for i, m in self.members.items() if len(m) < 2]
         if singles and not ref_includes_target:
@@ -121,7 +124,8 @@ class PreparedDataset:
 
         path = self.root / self.all_items.at[row, "file"]
         try:
-            raw = load_file(str(path))
+            raw = (self._shards.read(path, self.all_items.at[row, "key"]) if self._shards is not None
+                   else load_file(str(path)))
         except FileNotFoundError:
             raise DataError(f"prepared item {path} is missing: re-run `idforge prepare` on {self.root}") from None
         data = {k: v.float() if v.is_floating_point() else v for k, v in raw.items()}

@@ -343,7 +343,13 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
     from idforge.train.validation import identity_gap, split_holdout
 
     cfg = spec.train_config()
-    spec = spec.model_copy(update={"data_dir": str(local_data(spec.data_dir, spec.storage))})
+    stream = None  # train.input=stream: this rank reads only its shards, nothing is copied whole
+    if cfg.input == "stream":
+        from idforge.train.stream import StreamInput
+
+        stream = StreamInput(spec.data_dir, spec.storage, cfg, env.rank)
+    else:
+        spec = spec.model_copy(update={"data_dir": str(local_data(spec.data_dir, spec.storage))})
     if cfg.init_from:  # an s3:// checkpoint (the champion's, a bucket's) is read from its local copy
         cfg = cfg.model_copy(update={"init_from": str(local_data(cfg.init_from, spec.storage))})
     rank, world, device = env.rank, env.world_size, env.device
@@ -359,7 +365,7 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
 
     amp_dtype, frozen_dtype = _precision(cfg, device)
     pipe = load_frozen_pipeline(spec.model, spec.model_kind, frozen_dtype, device, spec.local_files_only, cfg)
-    index, info = read_prepared(spec.data_dir)
+    index, info = (stream.index(), stream.info) if stream is not None else read_prepared(spec.data_dir)
     method: Method = get_method(cfg.method, method_config_for_data(cfg.method, cfg.method_config, info))
     method.attach(pipe)
     method.train()
@@ -376,14 +382,22 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
 
     refs, include_target = sampling_defaults(method, cfg)
     train_keys, heldout_keys = split_holdout(index, cfg.holdout_per_identity, cfg.seed)
-    dataset = PreparedDataset(spec.data_dir, refs_per_item=refs, ref_includes_target=include_target,
-                              flip_prob=cfg.flip_prob, seed=cfg.seed, keys=train_keys)
+    sampling = dict(refs_per_item=refs, ref_includes_target=include_target, flip_prob=cfg.flip_prob, seed=cfg.seed)
+    if stream is not None:
+        dataset = stream.dataset(rank, world, keys=train_keys if heldout_keys else None, **sampling)
+    else:
+        dataset = PreparedDataset(spec.data_dir, keys=train_keys, **sampling)
     validation = None  # (matched, mismatched) batches of the identity-gap check, built once
     if cfg.validate_every and rank == 0:
-        validation = validation_batches(spec.data_dir, dataset, heldout_keys, refs, cfg.seed, device)
+        heldout = (stream.dataset(0, 1, keys=heldout_keys, ref_includes_target=True)
+                   if stream is not None and heldout_keys else None)
+        validation = validation_batches(spec.data_dir, dataset, heldout_keys, refs, cfg.seed, device, heldout)
     per_step = cfg.batch_size * cfg.grad_accum
-    loader = make_loader(dataset, cfg.batch_size, rank, world, cfg.seed, start_sample=step * per_step,
-                         num_workers=cfg.loader_workers)
+    if stream is not None:
+        loader = stream.loader(dataset, cfg.batch_size, step * per_step, rank, world)
+    else:
+        loader = make_loader(dataset, cfg.batch_size, rank, world, cfg.seed, start_sample=step * per_step,
+                             num_workers=cfg.loader_workers)
     batches = iter(loader)
     if rank == 0:
         log.info("training %s (%d trainable parameters) on %d items, %d worker(s), from step %d to %d",
@@ -530,17 +544,19 @@ def _checksums(params: list[Any], distributed: bool, world: int) -> tuple[str, l
     return checksum, checksums
 
 
-def validation_batches(data_dir: str, dataset: Any, heldout_keys: list[str], refs: int, seed: int, device: Any
-                       ) -> tuple[Any, Any] | None:
+def validation_batches(data_dir: str, dataset: Any, heldout_keys: list[str], refs: int, seed: int, device: Any,
+                       heldout: Any = None) -> tuple[Any, Any] | None:
     """(matched, mismatched) batches of the identity-gap check on ``device``: held-out photos conditioned on the
     training set's references when photos were held out, else across photos of the training set; None (and a
-    warning) when the data cannot form a pair."""
+    warning) when the data cannot form a pair. ``heldout``: the held-out dataset when the caller built it (the
+    streamed input), else a ``PreparedDataset`` of ``heldout_keys``."""
     from idforge.train.dataset import PreparedDataset
     from idforge.train.validation import cross_photo_batches, heldout_batches
 
     try:
         if heldout_keys:
-            heldout = PreparedDataset(data_dir, keys=heldout_keys, ref_includes_target=True)
+            if heldout is None:
+                heldout = PreparedDataset(data_dir, keys=heldout_keys, ref_includes_target=True)
             pair = heldout_batches(heldout, dataset, refs, VALIDATION_PAIRS, seed)
         else:  # nothing held out: across photos of the training set instead
             pair = cross_photo_batches(dataset, refs, VALIDATION_PAIRS, seed)

@@ -329,7 +329,12 @@ def train_population(
         raise ConfigError(f"workers must be >= 1, got {workers}")
     remote_data = "://" in str(data_dir)
     data_arg = str(data_dir) if remote_data else str(Path(data_dir).resolve())
-    info = _check_data(local_data(data_arg, storage_cfg.model_dump() if storage_cfg else None))
+    if train_cfg.input == "stream":  # the driver reads the metadata only; workers stream their shards
+        from idforge.train.stream import StreamInput
+
+        info = StreamInput(data_arg, storage_cfg.model_dump() if storage_cfg else None, train_cfg, rank=-1).info
+    else:
+        info = _check_data(local_data(data_arg, storage_cfg.model_dump() if storage_cfg else None))
     if ray_address and not train_cfg.storage_path:
         log.warning("training on the Ray cluster %s with checkpoints under the local %s: on several nodes set "
                     "train.storage_path to shared storage (s3://bucket/prefix or NFS)", ray_address, output_dir)

@@ -496,9 +496,19 @@ def item_path(output_dir: Path, key: str) -> Path:
 def prepare_dataset(dataset_dir: str | os.PathLike[str], model: str, output_dir: str | os.PathLike[str],
                     cfg: PrepareConfig | None = None, **kw: Any) -> PreparedIndex:
     """:func:`encode_dataset` under the one-writer lock of ``output_dir`` (``idforge.io.lock``): two prepares on
-    one cache would encode into and prune each other's items. Raises DataError naming the holder when held."""
+    one cache would encode into and prune each other's items. Raises DataError naming the holder when held.
+    ``cfg.engine == "ray"``: :func:`idforge.train.prepare_ray.prepare_on_ray` (shards; ``output_dir`` may be s3://,
+    which takes no lock: one writer per prefix is the caller's to ensure)."""
     from idforge.io.lock import output_lock
 
+    if cfg is not None and cfg.engine == "ray":
+        from idforge.io.uri import is_s3_uri
+        from idforge.train.prepare_ray import prepare_on_ray
+
+        if is_s3_uri(str(output_dir)):
+            return prepare_on_ray(dataset_dir, model, output_dir, cfg, **kw)
+        with output_lock(output_dir, "prepare"):
+            return prepare_on_ray(dataset_dir, model, output_dir, cfg, **kw)
     with output_lock(output_dir, "prepare"):
         return encode_dataset(dataset_dir, model, output_dir, cfg, **kw)
 
