@@ -172,16 +172,19 @@ def test_a_sigkilled_stage_run_is_marked_failed_by_the_next_start(mlflow_uri):
     from idforge.track import start_run
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
-    # the victim, a live run of the same stage, and a dead run of another stage (another run name)
-    procs = [subprocess.Popen([sys.executable, "-c", _HOLD_A_RUN, name], stdout=subprocess.PIPE, text=True, env=env)
-             for name in ("train-x", "train-x", "train-y")]
+    # the victim and a live run of the same stage, each held by a process of its own
+    procs = [subprocess.Popen([sys.executable, "-c", _HOLD_A_RUN, "train-x"], stdout=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
     try:
-        victim, live, other = (p.stdout.readline().strip() for p in procs)
+        victim, live = (p.stdout.readline().strip() for p in procs)
         client = MlflowClient(mlflow_uri)
         assert client.get_run(victim).data.tags["idforge.pid"] == str(procs[0].pid)
-        for p in (procs[0], procs[2]):
-            p.send_signal(signal.SIGKILL)
-            p.wait(timeout=10)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=10)
+        # a dead run of another stage (another run name), same owner tags
+        tags = {k: v for k, v in client.get_run(victim).data.tags.items() if k.startswith("idforge.")}
+        other = client.create_run(client.get_run(victim).info.experiment_id, run_name="train-y",
+                                  tags=tags).info.run_id
         assert client.get_run(victim).info.status == "RUNNING"  # nobody could end it
         with start_run(run_name="train-x", tags={"idforge.stage": "train"}) as run:
             new = run.info.run_id

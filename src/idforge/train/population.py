@@ -58,6 +58,8 @@ class _RayEnv:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.limit_threads = True
+        # Ray restarts a worker group that raises (FailureConfig.max_failures): a data error is reported instead
+        self.restarts_on_error = True
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -211,9 +213,11 @@ def resolve_gpus_per_worker(requested: float, workers: int, ray_address: str | N
 
 
 def _check_data(data_dir: Path) -> dict[str, Any]:
-    from idforge.train.dataset import read_prepared
+    """prepared.json of ``data_dir``, after checking every item file is whole (DataError naming the damaged ones)."""
+    from idforge.train.dataset import read_prepared, verify_prepared
 
     _, info = read_prepared(data_dir)
+    verify_prepared(data_dir)
     return info
 
 
@@ -306,6 +310,10 @@ def train_population(
             result = trainer.fit()
         if result.error is not None:
             raise result.error
+        from idforge.train.loop import FATAL_KEY
+
+        if (result.metrics or {}).get(FATAL_KEY):  # broken data: reported once by the workers, not retried
+            raise DataError(str(result.metrics[FATAL_KEY]))
         if result.checkpoint is None:
             raise DataError(f"training at {run_state} ended without a checkpoint")
         with result.checkpoint.as_directory() as d:
