@@ -179,6 +179,7 @@ def start_run(
     tags: Mapping[str, Any] | None = None,
     leave_open: bool = False,
     stale_after_s: float = STALE_AFTER_S,
+    owner: bool = True,
 ) -> Iterator[mlflow.ActiveRun | None]:
     """Start (or resume) an MLflow run for the block; yields the ``ActiveRun`` (None when tracking is disabled).
 
@@ -189,9 +190,11 @@ def start_run(
     - The run ends FINISHED, or FAILED when the block raises (KILLED on Ctrl-C), and the exception propagates.
     - ``leave_open`` keeps it RUNNING when the block exits, raising or not: a pipeline's parent run, which only the
       pipeline's exit task closes (:func:`close_pipeline_runs`), so a step that logs under it cannot end it.
-    - The run is tagged with its owner (``idforge.host``, ``idforge.pid``, ``idforge.started``). Before a new named
-      run starts, the RUNNING runs of the same stage that nobody runs any more are marked FAILED
-      (:func:`fail_stale_runs`): a SIGKILLed stage cannot end its own run.
+    - The run is tagged with its owner (``idforge.host``, ``idforge.pid``, ``idforge.started``; not with
+      ``leave_open``, whose owner is the pipeline). Before a new named run starts, the RUNNING runs of the same
+      stage that nobody runs any more are marked FAILED (:func:`fail_stale_runs`): a SIGKILLed stage cannot end its
+      own run. ``owner=False``: log into ``run_id`` without taking it over (a training worker writing into its
+      driver's run: the worker's exit must not make the driver's run look dead).
 
     Raises:
         ConfigError: ``run_id``/``parent_run_id`` does not exist at the tracking URI, or MLflow refuses the run.
@@ -208,19 +211,21 @@ def start_run(
         db.parent.mkdir(parents=True, exist_ok=True)
     experiment = cfg.experiment if cfg is not None else DEFAULT_EXPERIMENT
     str_tags = {k: str(v) for k, v in (tags or {}).items()}
-    owner = owner_tags()
+    # A run left open belongs to whoever closes it (a pipeline's exit task), not to this process: no owner tags,
+    # so its exit does not make it look dead to the next start.
+    owner_tag = {} if (leave_open or not owner) else owner_tags()
     with _using_tracking_uri(uri):
         nested = mlflow.active_run() is not None
         try:
             if run_id is not None:
                 run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested,
-                                       tags={**str_tags, **owner})
+                                       tags={**str_tags, **owner_tag} or None)
             else:
                 exp_id = _experiment_id(uri, experiment, artifact_location(cfg, uri))
-                if run_name is not None:
+                if run_name is not None and not leave_open:
                     parent = parent_run_id or (mlflow.active_run().info.run_id if nested else None)  # type: ignore[union-attr]
                     fail_stale_runs(uri, exp_id, run_name, str_tags, parent, stale_after_s)
-                str_tags = {**str_tags, **owner}
+                str_tags = {**str_tags, **owner_tag}
                 run = mlflow.start_run(
                     experiment_id=exp_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id,
                     tags=str_tags or None,

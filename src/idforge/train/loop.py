@@ -193,7 +193,7 @@ class _Tracker:
             tracking = TrackingConfig.model_validate(spec.tracking)
             assert spec.mlflow_run_id is not None
             self.buffer = ResilientLogger(spec.mlflow_run_id, tracking_uri(tracking))
-            self._stack.enter_context(start_run(tracking, run_id=spec.mlflow_run_id))
+            self._stack.enter_context(start_run(tracking, run_id=spec.mlflow_run_id, owner=False))
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:
@@ -486,16 +486,16 @@ def agree_on_data_error(error: str | None, distributed: bool, device: Any) -> st
 
 def _give_up(env: LoopEnv, error: str, step: int, resumed_from: int, world: int) -> dict[str, Any]:
     """A damaged prepared item fails the same way after every restart (the data stream is deterministic), so it
-    must not use up Ray's ``max_failures`` restarting from the checkpoint: under an env that restarts failed workers
-    (``env.restarts_on_error``) every rank reports the error and returns, and the driver raises it once; elsewhere
-    it is raised here."""
-    if not getattr(env, "restarts_on_error", False):
+    must not use up Ray's ``max_failures`` restarting from the checkpoint. An env that restarts failed workers
+    offers ``give_up(error)`` (it hands the error to the driver, which raises it once): rank 0 calls it and every
+    rank returns normally. Elsewhere the error is raised here."""
+    give_up = getattr(env, "give_up", None)
+    if give_up is None:
         raise DataError(error)
     if env.rank == 0:
         log.error("stopping at step %d without a restart: %s", step, error)
-    metrics = {"step": step, "resumed_from": resumed_from, "world_size": world, FATAL_KEY: error}
-    env.report(metrics, None)
-    return metrics
+        give_up(error)
+    return {"step": step, "resumed_from": resumed_from, "world_size": world, FATAL_KEY: error}
 
 
 def resume(env: LoopEnv, stepper: TrainStep, generator: Any, cfg: TrainConfig) -> int:

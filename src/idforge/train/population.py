@@ -46,10 +46,27 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _FatalBox:
+    """A named Ray actor holding the error that stopped the workers without a restart (see ``loop._give_up``).
+
+    Ray Train restarts a worker group that raises (``FailureConfig.max_failures``) and keeps only checkpointed
+    reports, so an error that a restart cannot fix travels to the driver this way instead.
+    """
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def set(self, error: str) -> None:
+        self.error = self.error or error
+
+    def get(self) -> str | None:
+        return self.error
+
+
 class _RayEnv:
     """``LoopEnv`` over Ray Train's worker context."""
 
-    def __init__(self) -> None:
+    def __init__(self, fatal_box: str | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -58,8 +75,15 @@ class _RayEnv:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.limit_threads = True
-        # Ray restarts a worker group that raises (FailureConfig.max_failures): a data error is reported instead
-        self.restarts_on_error = True
+        self._fatal_box = fatal_box
+
+    def give_up(self, error: str) -> None:
+        """Hand ``error`` to the driver (which raises it once); the workers then return instead of raising."""
+        import ray
+
+        if self._fatal_box is None:
+            raise DataError(error)
+        ray.get(ray.get_actor(self._fatal_box).set.remote(error))
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -86,8 +110,14 @@ class _RayEnv:
 
 
 def train_fn(config: dict[str, Any]) -> None:
-    """The Ray Train worker entry point: a pure function of ``config`` (a ``LoopSpec`` as a dict)."""
-    run_loop(LoopSpec.model_validate(config), _RayEnv())
+    """The Ray Train worker entry point: a pure function of ``config`` (a ``LoopSpec`` as a dict, plus the name of
+    the driver's ``_FatalBox``)."""
+    config = dict(config)
+    box = config.pop(FATAL_BOX_KEY, None)
+    run_loop(LoopSpec.model_validate(config), _RayEnv(box))
+
+
+FATAL_BOX_KEY = "fatal_box"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,9 +326,15 @@ def train_population(
             resources = {"CPU": train_cfg.cpus_per_worker}
             if use_gpu:
                 resources["GPU"] = gpus_per_worker
+            import uuid
+
+            import ray
+
+            box_name = f"idforge-fatal-{uuid.uuid4().hex[:12]}"
+            box = ray.remote(num_cpus=0)(_FatalBox).options(name=box_name).remote()
             trainer = TorchTrainer(
                 train_fn,
-                train_loop_config=spec.model_dump(mode="json"),
+                train_loop_config={**spec.model_dump(mode="json"), FATAL_BOX_KEY: box_name},
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
                 run_config=RunConfig(
@@ -307,13 +343,15 @@ def train_population(
                     checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
                 ),
             )
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+                fatal = ray.get(box.get.remote())
+            finally:
+                ray.kill(box)
+        if fatal:  # broken data: handed over once by the workers, not retried
+            raise DataError(fatal)
         if result.error is not None:
             raise result.error
-        from idforge.train.loop import FATAL_KEY
-
-        if (result.metrics or {}).get(FATAL_KEY):  # broken data: reported once by the workers, not retried
-            raise DataError(str(result.metrics[FATAL_KEY]))
         if result.checkpoint is None:
             raise DataError(f"training at {run_state} ended without a checkpoint")
         with result.checkpoint.as_directory() as d:
