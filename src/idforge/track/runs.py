@@ -307,28 +307,32 @@ def fail_stale_runs(uri: str, experiment_id: str, run_name: str, tags: Mapping[s
 
     from mlflow import MlflowClient
 
+    from idforge.track.buffer import fail_fast_requests
+
     client = MlflowClient(tracking_uri=uri)
     mine = {k: v for k, v in tags.items() if k.startswith("idforge.")}
     now = time.time()
     failed = []
     try:
-        # filtered by status only: run names may hold quotes that MLflow's filter grammar cannot escape
-        running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                     max_results=1000)
-        for run in running:
-            rtags = run.data.tags
-            if rtags.get("mlflow.runName") != run_name or rtags.get("mlflow.parentRunId") != parent_run_id:
-                continue
-            if any(rtags.get(k) != v for k, v in mine.items()):
-                continue
-            reason = stale_reason(rtags, now, stale_after_s)
-            if reason is None:
-                continue
-            why = f"{reason}; marked FAILED by the next start of {run_name!r} (pid {os.getpid()})"
-            client.set_tag(run.info.run_id, STALE_TAG, why)
-            client.set_terminated(run.info.run_id, status="FAILED")
-            log.warning("MLflow run %s (%s) was left RUNNING: %s", run.info.run_id, run_name, why)
-            failed.append(run.info.run_id)
+        # best effort: a slow server must not hold the start for MLflow's default retries (minutes)
+        with fail_fast_requests(10):
+            # filtered by status only: run names may hold quotes that MLflow's filter grammar cannot escape
+            running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                         max_results=1000)
+            for run in running:
+                rtags = run.data.tags
+                if rtags.get("mlflow.runName") != run_name or rtags.get("mlflow.parentRunId") != parent_run_id:
+                    continue
+                if any(rtags.get(k) != v for k, v in mine.items()):
+                    continue
+                reason = stale_reason(rtags, now, stale_after_s)
+                if reason is None:
+                    continue
+                why = f"{reason}; marked FAILED by the next start of {run_name!r} (pid {os.getpid()})"
+                client.set_tag(run.info.run_id, STALE_TAG, why)
+                client.set_terminated(run.info.run_id, status="FAILED")
+                log.warning("MLflow run %s (%s) was left RUNNING: %s", run.info.run_id, run_name, why)
+                failed.append(run.info.run_id)
     except Exception as exc:  # noqa: BLE001 - best effort, the new run matters more
         log.warning("could not check for stale MLflow runs of %r at %s: %s", run_name, uri, exc)
     return failed
