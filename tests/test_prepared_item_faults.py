@@ -120,7 +120,7 @@ def test_prepare_rerun_re_encodes_only_the_damaged_items(source, prepared, tiny_
 
 @pytest.mark.slow
 def test_a_damaged_item_mid_training_fails_once_under_ray_without_restarts(prepared, tiny_sd15_dir, tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch, mlflow_uri):
     """An item damaged after the up-front check (skipped here to reach the worker's read): the run ends with the
     DataError naming the item, once, though Ray may restart the worker group twice (a retried raise would end in
     Ray's own error after three attempts instead), and its MLflow run is FAILED."""
@@ -134,7 +134,7 @@ def test_a_damaged_item_mid_training_fails_once_under_ray_without_restarts(prepa
     monkeypatch.setattr(dataset_mod, "verify_prepared", lambda _d: None)
     victim = _items(prepared)[0]
     _garble_header(victim)
-    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlruns.db'}", experiment="item-faults")
+    tracking = TrackingConfig(uri=mlflow_uri, experiment="item-faults")  # a migrated store: no schema set-up
     cfg = TrainConfig(method="infinite-id", steps=4, batch_size=2, checkpoint_every=2, report_every=1, max_failures=2)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
