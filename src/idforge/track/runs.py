@@ -23,6 +23,7 @@ __all__ = [
     "active_run_id",
     "close_pipeline_runs",
     "artifact_location",
+    "fail_stale_runs",
     "log_metrics",
     "start_run",
     "tracking_uri",
@@ -30,6 +31,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+HOST_TAG, PID_TAG, STARTED_TAG = "idforge.host", "idforge.pid", "idforge.started"
+STALE_TAG = "idforge.failed_reason"
+#: a RUNNING run that beats (``idforge.heartbeat``, refreshed by ``ResilientLogger``) and has not for this long is dead
+STALE_AFTER_S = 30 * 60.0
+
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_DB = "mlruns.db"
@@ -171,6 +178,8 @@ def start_run(
     parent_run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
     leave_open: bool = False,
+    stale_after_s: float = STALE_AFTER_S,
+    owner: bool = True,
 ) -> Iterator[mlflow.ActiveRun | None]:
     """Start (or resume) an MLflow run for the block; yields the ``ActiveRun`` (None when tracking is disabled).
 
@@ -181,6 +190,11 @@ def start_run(
     - The run ends FINISHED, or FAILED when the block raises (KILLED on Ctrl-C), and the exception propagates.
     - ``leave_open`` keeps it RUNNING when the block exits, raising or not: a pipeline's parent run, which only the
       pipeline's exit task closes (:func:`close_pipeline_runs`), so a step that logs under it cannot end it.
+    - The run is tagged with its owner (``idforge.host``, ``idforge.pid``, ``idforge.started``; not with
+      ``leave_open``, whose owner is the pipeline). Before a new named run starts, the RUNNING runs of the same
+      stage that nobody runs any more are marked FAILED (:func:`fail_stale_runs`): a SIGKILLed stage cannot end its
+      own run. ``owner=False``: log into ``run_id`` without taking it over (a training worker writing into its
+      driver's run: the worker's exit must not make the driver's run look dead).
 
     Raises:
         ConfigError: ``run_id``/``parent_run_id`` does not exist at the tracking URI, or MLflow refuses the run.
@@ -197,13 +211,21 @@ def start_run(
         db.parent.mkdir(parents=True, exist_ok=True)
     experiment = cfg.experiment if cfg is not None else DEFAULT_EXPERIMENT
     str_tags = {k: str(v) for k, v in (tags or {}).items()}
+    # A run left open belongs to whoever closes it (a pipeline's exit task), not to this process: no owner tags,
+    # so its exit does not make it look dead to the next start.
+    owner_tag = {} if (leave_open or not owner) else owner_tags()
     with _using_tracking_uri(uri):
         nested = mlflow.active_run() is not None
         try:
             if run_id is not None:
-                run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested, tags=str_tags or None)
+                run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested,
+                                       tags={**str_tags, **owner_tag} or None)
             else:
                 exp_id = _experiment_id(uri, experiment, artifact_location(cfg, uri))
+                if run_name is not None and not leave_open:
+                    parent = parent_run_id or (mlflow.active_run().info.run_id if nested else None)  # type: ignore[union-attr]
+                    fail_stale_runs(uri, exp_id, run_name, str_tags, parent, stale_after_s)
+                str_tags = {**str_tags, **owner_tag}
                 run = mlflow.start_run(
                     experiment_id=exp_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id,
                     tags=str_tags or None,
@@ -227,6 +249,93 @@ def start_run(
             raise
         else:
             mlflow.end_run(status="RUNNING" if leave_open else "FINISHED")
+
+
+def owner_tags() -> dict[str, str]:
+    """Who runs a run: this host, this pid, now (UTC)."""
+    import socket
+    import time
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            STARTED_TAG: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_reason(tags: Mapping[str, str], now_s: float, stale_after_s: float = STALE_AFTER_S) -> str | None:
+    """Why a RUNNING run with these tags is dead, or None while it may be alive.
+
+    Dead: its owner pid is gone on this same host (a SIGKILL, an OOM kill), or it has a heartbeat older than
+    ``stale_after_s`` (its host is gone or hung). A run from another host without heartbeats cannot be judged from
+    here and is left alone: a long evaluation elsewhere must not be failed for being quiet.
+    """
+    import socket
+
+    from idforge.track.buffer import HEARTBEAT_TAG
+
+    host, pid = tags.get(HOST_TAG), tags.get(PID_TAG, "")
+    if host == socket.gethostname() and pid.isdigit():
+        if int(pid) == os.getpid():
+            return None
+        if not _pid_alive(int(pid)):
+            return f"its process (pid {pid} on host {host}) is gone"
+        return None
+    beat = tags.get(HEARTBEAT_TAG, "")
+    try:
+        age = now_s - float(beat)
+    except ValueError:
+        return None
+    if age > stale_after_s:
+        return f"no heartbeat for {age / 60:.0f} min (host {host or '?'}, pid {pid or '?'})"
+    return None
+
+
+def fail_stale_runs(uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str], parent_run_id: str | None,
+                    stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Mark FAILED (tag ``idforge.failed_reason`` says why) the RUNNING runs of ``experiment_id`` that are this
+    stage's (same run name, same parent, same ``idforge.*`` tags as ``tags``) and whose owner is dead
+    (:func:`stale_reason`). Returns their ids. Never raises: a tracking hiccup must not stop the new start."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from idforge.track.buffer import fail_fast_requests
+
+    client = MlflowClient(tracking_uri=uri)
+    mine = {k: v for k, v in tags.items() if k.startswith("idforge.")}
+    now = time.time()
+    failed = []
+    try:
+        # best effort: a slow server must not hold the start for MLflow's default retries (minutes)
+        with fail_fast_requests(10):
+            # filtered by status only: run names may hold quotes that MLflow's filter grammar cannot escape
+            running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                         max_results=1000)
+            for run in running:
+                rtags = run.data.tags
+                if rtags.get("mlflow.runName") != run_name or rtags.get("mlflow.parentRunId") != parent_run_id:
+                    continue
+                if any(rtags.get(k) != v for k, v in mine.items()):
+                    continue
+                reason = stale_reason(rtags, now, stale_after_s)
+                if reason is None:
+                    continue
+                why = f"{reason}; marked FAILED by the next start of {run_name!r} (pid {os.getpid()})"
+                client.set_tag(run.info.run_id, STALE_TAG, why)
+                client.set_terminated(run.info.run_id, status="FAILED")
+                log.warning("MLflow run %s (%s) was left RUNNING: %s", run.info.run_id, run_name, why)
+                failed.append(run.info.run_id)
+    except Exception as exc:  # noqa: BLE001 - best effort, the new run matters more
+        log.warning("could not check for stale MLflow runs of %r at %s: %s", run_name, uri, exc)
+    return failed
 
 
 def active_run_id() -> str | None:

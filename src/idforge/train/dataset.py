@@ -44,6 +44,31 @@ def read_prepared(prepared_dir: str | os.PathLike[str]) -> tuple[pd.DataFrame, d
     return pd.read_parquet(index_path), json.loads(info_path.read_text())
 
 
+def heal_hint(root: Path) -> str:
+    """The fix for a damaged prepared item: prepare re-encodes exactly the items that fail its check."""
+    return (f"run `idforge prepare` again with the same dataset, model and --output {root}: it re-encodes only "
+            "the damaged items")
+
+
+def verify_prepared(prepared_dir: str | os.PathLike[str]) -> None:
+    """Check every item file of a prepared dataset (and its caption file) for truncation or a garbled header, before
+    training starts: one header read per file.
+
+    Raises:
+        DataError: a file is missing or damaged (up to 5 named, with the count and the fix).
+    """
+    from idforge.train.item_file import damaged_items
+
+    root = Path(prepared_dir)
+    index, info = read_prepared(root)
+    files = list(dict.fromkeys(index["file"])) + ([info["text_file"]] if info.get("text_file") else [])  # shards: once
+    bad = damaged_items(root, files)
+    if bad:
+        named = "; ".join(f"{root / f}: {why}" for f, why in list(bad.items())[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} prepared item(s) of {root} are damaged: {named}{more}; {heal_hint(root)}")
+
+
 class PreparedDataset:
     """A map-style torch dataset over prepared items (one entry per target image).
 
@@ -127,7 +152,12 @@ class PreparedDataset:
             raw = (self._shards.read(path, self.all_items.at[row, "key"]) if self._shards is not None
                    else load_file(str(path)))
         except FileNotFoundError:
-            raise DataError(f"prepared item {path} is missing: re-run `idforge prepare` on {self.root}") from None
+            raise DataError(f"prepared item {path} is missing: {heal_hint(self.root)}") from None
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error types vary by version (SafetensorError...)
+            from idforge.train.item_file import safetensors_problem
+
+            problem = safetensors_problem(path) or f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            raise DataError(f"prepared item {path} is unreadable ({problem}): {heal_hint(self.root)}") from None
         data = {k: v.float() if v.is_floating_point() else v for k, v in raw.items()}
         if self._memory is not None:
             self._memory[row] = data

@@ -184,38 +184,56 @@ def load_frozen_pipeline(model: str, kind: str, dtype: str, device: Any, local_f
 
 
 class _Tracker:
-    """Rank 0's MLflow logging into the driver's run (no-op without one); all MLflow calls of the loop go here."""
+    """Rank 0's MLflow logging into the driver's run (no-op without one); all MLflow calls of the loop go here.
+
+    Metrics go through a ``ResilientLogger``: a tracking outage delays them (buffered, retried, one warning at the
+    end) but never fails the step, so it can neither kill the training nor use up Ray's ``max_failures``. Sample
+    grids are artifacts, too large to buffer: one that cannot be uploaded is skipped with a warning.
+    """
 
     def __init__(self, spec: LoopSpec, rank: int) -> None:
         self.enabled = rank == 0 and spec.mlflow_run_id is not None and spec.tracking is not None
         self._stack = contextlib.ExitStack()
+        self.buffer: Any = None
         if self.enabled:
             from idforge.config import TrackingConfig
-            from idforge.track import start_run
+            from idforge.track import start_run, tracking_uri
+            from idforge.track.buffer import ResilientLogger
 
-            self._stack.enter_context(start_run(TrackingConfig.model_validate(spec.tracking),
-                                                run_id=spec.mlflow_run_id))
+            tracking = TrackingConfig.model_validate(spec.tracking)
+            assert spec.mlflow_run_id is not None
+            self.buffer = ResilientLogger(spec.mlflow_run_id, tracking_uri(tracking))
+            self._stack.enter_context(start_run(tracking, run_id=spec.mlflow_run_id, owner=False))
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:
-            from idforge.track import log_metrics
-
-            log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            self.buffer.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def grid(self, images: list[Any], step: int) -> None:
         if self.enabled and images:
             from idforge.track import log_image_grid, log_image_step
 
             cols = min(len(images), 4)
-            grid = log_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols,
-                                  artifact_file=f"samples/step_{step:08d}.png")
-            log_image_step(grid, key="samples", step=step)
+            try:
+                grid = log_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols,
+                                      artifact_file=f"samples/step_{step:08d}.png")
+                log_image_step(grid, key="samples", step=step)
+            except Exception as exc:  # noqa: BLE001 - a tracking outage must not end the training
+                log.warning("sample grid of step %d not logged to MLflow (%s: %s); training goes on", step,
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
 
     def close(self, exc: BaseException | None = None) -> None:
-        if exc is None:
-            self._stack.close()
-        else:
-            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+        if self.buffer is not None:
+            self.buffer.close()  # delivers what an outage held back before the run is ended
+        try:
+            if exc is None:
+                self._stack.close()
+            else:
+                self._stack.__exit__(type(exc), exc, exc.__traceback__)
+        except Exception as end_exc:  # noqa: BLE001 - the training's own result (or error) matters more
+            log.warning("could not end MLflow run %s (%s: %s); its status stays RUNNING until the next start marks "
+                        "it", getattr(self.buffer, "run_id", "?"), type(end_exc).__name__,
+                        str(end_exc).splitlines()[0][:200] if str(end_exc) else "")
 
 
 class TrainStep:
@@ -328,7 +346,8 @@ def run_loop(spec: LoopSpec, env: LoopEnv) -> dict[str, Any]:
     except BaseException as exc:
         tracker.close(exc)
         raise
-    tracker.close()
+    # a run stopped by broken data ends FAILED in MLflow, even where the worker returns instead of raising
+    tracker.close(DataError(result[FATAL_KEY]) if FATAL_KEY in result else None)
     return result
 
 
@@ -382,16 +401,23 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
 
     refs, include_target = sampling_defaults(method, cfg)
     train_keys, heldout_keys = split_holdout(index, cfg.holdout_per_identity, cfg.seed)
-    sampling = dict(refs_per_item=refs, ref_includes_target=include_target, flip_prob=cfg.flip_prob, seed=cfg.seed)
-    if stream is not None:
-        dataset = stream.dataset(rank, world, keys=train_keys if heldout_keys else None, **sampling)
-    else:
-        dataset = PreparedDataset(spec.data_dir, keys=train_keys, **sampling)
+    error = None
     validation = None  # (matched, mismatched) batches of the identity-gap check, built once
-    if cfg.validate_every and rank == 0:
-        heldout = (stream.dataset(0, 1, keys=heldout_keys, ref_includes_target=True)
-                   if stream is not None and heldout_keys else None)
-        validation = validation_batches(spec.data_dir, dataset, heldout_keys, refs, cfg.seed, device, heldout)
+    sampling = dict(refs_per_item=refs, ref_includes_target=include_target, flip_prob=cfg.flip_prob, seed=cfg.seed)
+    try:
+        if stream is not None:
+            dataset = stream.dataset(rank, world, keys=train_keys if heldout_keys else None, **sampling)
+        else:
+            dataset = PreparedDataset(spec.data_dir, keys=train_keys, **sampling)
+        if cfg.validate_every and rank == 0:
+            heldout = (stream.dataset(0, 1, keys=heldout_keys, ref_includes_target=True)
+                       if stream is not None and heldout_keys else None)
+            validation = validation_batches(spec.data_dir, dataset, heldout_keys, refs, cfg.seed, device, heldout)
+    except DataError as exc:
+        error = str(exc)
+    error = agree_on_data_error(error, distributed, device)
+    if error is not None:
+        return _give_up(env, error, step, step, world)
     per_step = cfg.batch_size * cfg.grad_accum
     if stream is not None:
         loader = stream.loader(dataset, cfg.batch_size, step * per_step, rank, world)
@@ -410,7 +436,14 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
         last = {"step": step, "resumed_from": step, "world_size": world}
         env.report(last, None)
     while step < cfg.steps:
-        parts = stepper([TrainBatch.from_dict(next(batches)).to(device) for _ in range(cfg.grad_accum)], generator)
+        try:
+            micro = [TrainBatch.from_dict(next(batches)).to(device) for _ in range(cfg.grad_accum)]
+        except DataError as exc:
+            error = str(exc)
+        error = agree_on_data_error(error, distributed, device)
+        if error is not None:
+            return _give_up(env, error, step, resumed_from, world)
+        parts = stepper(micro, generator)
         for k, v in parts.items():
             window[k] = window.get(k, 0.0) + v
         step += 1
@@ -449,6 +482,44 @@ def _run(spec: LoopSpec, env: LoopEnv, tracker: _Tracker) -> dict[str, Any]:
         if cfg.sample_every and step % cfg.sample_every == 0 and tracker.enabled:
             tracker.grid(_sample_grid(method, pipe, dataset, cfg, refs), step)
     return last
+
+
+#: the metric a worker reports instead of raising when the data itself is broken (see ``_give_up``)
+FATAL_KEY = "fatal_error"
+
+
+def agree_on_data_error(error: str | None, distributed: bool, device: Any) -> str | None:
+    """The data error of any rank, on every rank (all ranks call this at the same point of the loop), else None.
+
+    One rank alone cannot stop: the others would wait for it in the next gradient all-reduce. A flag is summed
+    first (one scalar per step); the messages are gathered only when some rank has one.
+    """
+    if not distributed:
+        return error
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if error else 0.0], device=device)
+    dist.all_reduce(flag)
+    if float(flag) == 0:
+        return None
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next(e for e in errors if e)
+
+
+def _give_up(env: LoopEnv, error: str, step: int, resumed_from: int, world: int) -> dict[str, Any]:
+    """A damaged prepared item fails the same way after every restart (the data stream is deterministic), so it
+    must not use up Ray's ``max_failures`` restarting from the checkpoint. An env that restarts failed workers
+    offers ``give_up(error)`` (it hands the error to the driver, which raises it once): rank 0 calls it and every
+    rank returns normally. Elsewhere the error is raised here."""
+    give_up = getattr(env, "give_up", None)
+    if give_up is None:
+        raise DataError(error)
+    if env.rank == 0:
+        log.error("stopping at step %d without a restart: %s", step, error)
+        give_up(error)
+    return {"step": step, "resumed_from": resumed_from, "world_size": world, FATAL_KEY: error}
 
 
 def resume(env: LoopEnv, stepper: TrainStep, generator: Any, cfg: TrainConfig) -> int:

@@ -14,6 +14,7 @@ placeholder words, identity phrase), ``finetune.json`` (identity, base model, re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -320,8 +321,8 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
     from idforge.diffusion.text import tokenize
     from idforge.io.atomic import atomic_write_text
     from idforge.methods.types import IdentityRefs, TrainBatch
-    from idforge.track import start_run
-    from idforge.track.runs import log_metrics
+    from idforge.track import start_run, tracking_uri
+    from idforge.track.buffer import ResilientLogger
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -330,13 +331,16 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
     rec = recipe(method, cfg)
     tags = {"idforge.stage": "finetune", "idforge.method": method_name, "idforge.identity": identity}
     t_start = time.perf_counter()
-    with start_run(tracking, run_name=f"{method_name}-{identity}", parent_run_id=parent_run_id, tags=tags) as run:
+    with (start_run(tracking, run_name=f"{method_name}-{identity}", parent_run_id=parent_run_id, tags=tags) as run,
+          contextlib.ExitStack() as before_run_ends):
         result.run_id = run.info.run_id if run is not None else None
+        # metrics and params through a buffer: an MLflow outage delays them, it does not fail the identity
+        tracker = _NoTracker() if run is None else ResilientLogger(run.info.run_id, tracking_uri(tracking))
+        log_metrics = tracker.log_metrics
+        before_run_ends.callback(tracker.close)  # what an outage held back is delivered first (also on failure)
         if run is not None:
-            import mlflow
-
-            mlflow.log_params({"method": method_name, "identity": identity, "base_model": str(base_model),
-                               **{f"recipe.{k}": v for k, v in rec.items()}})
+            tracker.log_params({"method": method_name, "identity": identity, "base_model": str(base_model),
+                                **{f"recipe.{k}": v for k, v in rec.items()}})
             from idforge.track import log_dataset
 
             log_dataset(dataset_dir, context="training", name="curated")
@@ -445,6 +449,16 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         method.detach()
         log.info("finetuned %s/%s in %.1fs (loss %.4f -> %.4f): %s", method_name, identity,
                  result.timings["total"], losses[0], losses[-1], final)
+
+
+class _NoTracker:
+    """Tracking disabled: the logger's calls, doing nothing."""
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def load_finetuned(artifact: str | os.PathLike[str], pipe: Any, **overrides: Any) -> tuple[Any, dict[str, Any]]:

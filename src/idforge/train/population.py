@@ -47,10 +47,27 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _FatalBox:
+    """A named Ray actor holding the error that stopped the workers without a restart (see ``loop._give_up``).
+
+    Ray Train restarts a worker group that raises (``FailureConfig.max_failures``) and keeps only checkpointed
+    reports, so an error that a restart cannot fix travels to the driver this way instead.
+    """
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def set(self, error: str) -> None:
+        self.error = self.error or error
+
+    def get(self) -> str | None:
+        return self.error
+
+
 class _RayEnv:
     """``LoopEnv`` over Ray Train's worker context."""
 
-    def __init__(self, spec: LoopSpec) -> None:
+    def __init__(self, spec: LoopSpec, fatal_box: str | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -61,6 +78,15 @@ class _RayEnv:
         self.limit_threads = True
         self.run_state = spec.run_state
         self.storage = spec.storage
+        self._fatal_box = fatal_box
+
+    def give_up(self, error: str) -> None:
+        """Hand ``error`` to the driver (which raises it once); the workers then return instead of raising."""
+        import ray
+
+        if self._fatal_box is None:
+            raise DataError(error)
+        ray.get(ray.get_actor(self._fatal_box).set.remote(error))
 
     def checkpoint_candidates(self) -> Iterator[contextlib.AbstractContextManager[Path]]:
         """Ray's latest checkpoint, then every ``checkpoint_*`` under the run's storage, newest first.
@@ -129,9 +155,15 @@ def stored_checkpoints(run_state: str | None, storage: dict[str, Any] | None) ->
 
 
 def train_fn(config: dict[str, Any]) -> None:
-    """The Ray Train worker entry point: a pure function of ``config`` (a ``LoopSpec`` as a dict)."""
+    """The Ray Train worker entry point: a pure function of ``config`` (a ``LoopSpec`` as a dict, plus the name of
+    the driver's ``_FatalBox``)."""
+    config = dict(config)
+    box = config.pop(FATAL_BOX_KEY, None)
     spec = LoopSpec.model_validate(config)
-    run_loop(spec, _RayEnv(spec))
+    run_loop(spec, _RayEnv(spec, box))
+
+
+FATAL_BOX_KEY = "fatal_box"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,9 +310,11 @@ def resolve_gpus_per_worker(requested: float, workers: int, ray_address: str | N
 
 
 def _check_data(data_dir: Path) -> dict[str, Any]:
-    from idforge.train.dataset import read_prepared
+    """prepared.json of ``data_dir``, after checking every item file is whole (DataError naming the damaged ones)."""
+    from idforge.train.dataset import read_prepared, verify_prepared
 
     _, info = read_prepared(data_dir)
+    verify_prepared(data_dir)
     return info
 
 
@@ -365,9 +399,15 @@ def train_population(
             resources = {"CPU": train_cfg.cpus_per_worker}
             if use_gpu:
                 resources["GPU"] = gpus_per_worker
+            import uuid
+
+            import ray
+
+            box_name = f"idforge-fatal-{uuid.uuid4().hex[:12]}"
+            box = ray.remote(num_cpus=0)(_FatalBox).options(name=box_name).remote()
             trainer = TorchTrainer(
                 train_fn,
-                train_loop_config=spec.model_dump(mode="json"),
+                train_loop_config={**spec.model_dump(mode="json"), FATAL_BOX_KEY: box_name},
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
                 run_config=RunConfig(
@@ -376,7 +416,13 @@ def train_population(
                     checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
                 ),
             )
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+                fatal = ray.get(box.get.remote())
+            finally:
+                ray.kill(box)
+        if fatal:  # broken data: handed over once by the workers, not retried
+            raise DataError(fatal)
         if result.error is not None:
             raise result.error
         if result.checkpoint is None:

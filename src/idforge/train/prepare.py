@@ -489,6 +489,20 @@ def _captions(rows: Iterable[_Row], cfg: PrepareConfig) -> list[dict[str, str]]:
     return templates + [{"class_noun": n, "template": "", "prompt": c, "kind": "image"} for n, c in own]
 
 
+def _reusable(path: Path) -> bool:
+    """Whether a cached file can be reused: present and whole (header and size agree). A damaged one (a truncated
+    copy, a garbled header) is deleted with a warning naming it, so this run encodes it again."""
+    from idforge.train.item_file import safetensors_problem
+
+    problem = safetensors_problem(path)
+    if problem is None:
+        return True
+    if problem != "missing":
+        log.warning("prepare: cached %s is damaged (%s): encoding it again", path, problem)
+        path.unlink(missing_ok=True)
+    return False
+
+
 def item_path(output_dir: Path, key: str) -> Path:
     return output_dir / "items" / key[:2] / f"{key}.safetensors"
 
@@ -572,8 +586,8 @@ def encode_dataset(
     })
     fingerprint = _sha256_json({"items": index[["key", "identity", "class_noun"]].values.tolist(), "text": text_key})
     info_path = out / "prepared.json"
-    todo = [r for r in rows if not item_path(out, r.key).is_file()]
-    need_text = not text_file.is_file()
+    todo = [r for r in rows if not _reusable(item_path(out, r.key))]
+    need_text = not _reusable(text_file)
     if not todo and not need_text and info_path.is_file() and (out / "index.parquet").is_file():
         previous = json.loads(info_path.read_text())
         if previous.get("fingerprint") == fingerprint:
