@@ -50,6 +50,10 @@ def _hook_ids(module: Any) -> dict[str, set[int]]:
     return {h: set(getattr(module, h, {})) for h in HOOK_DICTS}
 
 
+class BaseRestoreError(RuntimeError):
+    """The base could not be put back to its snapshot: the worker holding it must be discarded."""
+
+
 @dataclass
 class BaseSnapshot:
     """What ``restore_base`` puts back: tensors on CPU, flags, processors and tokenizer copies."""
@@ -85,7 +89,7 @@ def snapshot_base(pipe: Any) -> BaseSnapshot:
 def restore_base(pipe: Any, snap: BaseSnapshot) -> None:
     """Put ``pipe`` back to ``snap``: processors, adapter layers, tokenizers, tensors and flags.
 
-    Raises ``RuntimeError`` when a module no longer has the snapshot's tensors after the adapter layers are
+    Raises ``BaseRestoreError`` when a module no longer has the snapshot's tensors after the adapter layers are
     removed (something changed the architecture in a way this worker does not know how to undo): the worker must
     then be discarded, not reused.
     """
@@ -110,7 +114,7 @@ def restore_base(pipe: Any, snap: BaseSnapshot) -> None:
             state = module.state_dict()
             if state.keys() != snap.tensors[name].keys():
                 extra = sorted(set(state) ^ set(snap.tensors[name]))[:5]
-                raise RuntimeError(f"{name} of the base changed shape (tensors {extra}); discard this worker")
+                raise BaseRestoreError(f"{name} of the base changed shape (tensors {extra}); discard this worker")
             for key, value in state.items():
                 value.copy_(snap.tensors[name][key])
             for p_name, param in module.named_parameters():
@@ -148,16 +152,21 @@ class BaseWorker:
         return self.base.pipe
 
     def restore(self) -> float:
-        """Put the base back to its snapshot; returns the seconds it took."""
+        """Put the base back to its snapshot; returns the seconds it took. Raises ``BaseRestoreError``."""
         t0 = time.perf_counter()
-        restore_base(self.base.pipe, self.snapshot)
+        try:
+            restore_base(self.base.pipe, self.snapshot)
+        except BaseRestoreError:
+            raise
+        except Exception as exc:  # anything that stops the restore leaves a base nobody may train on
+            raise BaseRestoreError(f"restoring the base failed: {type(exc).__name__}: {exc}") from exc
         return time.perf_counter() - t0
 
     def finetune(self, method: str, identity: str, dataset_dir: str | os.PathLike[str],
                  output_dir: str | os.PathLike[str], parent_run_id: str | None = None,
                  tracking: TrackingConfig | None = None) -> FinetuneResult:
         """``finetune_identity`` on this worker's base, then restore it (also when the identity fails: the
-        exception propagates after the restore)."""
+        exception propagates after the restore). A failed restore raises ``BaseRestoreError``."""
         try:
             result = finetune_identity(method, identity, dataset_dir, self.base.base_model, output_dir, self.cfg,
                                        parent_run_id=parent_run_id, tracking=tracking, base=self.base)
