@@ -3,8 +3,9 @@
 One flat loop, readable top to bottom: load the base pipeline and the identity's images (VAE latents computed once),
 attach the method, let it initialise from the identity, optimise its parameters for the recipe's steps, sample a few
 images, and write the artifact. Each identity is one MLflow run (loss curve, final images, wall time split into
-load / train / sample / save) and leaves ``<output_dir>/<identity>/`` written atomically (temp dir then rename) with
-a ``DONE`` marker, plus ``<output_dir>/_status/<identity>.json`` (done or failed, with the error).
+load (``base_load`` of it: the base pipeline, 0 on a shared worker) / train / sample / save) and leaves
+``<output_dir>/<identity>/`` written atomically (temp dir then rename) with a ``DONE`` marker, plus
+``<output_dir>/_status/<identity>.json`` (done or failed, with the error).
 
 Artifact layout (``<output_dir>/<identity>/``): the method's weights (``method.safetensors`` or
 ``learned_embeds.safetensors``, plus format exports such as diffusers LoRA files), ``artifact.json`` (method,
@@ -381,8 +382,10 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
             log_dataset(dataset_dir, context="training", name="curated")
         # -- load --------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
+        t_base = 0.0  # the base load when this identity loads its own (a shared worker's is not per identity)
         if base is None:
             base = load_base(base_model, cfg)
+            t_base = base.load_s
         pipe, resolution = base.pipe, base.resolution
         data = load_identity_data(dataset_dir, identity, resolution, rec["max_images"])
         latents = _encode_latents(pipe, data.images).to(device)
@@ -457,7 +460,7 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         for i, img in enumerate(images):
             img.save(tmp / "samples" / f"{i:03d}.png")
         t_save = time.perf_counter() - t0
-        result.timings = {"load": t_load, "train": t_train, "sample": t_sample, "save": t_save,
+        result.timings = {"load": t_load, "base_load": t_base, "train": t_train, "sample": t_sample, "save": t_save,
                           "total": time.perf_counter() - t_start}
         result.first_loss, result.final_loss, result.steps = losses[0], losses[-1], len(losses)
         meta = {"identity": identity, "method": method_name, "base_model": str(base_model), "recipe": rec,
