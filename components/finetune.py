@@ -2,7 +2,7 @@
 ParallelFor; the base loaded once per pod, each pod fetching only its chunk's rows and files), gather an index of
 the artifacts (no copies)."""
 
-from typing import List, NamedTuple
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
@@ -17,23 +17,21 @@ def plan_identity_chunks(
     identities_per_task: int = 8,
     first: int = 0,
     max_identities: int = 0,
-) -> NamedTuple("Plan", [("chunks", List[str]), ("dataset_uri", str)]):
+) -> List[str]:
     """The sorted identity ids of a curated dataset in chunks, one fine-tune pod per chunk.
 
     Args:
         dataset: The curated dataset (its identities.parquet, else its manifest); the fine-tune pods read it
-            through the URI returned here, each fetching only its own identities' rows and files.
+            through its URI (in each chunk), each fetching only its own identities' rows and files.
         config_yaml: The resolved idforge config as YAML text (its ``storage`` section); "" = defaults.
         identities_per_task: Identities per fine-tune pod (each pod loads the base model once for all of them).
         first: Skip the first N identities in sorted order (where this run's range starts); 0 = from the start.
         max_identities: Keep only N identities from ``first`` on (a range, or a smoke run); 0 = all the rest.
 
     Returns:
-        chunks: One JSON list of identity ids per fine-tune pod, in sorted order.
-        dataset_uri: The dataset's storage URI, which the pods read from.
+        Output: One chunk per fine-tune pod, in sorted order: JSON ``{"dataset_uri", "identities": [...]}``.
     """
     import json
-    from collections import namedtuple
 
     from idforge.config import load_config_text
     from idforge.train.identity_chunks import plan_chunks
@@ -41,14 +39,13 @@ def plan_identity_chunks(
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
     # plan from the local copy (already here), hand the pods the URI: they must not receive the whole dataset
     chunks = plan_chunks(dataset.path, identities_per_task, first, max_identities, cfg.storage)
-    plan = namedtuple("Plan", ["chunks", "dataset_uri"])
-    return plan([json.dumps(c) for c in chunks], dataset.uri)
+    # one self-contained item per pod (kfp's local runner resolves a loop over one output, not a NamedTuple's)
+    return [json.dumps({"dataset_uri": dataset.uri, "identities": c}) for c in chunks]
 
 
 @dsl.component(base_image=f"{DEFAULT_REGISTRY}/idforge-cuda:{DEFAULT_TAG}", install_kfp_package=False)
 def finetune_identity_chunk(
-    dataset_uri: str,
-    identities: str,
+    chunk: str,
     method: str,
     base_model: str,
     config_yaml: str,
@@ -59,9 +56,9 @@ def finetune_identity_chunk(
     ``model``/<identity>/ (the layout ``idforge finetune --all`` writes).
 
     Args:
-        dataset_uri: The curated dataset's URI (a local path or s3:// prefix); only the chunk's rows, files and
-            embeddings are fetched from it.
-        identities: The chunk: a JSON list of identity ids (one of plan_identity_chunks' chunks).
+        chunk: One of plan_identity_chunks' chunks: JSON ``{"dataset_uri", "identities": [...]}``, the curated
+            dataset's URI (a local path or s3:// prefix; only the chunk's rows, files and embeddings are fetched
+            from it) and the identity ids to fine-tune.
         method: A per-identity method (``id-ea``, ``sefi-ide``, ``pidiff``, ``textual-inversion``,
             ``dreambooth-lora``).
         base_model: The diffusion base model: a local directory or a hub id already in the local cache.
@@ -86,9 +83,11 @@ def finetune_identity_chunk(
     from idforge.train.identity_worker import BaseWorker
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
-    ids = json.loads(identities)
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise DataError(f"identities must be a non-empty JSON list of ids, got {identities[:200]!r}")
+    item = json.loads(chunk)
+    ids = item.get("identities") if isinstance(item, dict) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids) or "dataset_uri" not in item:
+        raise DataError(f"chunk must be JSON {{'dataset_uri', 'identities': [ids]}}, got {chunk[:200]!r}")
+    dataset_uri = str(item["dataset_uri"])
     out = Path(model.path)
     out.mkdir(parents=True, exist_ok=True)
     results = []

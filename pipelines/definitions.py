@@ -116,9 +116,9 @@ def _finetune_all(target: Target, dataset: Any, method: Any, base_model: Any, co
     # its chunk's rows and files through the dataset's URI (an artifact input would download the whole dataset).
     plan = _cpu(plan_identity_chunks(dataset=dataset, config_yaml=config_yaml, identities_per_task=identities_per_task,
                                      first=first_identity, max_identities=max_identities), target, memory="2Gi")
-    with dsl.ParallelFor(plan.outputs["chunks"], parallelism=8) as chunk:
-        ft = finetune_identity_chunk(dataset_uri=plan.outputs["dataset_uri"], identities=chunk, method=method,
-                                     base_model=base_model, config_yaml=config_yaml, parent_run_id=parent)
+    with dsl.ParallelFor(plan.output, parallelism=8) as chunk:
+        ft = finetune_identity_chunk(chunk=chunk, method=method, base_model=base_model, config_yaml=config_yaml,
+                                     parent_run_id=parent)
         _gpu(ft, target).set_caching_options(False).set_retry(**RETRY)
     # the gather step collects the chunks' {identity: uri} indexes (parameters), not their artifacts
     gathered = gather_models(indexes=dsl.Collected(ft.outputs["Output"]), method=method)

@@ -216,23 +216,21 @@ def test_per_run_settings_are_typed_parameters(name, per_run):
 @pytest.mark.parametrize("name", ["personalize", "end-to-end"])
 def test_per_identity_fan_out_is_over_chunks_and_no_pod_receives_every_artifact(name):
     """The ParallelFor iterates the planner's chunks; the chunk pod gets the dataset as a URI (an artifact input
-    would be downloaded whole) and its identities; the gather step collects parameters (the chunks' indexes),
-    never the chunk models, so no pod downloads every artifact."""
+    would be downloaded whole) and its identities, in its chunk item; the gather step collects parameters (the
+    chunks' indexes), never the chunk models, so no pod downloads every artifact."""
     pipeline, _ = _compiled(name)
     comps = pipeline["components"]
     chunk = comps["comp-finetune-identity-chunk"]["inputDefinitions"]
-    assert "artifacts" not in chunk and {"dataset_uri", "identities"} <= set(chunk["parameters"])
+    assert "artifacts" not in chunk and "chunk" in chunk["parameters"]
     gather = comps["comp-gather-models"]["inputDefinitions"]
     assert "artifacts" not in gather and gather["parameters"]["indexes"]["parameterType"] == "LIST"
     plan = comps["comp-plan-identity-chunks"]["inputDefinitions"]["parameters"]
     assert plan["identities_per_task"]["parameterType"] == "NUMBER_INTEGER"
     tasks = _all_tasks(pipeline)
     loop = next(t for k, t in tasks.items() if k.startswith("for-loop"))
-    items = loop["parameterIterator"]["items"]["inputParameter"]
-    assert "chunks" in items
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-identity-chunks-Output"
     ft = tasks["finetune-identity-chunk"]["inputs"]["parameters"]
-    # inside the loop, the planner's output reaches the task as the loop's channel of it
-    assert ft["dataset_uri"]["componentInputParameter"] == "pipelinechannel--plan-identity-chunks-dataset_uri"
+    assert ft["chunk"]["componentInputParameter"].startswith("pipelinechannel--plan-identity-chunks-Output")
     root_params = pipeline["root"]["inputDefinitions"]["parameters"]
     assert root_params["identities_per_task"]["defaultValue"] == 8
 
