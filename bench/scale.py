@@ -4,6 +4,7 @@ engine.
     python bench/scale.py grouping [--faces 10000 100000 1000000]
     python bench/scale.py curation [--images 48]
     python bench/scale.py training-input [--items 10000 100000]
+    python bench/scale.py fanout [--identities 6] [--method textual-inversion] [--base DIR] [--device cpu]
 
 grouping: per N, a child process builds N synthetic faces (``idforge.curate.synthetic``: 20 photos per person,
 within-person cosine 0.5-0.8, strangers 0 +/- 0.044 at D = 512), the FAISS similarity graph and the average-linkage
@@ -21,6 +22,14 @@ tiny model's shapes, 20 photos per identity, 256 items per shard), then a FRESH 
 bounded at 64 MiB, shuffle window of 8 shards, batches of 8 composed and collated) for ``--samples`` samples; it
 reports the peak RSS, the RSS after imports (the floor), samples/s and the cache's bytes. The reference rate, in
 the same run, is the tiny model's training step rate (``bench/train_throughput.py --model tiny``, batch 1).
+
+fanout: the per-identity overhead of the fan-out -- what an identity costs beyond its own data load, training,
+sampling and saving -- with one shared worker (``train.identity_worker.BaseWorker``: the base loaded once, restored
+after each identity) against one process per identity (interpreter + imports + base load each time, as the old
+one-Ray-task-per-identity fan-out paid), same dataset, same run. Shared: base load / N + restore. Per process: the
+child's wall time minus its identity's own timings, plus its base load. Prints the per-process / shared ratio.
+``--base`` defaults to a tiny random SD1.5-shaped model built here (then the load is small and the ratio is mostly
+interpreter start-up); pass a real-sized model directory for the load that dominates at scale.
 """
 
 from __future__ import annotations
@@ -263,6 +272,75 @@ def training_input(sizes: list[int], samples: int, batch: int, cache_mb: int, st
     return results
 
 
+def fanout_child(method: str, identity: str, dataset: str, base: str, out: str, cfg_json: str) -> dict:
+    from idforge.config import TrackingConfig
+    from idforge.train.finetune_config import FinetuneConfig
+    from idforge.train.per_identity import finetune_identity
+
+    cfg = FinetuneConfig.model_validate_json(cfg_json)
+    off = TrackingConfig(enabled=False)
+    return finetune_identity(method, identity, dataset, base, out, cfg, tracking=off).to_json()
+
+
+def _own_s(timings: dict) -> float:
+    """The identity's own work: data load + attach (load minus the base), train, sample, save."""
+    return timings["load"] - timings.get("base_load", 0.0) + timings["train"] + timings["sample"] + timings["save"]
+
+
+def fanout(identities: int, method: str, base: str | None, device: str) -> dict:
+    from idforge.config import TrackingConfig
+    from idforge.diffusion.tiny import make_tiny
+    from idforge.train.finetune_config import FinetuneConfig
+    from idforge.train.identity_worker import BaseWorker
+    from idforge.train.per_identity import list_identities
+    from idforge.train.testdata import write_curated_synthetic
+
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        base = base or str(make_tiny(tmp / "tiny-sd15", kind="sd15", seed=0))
+        ds = write_curated_synthetic(tmp / "ds", identities=identities, images_per_identity=2, size=128, seed=0)
+        ids = list_identities(ds)
+        cfg = FinetuneConfig(steps=1, batch_size=1, sample_steps=1, sample_seeds=[0], num_threads=1, device=device)
+        off = TrackingConfig(enabled=False)
+
+        t = time.perf_counter()
+        worker = BaseWorker(base, cfg)
+        shared = [worker.finetune(method, i, ds, tmp / "shared", tracking=off) for i in ids]
+        shared_wall = time.perf_counter() - t
+        restore = [r.timings["restore"] for r in shared]
+        shared_overhead = worker.load_s / len(ids) + sum(restore) / len(ids)
+
+        per_proc, walls = [], []
+        for i in ids:
+            t = time.perf_counter()
+            cmd = [sys.executable, __file__, "_fanout_child", method, i, str(ds), base, str(tmp / "alone"),
+                   cfg.model_dump_json()]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            walls.append(time.perf_counter() - t)
+            if proc.returncode != 0:
+                raise SystemExit(f"fanout child {i} failed: {proc.stderr[-2000:]}")
+            per_proc.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        # everything the child spent that is not the identity's own work: start-up, imports, base load
+        proc_overhead = sum(w - _own_s(r["timings"]) for w, r in zip(walls, per_proc, strict=True)) / len(ids)
+        res = {
+            "method": method, "identities": len(ids), "device": device, "base": "tiny-sd15" if "tiny-sd15" in base
+            else base,
+            "shared_base_load_s": round(worker.load_s, 3), "shared_restore_mean_s": round(sum(restore) / len(ids), 4),
+            "shared_restore_max_s": round(max(restore), 4),
+            "shared_overhead_per_identity_s": round(shared_overhead, 4),
+            "shared_wall_s": round(shared_wall, 2),
+            "per_process_base_load_mean_s": round(sum(r["timings"]["base_load"] for r in per_proc) / len(ids), 3),
+            "per_process_overhead_per_identity_s": round(proc_overhead, 3),
+            "per_process_wall_s": round(sum(walls), 2),
+            "overhead_ratio": round(proc_overhead / max(shared_overhead, 1e-9), 1),
+        }
+        print(json.dumps(res), flush=True)
+        print(f"per-identity overhead: one process per identity {proc_overhead:.3f} s vs shared worker "
+              f"{shared_overhead:.4f} s -> {res['overhead_ratio']}x; wall for {len(ids)} identities "
+              f"{res['per_process_wall_s']} s vs {res['shared_wall_s']} s", flush=True)
+        return res
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -286,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("samples", type=int)
     sc.add_argument("batch", type=int)
     sc.add_argument("cache_bytes", type=int)
+    f = sub.add_parser("fanout")
+    f.add_argument("--identities", type=int, default=6)
+    f.add_argument("--method", default="textual-inversion")
+    f.add_argument("--base", default=None, help="base model directory; default: a tiny SD1.5-shaped one")
+    f.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    fchild = sub.add_parser("_fanout_child")
+    for name in ("method", "identity", "dataset", "base", "out", "cfg_json"):
+        fchild.add_argument(name)
     child = sub.add_parser("_grouping_child")
     child.add_argument("n", type=int)
     child.add_argument("--dense", action="store_true")
@@ -300,12 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "_stream_child":
         print(json.dumps(stream_child(args.data, args.samples, args.batch, args.cache_bytes)))
         return 0
+    if args.what == "_fanout_child":
+        print(json.dumps(fanout_child(args.method, args.identity, args.dataset, args.base, args.out, args.cfg_json)))
+        return 0
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (other jobs share these cores)",
           flush=True)
     if args.what == "grouping":
         grouping(args.faces, args.dense_faces)
     elif args.what == "training-input":
         training_input(args.items, args.samples, args.batch, args.cache_mb, args.step_rate)
+    elif args.what == "fanout":
+        fanout(args.identities, args.method, args.base, args.device)
     else:
         curation(args.images)
     print(f"load average {os.getloadavg()[0]:.2f} at end", flush=True)

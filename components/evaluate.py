@@ -18,8 +18,9 @@ def generate(
     """Prompts x identities x seeds of the protocol, each image with the exact config that made it.
 
     Args:
-        model: The trained method's artifact: a population method's checkpoint directory, or one
-            ``<identity>/`` directory per identity for a per-identity method.
+        model: The trained method's artifact: a population method's checkpoint directory, one
+            ``<identity>/`` directory per identity for a per-identity method, or the per-identity fan-out's
+            ``artifacts.index.json`` of artifact URIs (fetched here, into ``generated``/_artifacts).
         dataset: The curated dataset whose identities' reference photos condition the generation.
         method: The registered method name (``idforge methods list``), e.g. ``infinite-id``.
         base_model: The diffusion base model: a local directory or a hub id already in the local cache.
@@ -27,14 +28,22 @@ def generate(
             defaults.
 
     Returns:
-        generated: The images with the exact config of each and index.parquet; metadata ``method`` and
-            ``images`` (how many).
+        generated: The images with the exact config of each and index.parquet (and ``_artifacts/`` when the model
+            was an artifact index); metadata ``method`` and ``images`` (how many).
     """
+    from pathlib import Path
+
     from idforge.config import load_config_text
     from idforge.evaluate.generate import generate_images
+    from idforge.train.identity_chunks import materialize_index, read_index
 
     cfg = load_config_text(config_yaml, source="pipeline parameter config_yaml")
-    result = generate_images(method, model.path, dataset.path, None, None, base_model, generated.path, cfg)
+    artifact = model.path
+    if read_index(model.path) is not None:
+        # a per-identity fan-out gathers an index of artifact URIs: fetch the artifacts here, into this step's
+        # output, where the images' records (and register, which reads the weights they name) find them
+        artifact = materialize_index(model.path, Path(generated.path) / "_artifacts", cfg.storage)
+    result = generate_images(method, artifact, dataset.path, None, None, base_model, generated.path, cfg)
     generated.metadata.update({"method": method, "images": len(result.index)})
 
 

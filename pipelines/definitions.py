@@ -3,7 +3,8 @@
 Each builder takes a :class:`~pipelines.platform.Target` (container images + the cluster's platform config) and
 returns a ``@dsl.pipeline`` function. Every pipeline receives the idforge config as YAML text (``config_yaml``;
 empty = defaults) plus the few settings users change per run as typed parameters (``preset``, ``steps``, ``lr``,
-``workers``, the identities chunk ``first_identity``/``max_identities``); ``resolve_config`` applies them once,
+``workers``, the identities range ``first_identity``/``max_identities`` and the fan-out's ``identities_per_task``);
+``resolve_config`` applies them once,
 so one config drives every step and a step's cache key changes exactly when its inputs or its config do.
 Curation reads ``config_yaml`` itself and prepare the preset-resolved config, so changing ``steps`` or ``lr``
 keeps both cached.
@@ -30,7 +31,7 @@ from kfp.dsl import Dataset
 
 from components.curate import curate
 from components.evaluate import evaluate, generate, register
-from components.finetune import finetune_identity, gather_models, list_identities
+from components.finetune import finetune_identity_chunk, gather_models, plan_identity_chunks
 from components.prepare import prepare
 from components.registry import champion_artifact, method_regime
 from components.settings import resolve_config
@@ -111,14 +112,17 @@ def _train_population(target: Target, dataset: Any, method: Any, base_model: Any
 
 
 def _finetune_all(target: Target, dataset: Any, method: Any, base_model: Any, config_yaml: Any, parent: Any,
-                  first_identity: Any, max_identities: Any) -> Any:
-    ids = _cpu(list_identities(dataset=dataset, first=first_identity, max_identities=max_identities), target,
-               memory="1Gi")
-    with dsl.ParallelFor(ids.output, parallelism=8) as identity:
-        ft = finetune_identity(dataset=dataset, identity=identity, method=method, base_model=base_model,
-                               config_yaml=config_yaml, parent_run_id=parent)
+                  first_identity: Any, max_identities: Any, identities_per_task: Any) -> Any:
+    # One pod per chunk of identities: the base loads once per pod, not once per identity, and a pod fetches only
+    # its chunk's rows and files through the dataset's URI (an artifact input would download the whole dataset).
+    plan = _cpu(plan_identity_chunks(dataset=dataset, config_yaml=config_yaml, identities_per_task=identities_per_task,
+                                     first=first_identity, max_identities=max_identities), target, memory="2Gi")
+    with dsl.ParallelFor(plan.output, parallelism=8) as chunk:
+        ft = finetune_identity_chunk(chunk=chunk, method=method, base_model=base_model, config_yaml=config_yaml,
+                                     parent_run_id=parent)
         _gpu(ft, target).set_caching_options(False).set_retry(**RETRY)
-    gathered = gather_models(models=dsl.Collected(ft.outputs["model"]), method=method)
+    # the gather step collects the chunks' {identity: uri} indexes (parameters), not their artifacts
+    gathered = gather_models(indexes=dsl.Collected(ft.outputs["Output"]), method=method)
     return _cpu(gathered, target, memory="1Gi")
 
 
@@ -166,14 +170,14 @@ def build_personalize(target: Target) -> Callable[..., Any]:
     def personalize(
         dataset_uri: str, base_model: str, method: str = DEFAULT_METHOD_PER_IDENTITY, config_yaml: str = "",
         gates_yaml: str = "", preset: str = "", steps: int = 0, lr: float = 0.0, first_identity: int = 0,
-        max_identities: int = 0,
+        max_identities: int = 0, identities_per_task: int = 8,
     ):
         with _closing_parent_run(target, config_yaml):
             run_cfg = _settings(target, _settings(target, config_yaml, preset), "", steps, lr)
             dataset = _import_dataset(dataset_uri)
             parent = _open_run(target, run_cfg, "personalize", dataset.output)
             gathered = _finetune_all(target, dataset.output, method, base_model, run_cfg, parent.output,
-                                     first_identity, max_identities)
+                                     first_identity, max_identities, identities_per_task)
             _evaluate_and_register(target, gathered.outputs["model"], dataset.output, method, base_model, run_cfg,
                                    parent.output, gates_yaml)
 
@@ -187,7 +191,7 @@ def build_end_to_end(target: Target) -> Callable[..., Any]:
         raw_uri: str, base_model: str, method: str = DEFAULT_METHOD_POPULATION, config_yaml: str = "",
         labels_uri: str = "", gates_yaml: str = "", preset: str = "", steps: int = 0, lr: float = 0.0,
         workers: int = 1, gpus_per_worker: float = 1.0, ray_address: str = "", first_identity: int = 0,
-        max_identities: int = 0, prepare_engine: str = "",
+        max_identities: int = 0, identities_per_task: int = 8, prepare_engine: str = "",
     ):
         with _closing_parent_run(target, config_yaml):
             cur = _curate(target, raw_uri, config_yaml, labels_uri)
@@ -203,7 +207,7 @@ def build_end_to_end(target: Target) -> Callable[..., Any]:
                                        parent.output, gates_yaml)
             with dsl.Else(name="per-identity-method"):
                 gathered = _finetune_all(target, dataset, method, base_model, run_cfg, parent.output,
-                                         first_identity, max_identities)
+                                         first_identity, max_identities, identities_per_task)
                 _evaluate_and_register(target, gathered.outputs["model"], dataset, method, base_model, run_cfg,
                                        parent.output, gates_yaml)
 

@@ -51,7 +51,8 @@ def test_every_method_leaves_a_complete_artifact_and_status(trained):
         assert not list((root / method).glob(".id00.tmp-*"))  # no temp dir left behind
         meta = json.loads((art / "finetune.json").read_text())
         assert meta["method"] == method and len(meta["losses"]) == 3
-        assert set(res.timings) == {"load", "train", "sample", "save", "total"}
+        assert set(res.timings) == {"load", "base_load", "train", "sample", "save", "total"}
+        assert 0 < res.timings["base_load"] <= res.timings["load"]  # loaded its own base
         assert all(v >= 0 for v in res.timings.values()) and res.timings["total"] >= res.timings["train"]
         status = json.loads((root / method / "_status" / "id00.json").read_text())
         assert status["status"] == "done" and status["run_id"] == res.run_id

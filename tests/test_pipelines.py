@@ -153,14 +153,14 @@ def test_platform_names_are_set_at_compile_time(tmp_path, monkeypatch):
     compiler.Compiler().compile(build("personalize", platform=Platform.load(spec)), package_path=str(out))
     _, platform = yaml.safe_load_all(out.read_text())
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    secrets, maps = _env_sources(k8s["exec-finetune-identity"])
+    secrets, maps = _env_sources(k8s["exec-finetune-identity-chunk"])
     assert "team-s3" in secrets and maps == {"team-settings": {"AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"}}
-    assert k8s["exec-finetune-identity"]["tolerations"] == [
+    assert k8s["exec-finetune-identity-chunk"]["tolerations"] == [
         {"key": "gpu-pool", "operator": "Equal", "value": "a100", "effect": "NoExecute"}]
-    assert k8s["exec-finetune-identity"]["nodeSelector"]["labels"] == {"pool": "a100"}
-    assert [(v["configMapName"], v["mountPath"]) for v in k8s["exec-list-identities"]["configMapAsVolume"]] == [
+    assert k8s["exec-finetune-identity-chunk"]["nodeSelector"]["labels"] == {"pool": "a100"}
+    assert [(v["configMapName"], v["mountPath"]) for v in k8s["exec-plan-identity-chunks"]["configMapAsVolume"]] == [
         ("team-ca", "/etc/idforge-s3-ca")]
-    assert "configMapAsVolume" not in _compiled("personalize")[1]["exec-list-identities"]  # default: plain HTTP
+    assert "configMapAsVolume" not in _compiled("personalize")[1]["exec-plan-identity-chunks"]  # default: plain HTTP
     spec.write_text("s3_secrets: {name: x, keys: []}\n")
     with pytest.raises(ConfigError, match="unknown config key 's3_secrets'"):
         Platform.load(spec)
@@ -197,8 +197,9 @@ def test_transient_steps_retry_and_the_exit_task_closes_the_parent_run(name):
 
 @pytest.mark.parametrize("name, per_run", [
     ("train-adapter", {"method", "preset", "steps", "lr", "workers"}),
-    ("personalize", {"method", "preset", "steps", "lr", "first_identity", "max_identities"}),
-    ("end-to-end", {"method", "preset", "steps", "lr", "workers", "first_identity", "max_identities"}),
+    ("personalize", {"method", "preset", "steps", "lr", "first_identity", "max_identities", "identities_per_task"}),
+    ("end-to-end", {"method", "preset", "steps", "lr", "workers", "first_identity", "max_identities",
+                    "identities_per_task"}),
     ("retrain", {"method", "preset", "steps", "lr", "workers"}),
 ])
 def test_per_run_settings_are_typed_parameters(name, per_run):
@@ -206,9 +207,32 @@ def test_per_run_settings_are_typed_parameters(name, per_run):
     params = pipeline["root"]["inputDefinitions"]["parameters"]
     assert per_run | {"config_yaml"} <= set(params)
     types = {"preset": "STRING", "method": "STRING", "steps": "NUMBER_INTEGER", "lr": "NUMBER_DOUBLE",
-             "workers": "NUMBER_INTEGER", "first_identity": "NUMBER_INTEGER", "max_identities": "NUMBER_INTEGER"}
+             "workers": "NUMBER_INTEGER", "first_identity": "NUMBER_INTEGER", "max_identities": "NUMBER_INTEGER",
+             "identities_per_task": "NUMBER_INTEGER"}
     assert {k: params[k]["parameterType"] for k in per_run} == {k: types[k] for k in per_run}
     assert params["steps"]["defaultValue"] == 0 and params["lr"]["defaultValue"] == 0.0  # 0 = the config's
+
+
+@pytest.mark.parametrize("name", ["personalize", "end-to-end"])
+def test_per_identity_fan_out_is_over_chunks_and_no_pod_receives_every_artifact(name):
+    """The ParallelFor iterates the planner's chunks; the chunk pod gets the dataset as a URI (an artifact input
+    would be downloaded whole) and its identities, in its chunk item; the gather step collects parameters (the
+    chunks' indexes), never the chunk models, so no pod downloads every artifact."""
+    pipeline, _ = _compiled(name)
+    comps = pipeline["components"]
+    chunk = comps["comp-finetune-identity-chunk"]["inputDefinitions"]
+    assert "artifacts" not in chunk and "chunk" in chunk["parameters"]
+    gather = comps["comp-gather-models"]["inputDefinitions"]
+    assert "artifacts" not in gather and gather["parameters"]["indexes"]["parameterType"] == "LIST"
+    plan = comps["comp-plan-identity-chunks"]["inputDefinitions"]["parameters"]
+    assert plan["identities_per_task"]["parameterType"] == "NUMBER_INTEGER"
+    tasks = _all_tasks(pipeline)
+    loop = next(t for k, t in tasks.items() if k.startswith("for-loop"))
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-identity-chunks-Output"
+    ft = tasks["finetune-identity-chunk"]["inputs"]["parameters"]
+    assert ft["chunk"]["componentInputParameter"].startswith("pipelinechannel--plan-identity-chunks-Output")
+    root_params = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert root_params["identities_per_task"]["defaultValue"] == 8
 
 
 def test_unknown_pipeline_names_the_choices():

@@ -40,5 +40,8 @@ class FinetuneConfig(Section):
     # fan-out
     gpus_per_task: float | None = Field(default=None, ge=0, description="Ray GPUs per identity; None = 1 if CUDA")
     cpus_per_task: float = Field(default=1, gt=0)
+    workers: int | None = Field(default=None, ge=1, description=(
+        "long-lived fan-out workers, each loading the base once; None = one per GPU of the Ray cluster "
+        "(at gpus_per_task), or on CPU as many as its CPUs hold at cpus_per_task"))
     ray_address: str | None = Field(default=None, description="None = start/join a local Ray instance")
     force: bool = Field(default=False, description="re-train identities that already have a DONE artifact")

@@ -3,8 +3,9 @@
 One flat loop, readable top to bottom: load the base pipeline and the identity's images (VAE latents computed once),
 attach the method, let it initialise from the identity, optimise its parameters for the recipe's steps, sample a few
 images, and write the artifact. Each identity is one MLflow run (loss curve, final images, wall time split into
-load / train / sample / save) and leaves ``<output_dir>/<identity>/`` written atomically (temp dir then rename) with
-a ``DONE`` marker, plus ``<output_dir>/_status/<identity>.json`` (done or failed, with the error).
+load (``base_load`` of it: the base pipeline, 0 on a shared worker) / train / sample / save) and leaves
+``<output_dir>/<identity>/`` written atomically (temp dir then rename) with a ``DONE`` marker, plus
+``<output_dir>/_status/<identity>.json`` (done or failed, with the error).
 
 Artifact layout (``<output_dir>/<identity>/``): the method's weights (``method.safetensors`` or
 ``learned_embeds.safetensors``, plus format exports such as diffusers LoRA files), ``artifact.json`` (method,
@@ -276,8 +277,13 @@ def finetune_identity(
     cfg: FinetuneConfig | None = None,
     parent_run_id: str | None = None,
     tracking: TrackingConfig | None = None,
+    base: LoadedBase | None = None,
 ) -> FinetuneResult:
     """Train ``identity`` of ``dataset_dir`` with per-identity ``method`` on ``base_model``; write its artifact.
+
+    ``base``: a base pipeline already loaded by ``load_base`` (a long-lived worker's, see ``identity_worker``);
+    None loads ``base_model`` for this identity alone. A shared base is left with the method detached, but the
+    caller restores anything else the method changed (``identity_worker.BaseWorker`` does).
 
     Returns a ``FinetuneResult`` (status "done"). On error the MLflow run ends FAILED, ``_status/<identity>.json``
     records the error, no artifact directory is left behind, and the exception propagates.
@@ -301,7 +307,8 @@ def finetune_identity(
     check_identity(identity, "finetune --identity")
     result = FinetuneResult(identity=identity, method=method, status="failed")
     try:
-        _run(cls, method, identity, Path(dataset_dir), base_model, out_root, cfg, parent_run_id, tracking, result)
+        _run(cls, method, identity, Path(dataset_dir), base_model, out_root, cfg, parent_run_id, tracking, result,
+             base)
     except BaseException as exc:
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
@@ -313,12 +320,40 @@ def finetune_identity(
     return result
 
 
+@dataclass
+class LoadedBase:
+    """A frozen base pipeline on its device, loaded once and shared by the identities trained on it."""
+
+    pipe: Any
+    base_model: str
+    device: str
+    dtype: str
+    resolution: int  # the training resolution (cfg.resolution or the model's native one)
+    load_s: float
+
+
+def load_base(base_model: str | os.PathLike[str], cfg: FinetuneConfig) -> LoadedBase:
+    """Load ``base_model`` frozen (``freeze_pipeline``) on ``cfg.device`` in ``cfg.dtype``.
+
+    Raises ``ModelNotFoundError`` when it cannot be loaded.
+    """
+    from idforge.diffusion.loading import freeze_pipeline, load_pipeline
+
+    t0 = time.perf_counter()
+    device = _device(cfg.device)
+    pipe = freeze_pipeline(load_pipeline(base_model, dtype=cfg.dtype, device=device))
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedBase(pipe, str(base_model), device, cfg.dtype, cfg.resolution or _native_resolution(pipe),
+                      time.perf_counter() - t0)
+
+
 def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_model: Any, out_root: Path,
-         cfg: FinetuneConfig, parent_run_id: str | None, tracking: Any, result: FinetuneResult) -> None:
+         cfg: FinetuneConfig, parent_run_id: str | None, tracking: Any, result: FinetuneResult,
+         base: LoadedBase | None = None) -> None:
     import torch
 
-    from idforge.diffusion.loading import freeze_pipeline, load_pipeline
     from idforge.diffusion.text import tokenize
+    from idforge.errors import ConfigError
     from idforge.io.atomic import atomic_write_text
     from idforge.methods.types import IdentityRefs, TrainBatch
     from idforge.track import start_run, tracking_uri
@@ -327,6 +362,13 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = _device(cfg.device)
+    if base is not None and (base.device, base.dtype, base.base_model) != (device, cfg.dtype, str(base_model)):
+        raise ConfigError(f"the loaded base is {base.base_model} on {base.device} in {base.dtype}; this identity "
+                          f"asks for {base_model} on {device} in {cfg.dtype}: load a base for these settings")
+    # Every random draw of an identity (module init, training noise, dropout) starts from the same seed, so an
+    # identity's artifact does not depend on what ran before it in this process (a shared worker's earlier
+    # identities) -- the bit-exact guarantee of ``identity_worker`` rests on it.
+    torch.manual_seed(cfg.seed)
     method = cls.from_config(cfg.method_config)
     rec = recipe(method, cfg)
     tags = {"idforge.stage": "finetune", "idforge.method": method_name, "idforge.identity": identity}
@@ -346,9 +388,11 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
             log_dataset(dataset_dir, context="training", name="curated")
         # -- load --------------------------------------------------------------------------------------------
         t0 = time.perf_counter()
-        pipe = freeze_pipeline(load_pipeline(base_model, dtype=cfg.dtype, device=device))
-        pipe.set_progress_bar_config(disable=True)
-        resolution = cfg.resolution or _native_resolution(pipe)
+        t_base = 0.0  # the base load when this identity loads its own (a shared worker's is not per identity)
+        if base is None:
+            base = load_base(base_model, cfg)
+            t_base = base.load_s
+        pipe, resolution = base.pipe, base.resolution
         data = load_identity_data(dataset_dir, identity, resolution, rec["max_images"])
         latents = _encode_latents(pipe, data.images).to(device)
         lh, lw = latents.shape[-2:]
@@ -422,7 +466,7 @@ def _run(cls: Any, method_name: str, identity: str, dataset_dir: Path, base_mode
         for i, img in enumerate(images):
             img.save(tmp / "samples" / f"{i:03d}.png")
         t_save = time.perf_counter() - t0
-        result.timings = {"load": t_load, "train": t_train, "sample": t_sample, "save": t_save,
+        result.timings = {"load": t_load, "base_load": t_base, "train": t_train, "sample": t_sample, "save": t_save,
                           "total": time.perf_counter() - t_start}
         result.first_loss, result.final_loss, result.steps = losses[0], losses[-1], len(losses)
         meta = {"identity": identity, "method": method_name, "base_model": str(base_model), "recipe": rec,
