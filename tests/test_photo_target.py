@@ -139,3 +139,16 @@ def test_affine_composition_and_scale():
     # the box's corners (continuous) map to the output's corners
     np.testing.assert_allclose(transform_points(np.array([[9.5, 19.5], [109.5, 69.5]]), a),
                                [[-0.5, -0.5], [199.5, 99.5]], atol=1e-9)
+
+
+def test_generate_size_takes_a_bucket_and_refuses_off_grid_sides():
+    from pydantic import ValidationError
+
+    from idforge.evaluate.config import GenerateConfig
+
+    h, w = pt.choose_bucket(1.3, pt.bucket_sides(512))
+    g = GenerateConfig(height=h, width=w)
+    assert (g.height, g.width) == (448, 576)
+    assert GenerateConfig().height is None and GenerateConfig().width is None  # the model's native square
+    with pytest.raises(ValidationError, match="generate.width 500 is not a multiple of 8.*use 496 or 504"):
+        GenerateConfig(width=500)

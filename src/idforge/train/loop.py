@@ -513,7 +513,9 @@ def validation_batches(data_dir: str, dataset: Any, heldout_keys: list[str], ref
     except ValueError as exc:
         log.warning("no identity-gap validation: %s", exc)
         return None
-    return pair[0].to(device), pair[1].to(device)
+    # one batch each, or one per aspect bucket (prepare.target: photo)
+    to = lambda b: [x.to(device) for x in b] if isinstance(b, list) else b.to(device)  # noqa: E731
+    return to(pair[0]), to(pair[1])
 
 
 def _maybe_inject_fault(spec: LoopSpec, step: int, rank: int) -> None:
