@@ -93,3 +93,21 @@ def test_loader_over_photo_buckets_batches_one_shape(prepared_photos):
     other = next(i for i, b in enumerate(buckets) if b != buckets[wide])
     with pytest.raises(DataError, match="'latents' shapes differ"):
         collate([ds[(wide, 0)], ds[(other, 0)]])
+
+
+def test_training_samples_draw_the_most_common_bucket(prepared_photos, tiny_sd15_dir):
+    from collections import Counter
+
+    from idforge.methods.registry import get_method
+    from idforge.methods.testing import load_frozen_pipeline
+    from idforge.train.config import TrainConfig
+    from idforge.train.dataset import PreparedDataset
+    from idforge.train.loop import _sample_grid, method_config_for_data
+
+    ds = PreparedDataset(prepared_photos.output_dir)
+    pipe = load_frozen_pipeline(tiny_sd15_dir)
+    method = get_method("infinite-id", method_config_for_data("infinite-id", {}, ds.info))
+    method.attach(pipe)
+    images = _sample_grid(method, pipe, ds, TrainConfig(sample_steps=2), refs=1)
+    (h, w), _ = Counter(ds.target_buckets()).most_common(1)[0]
+    assert images[0].size == (w, h)
