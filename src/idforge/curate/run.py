@@ -115,8 +115,10 @@ def check_matte(ccfg: CurateConfig) -> None:
 
 def check_free_space(where: Path, files: int, ccfg: CurateConfig) -> None:
     """Fail before the long part when ``where`` cannot hold the estimated output: per file one face's crops, masks
-    and mattes as PNG, bounded by 4 bytes per pixel of the FFHQ-size crop (PNG of photos compresses below that)."""
-    estimate = files * (4 * ccfg.align.ffhq_size ** 2 + 3 * 112 ** 2)
+    and mattes as PNG, bounded by 4 bytes per pixel of the FFHQ-size crop (PNG of photos compresses below that),
+    plus the kept upright photo (JPEG q95 of at most ``decode.max_side``: about half a byte per pixel of the square
+    bound, as a 4:3 photo at q95 takes ~0.7 byte per pixel of its own area)."""
+    estimate = files * (4 * ccfg.align.ffhq_size ** 2 + 3 * 112 ** 2 + ccfg.decode.max_side ** 2 // 2)
     free = shutil.disk_usage(where).free
     if free < estimate:
         raise DataError(f"curate output {where} has {free / 1e6:.0f} MB free, the run needs about "
