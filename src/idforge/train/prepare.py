@@ -434,9 +434,10 @@ def photo_frame(row: _Row, cfg: PrepareConfig, resolution: int) -> PhotoFrame:
 def target_size(row: _Row, cfg: PrepareConfig, resolution: int) -> tuple[int, int]:
     """(height, width) in pixels of a row's training target: the square, or its photo bucket."""
     if cfg.target == "photo":
-        frame = row.extra.get("frame") or photo_frame(row, cfg, resolution)
-        row.extra["frame"] = frame
-        return frame.bucket
+        key = ("frame", resolution)  # computed once per row (it reads the photo's header)
+        if key not in row.extra:
+            row.extra[key] = photo_frame(row, cfg, resolution)
+        return row.extra[key].bucket
     return resolution, resolution
 
 
@@ -481,7 +482,7 @@ def _encode_items(enc: _Encoders, rows: Sequence[_Row], cfg: PrepareConfig) -> l
         images = []
         for r, (h, w) in zip(rows, sizes, strict=True):
             with Image.open(r.photo) as im:
-                images.append(im.convert("RGB").resize((w, h), Image.BICUBIC, box=r.extra["frame"].box))
+                images.append(im.convert("RGB").resize((w, h), Image.BICUBIC, box=r.extra[("frame", res)].box))
     else:
         images = [load(r.matted) if (cfg.image_source == "matted" and r.matted is not None) else c
                   for r, c in zip(rows, crops512, strict=True)]
@@ -503,7 +504,7 @@ def _encode_items(enc: _Encoders, rows: Sequence[_Row], cfg: PrepareConfig) -> l
     out = []
     for i, row in enumerate(rows):
         if photo:
-            frame = row.extra["frame"]
+            frame = row.extra[("frame", res)]
             kps = transform_points(row.landmarks5, frame.target_from_source).astype(np.float32)
         else:
             kps = _target_kps(row, crops512[i].size[0], res)
