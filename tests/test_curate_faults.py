@@ -219,7 +219,7 @@ def test_free_space_is_checked_up_front_against_an_estimate(tmp_path):
     from idforge.errors import DataError
     from idforge.io.space import check_free_space, curated_file_bytes
 
-    per_file = curated_file_bytes(CurateConfig().align.ffhq_size)
+    per_file = curated_file_bytes(CurateConfig().align.ffhq_size, CurateConfig().decode.max_side)
     check_free_space(tmp_path, 10, per_file, "curate")
     with pytest.raises(DataError, match=rf"curate output {tmp_path} has \d+ MB free, the run needs about \d+ MB "
                                         r"\(10000000000 files"):

@@ -57,9 +57,26 @@ def _same_dataset(a: Path, b: Path) -> None:
     assert dict(zip(captioned["rel"], captioned["caption"], strict=True)) == CAPTIONS
     assert (a / "embeddings.npy").read_bytes() == (b / "embeddings.npy").read_bytes()
     assert (a / "identities.parquet").read_bytes() == (b / "identities.parquet").read_bytes()
-    for col in ("aligned", "aligned_ffhq", "mask", "person_mask", "matted"):
+    for col in ("aligned", "aligned_ffhq", "mask", "person_mask", "matted", "photo"):
         for rel in ma.loc[ma["status"] == "accepted", col]:
             assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
+    _photos_kept(b)
+
+
+def _photos_kept(ds: Path) -> None:
+    """Each accepted face's upright photo is in the dataset (prepare's photo target), at the source's aspect, and
+    its face box lies inside it."""
+    from PIL import Image
+
+    acc = read_manifest(ds, accepted_only=True)
+    assert len(acc) and (acc["photo"] != "").all()
+    for rec in acc.to_dict("records"):
+        with Image.open(ds / rec["photo"]) as im:
+            pw, ph = im.size
+        assert abs(pw / ph - rec["width"] / rec["height"]) < 0.01, rec["photo"]
+        scale = rec["width"] / pw
+        x0, y0, x1, y1 = (v / scale for v in rec["bbox"])
+        assert -2 <= x0 < x1 <= pw + 2 and -2 <= y0 < y1 <= ph + 2
 
 
 def test_ray_engine_gives_the_local_engines_dataset(photos, local_ray, tmp_path):

@@ -236,3 +236,96 @@ def test_loader_batches_match_trainbatch(prepared):
     assert batch.text_embeds.shape == (4, 77, 32) and batch.identity.shape == (4,)
     refs = ds.identity_refs("id01", n=2)
     assert refs.num_refs == 2 and refs.face_crops.shape == (2, 3, 112, 112)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prepare.target: photo
+
+
+# the fixtures curated_photos / prepared_photos (tests/fixtures/dataset.py) use these settings
+PHOTO_CFG = dict(target="photo", bucket_step=16)  # tiny model: 64 px native, buckets 48x80 / 64x64 / 80x48
+
+
+def test_photo_target_encodes_each_bucket_at_its_size(prepared_photos, curated_photos, tiny_sd15_dir):
+    import pandas as pd
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from idforge.train.prepare import photo_frame, read_curated
+
+    index, info = prepared_photos.items, prepared_photos.info
+    assert info["target"] == "photo" and len(index) == 9
+    buckets = {(int(h), int(w)) for h, w in zip(index["bucket_h"], index["bucket_w"], strict=True)}
+    assert buckets == {(48, 80), (64, 64), (80, 48)}, buckets
+    assert sum(info["buckets"].values()) == 9 and set(info["buckets"]) == {"48x80", "64x64", "80x48"}
+    on_disk = pd.read_parquet(prepared_photos.output_dir / "index.parquet")
+    assert on_disk["bucket_h"].tolist() == index["bucket_h"].tolist()
+    vae = AutoencoderKL.from_pretrained(tiny_sd15_dir, subfolder="vae")
+    cfg = PrepareConfig(**PHOTO_CFG)
+    for rec in index.to_dict("records"):
+        h, w = rec["bucket_h"], rec["bucket_w"]
+        item = load_file(str(prepared_photos.output_dir / rec["file"]))
+        assert item["latents"].shape == (4, h // 8, w // 8) and item["face_mask"].shape == (1, h // 8, w // 8)
+        assert item["latents_flip"].shape == item["latents"].shape
+        assert item["ref_pixels"].shape == (3, 112, 112)  # the references stay the aligned crops
+        kps = item["target_kps"].numpy()
+        assert (kps[:, 0] > 0).all() and (kps[:, 0] < w).all() and (kps[:, 1] > 0).all() and (kps[:, 1] < h).all()
+        # the face mask (drawn in the aligned crop) covers the landmarks in the target frame
+        mask = item["face_mask"].float()[0].numpy()
+        lat = ((kps[[0, 1, 2]] + 0.5) / 8 - 0.5).round().astype(int)
+        assert all(mask[y, x] > 0.5 for x, y in lat), (mask.round(1), lat)
+    # the latents are the photo's crop around the face, not the aligned crop
+    rec = index[index["bucket_w"] > index["bucket_h"]].iloc[0]
+    row = next(r for r in read_curated(curated_photos, cfg) if r.sha256 == rec["sha256"])
+    frame = photo_frame(row, cfg, 64)
+    assert frame.bucket == (int(rec["bucket_h"]), int(rec["bucket_w"]))
+    crop = Image.open(row.photo).convert("RGB").resize((frame.bucket[1], frame.bucket[0]), Image.BICUBIC,
+                                                        box=frame.box)
+    x = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.mean[0] * vae.config.scaling_factor
+    got = load_file(str(prepared_photos.output_dir / rec["file"]))["latents"].float()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_photo_target_keys_follow_its_settings(prepared_photos, curated_photos, tiny_sd15_dir, tiny_clip_dir,
+                                               tmp_path):
+    from idforge.train.prepare import prepare_dataset
+
+    again = prepare_dataset(curated_photos, str(tiny_sd15_dir), prepared_photos.output_dir,
+                            PrepareConfig(**PHOTO_CFG), clip_model=str(tiny_clip_dir))
+    assert again.noop and again.items["bucket_w"].tolist() == prepared_photos.items["bucket_w"].tolist()
+    # the aligned target and another context factor are other items; aligned items are all one square
+    aligned = PrepareConfig().item_params()
+    assert "target" not in aligned and "context_factor" not in aligned  # aligned keys as before the photo target
+    wider = PrepareConfig(**PHOTO_CFG, context_factor=4.0).item_params()
+    assert wider != PrepareConfig(**PHOTO_CFG).item_params()
+    idx = prepare_dataset(curated_photos, str(tiny_sd15_dir), tmp_path / "a", PrepareConfig(flip=False),
+                          clip_model=str(tiny_clip_dir))
+    assert set(idx.items["key"]).isdisjoint(prepared_photos.items["key"])
+    assert set(zip(idx.items["bucket_h"], idx.items["bucket_w"], strict=True)) == {(64, 64)}
+
+
+def test_photo_target_refuses_datasets_without_photos(curated_photos, tiny_sd15_dir, tiny_clip_dir, tmp_path):
+    import pandas as pd
+
+    from idforge.train.prepare import prepare_dataset
+
+    ds = tmp_path / "ds"
+    shutil.copytree(curated_photos, ds)
+    manifest = pd.read_parquet(ds / "manifest.parquet")
+    manifest["photo"] = None  # a dataset curated before photos were kept
+    manifest.to_parquet(ds / "manifest.parquet")
+    with pytest.raises(DataError, match="needs each face's photo.*photo of photos/id00_0.png is missing"):
+        prepare_dataset(ds, str(tiny_sd15_dir), tmp_path / "o", PrepareConfig(**PHOTO_CFG),
+                        clip_model=str(tiny_clip_dir))
+    with pytest.raises(ValueError, match="matted"):
+        PrepareConfig(target="photo", image_source="matted")
+    with pytest.raises(ValueError, match="engine 'local' only"):
+        PrepareConfig(target="photo", engine="ray")
+    with pytest.raises(DataError, match="bucket_step 12 is not a multiple"):
+        prepare_dataset(curated_photos, str(tiny_sd15_dir), tmp_path / "o2",
+                        PrepareConfig(target="photo", bucket_step=12, bucket_area_tolerance=0.3),
+                        clip_model=str(tiny_clip_dir))

@@ -148,16 +148,22 @@ def test_the_loop_freezes_every_base_weight(prepared_dir, tiny_sd15_dir):
         method.detach()
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_bit_exactly(prepared_dir, tiny_sd15_dir, tmp_path):
+@pytest.mark.parametrize("target", ["aligned", "photo"])
+def test_a_run_killed_after_a_checkpoint_resumes_bit_exactly(target, prepared_dir, tiny_sd15_dir, tmp_path, request):
     """Killed after step 3, restarted from the step-2 checkpoint: the same weights, EMA and metrics at the end as a
-    run never interrupted (the data stream, the noise generator, the optimizer and the EMA all resume)."""
+    run never interrupted (the data stream, the noise generator, the optimizer and the EMA all resume). The photo
+    target's stream is the bucket sampler's (one bucket per batch), with the identity-gap check over its buckets."""
     import torch
     from safetensors.torch import load_file
 
     from idforge.train.population import train_local
 
+    extra = {}
+    if target == "photo":
+        prepared_dir = request.getfixturevalue("prepared_photos").output_dir
+        extra = {"validate_every": 4}  # once, at the end: both runs measure the same weights
     cfg = TrainConfig(method="infinite-id", steps=4, batch_size=2, lr=1e-2, checkpoint_every=2, report_every=2,
-                      ema=True, ema_decay=0.5)
+                      ema=True, ema_decay=0.5, **extra)
     whole = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "whole")
     marker = tmp_path / "fault"
     with pytest.raises(RuntimeError, match="injected fault at step 3"):
@@ -170,6 +176,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_exactly(prepared_dir, tiny_
     a, b = load_file(whole.method_path), load_file(resumed.method_path)  # the exported EMA weights
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["loss"] == whole.metrics["loss"]
+    if target == "photo":
+        assert resumed.metrics["val_identity_gap"] == whole.metrics["val_identity_gap"]
 
 
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_newest_readable_one(prepared_dir, tiny_sd15_dir,

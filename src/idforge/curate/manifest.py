@@ -1,8 +1,10 @@
 """The dataset's tables: ``manifest.parquet`` (one row per input file and face) and ``identities.parquet``.
 
-Paths in the tables (``aligned``, ``aligned_ffhq``, ``mask``, ``person_mask``, ``matted``) are relative to the
-dataset directory. ``bbox`` is (x0, y0, x1, y1) and ``landmarks5`` five (x, y) pairs, in source pixels of the
-EXIF-upright image. ``embedding_row`` indexes ``embeddings.npy`` (-1: no embedding).
+Paths in the tables (``aligned``, ``aligned_ffhq``, ``mask``, ``person_mask``, ``matted``, ``photo``) are relative
+to the dataset directory. ``photo`` is the EXIF-upright image as decoded (possibly downscaled to
+``decode.max_side``): its pixels are ``width / photo width`` source pixels. ``bbox`` is (x0, y0, x1, y1) and
+``landmarks5`` five (x, y) pairs, in source pixels of the EXIF-upright image. ``embedding_row`` indexes
+``embeddings.npy`` (-1: no embedding).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def _schemas():
         ("matted", pa.string()),
         ("embedding_row", pa.int64()),
         ("caption", pa.string()),  # the photo's own caption (captions.csv / sidecar .txt), "" when none
+        ("photo", pa.string()),  # the upright photo of an accepted face (JPEG, <= decode.max_side), "" otherwise
     ])
     identities = pa.schema([
         ("identity", pa.string()),

@@ -27,12 +27,17 @@ from idforge.errors import StorageError
 log = logging.getLogger(__name__)
 
 # Bump when the per-file logic changes in a way that changes its outputs: old cache entries stop matching.
-PROCESS_VERSION = 3
+PROCESS_VERSION = 4  # 4: the upright photo (PHOTO) is kept for the photo training target
 CROP112 = "f{i}_112.png"
 CROP_FFHQ = "f{i}_ffhq.png"
 FACE_MASK = "f{i}_mask.png"
 LANDMARK_MATTE = "f{i}_lmatte.png"
 LANDMARK_MATTED = "f{i}_lmatted_g{grey}.png"
+# The decoded, EXIF-upright photo (at most decode.max_side, as the detector saw it) of a file with an accepted face:
+# prepare's ``target: photo`` crops its training targets from it, so the dataset stays self-contained (the input
+# may be an s3:// prefix or gone). JPEG q95: a tenth of a PNG's size at no visible loss for a diffusion target.
+PHOTO = "photo.jpg"
+PHOTO_JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,15 @@ def _write_png(path: Path, rgb_or_grey: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
+    path.write_bytes(buf.tobytes())
+
+
+def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, PHOTO_JPEG_QUALITY])
+    if not ok:
+        raise OSError(f"JPEG encoding failed for {path}")
     path.write_bytes(buf.tobytes())
 
 
@@ -182,6 +196,7 @@ def _analyse(data: bytes, cfg: CurateConfig, analyzer, entry: Path) -> dict[str,
         emb = analyzer.embed_aligned(np.stack([a.crop112 for _, a in passing]))
         lap("embed")
         np.save(entry / "emb.npy", emb)
+        _write_jpeg(entry / PHOTO, dec.rgb)
         from idforge.curate.dedup import phash
         from idforge.curate.matte import composite, landmark_matte
 
@@ -235,7 +250,7 @@ def entry_problem(entry: Path) -> str:
     names = [n.format(i=f["face_index"]) for f in rec["faces"] if "emb_index" in f
              for n in (CROP112, CROP_FFHQ, FACE_MASK, LANDMARK_MATTE)]
     if names:
-        names.append("emb.npy")
+        names += ["emb.npy", PHOTO]
     for name in names:
         f = entry / name
         if not f.is_file() or f.stat().st_size == 0:

@@ -200,13 +200,17 @@ class CurateFiles:
 
     def _publish(self, faces: list[AcceptedFace]) -> None:
         """Each face's files, straight to the output storage under the paths its row names."""
-        from idforge.curate.process import CROP112, CROP_FFHQ, FACE_MASK
+        from idforge.curate.process import CROP112, CROP_FFHQ, FACE_MASK, PHOTO
         from idforge.io.uri import join_uri
 
+        published: set[str] = set()  # a file's photo is shared by its faces: put once
         for f in faces:
             i, row = f.row.face_index, f.row
             files = [(CROP112.format(i=i), row.aligned), (CROP_FFHQ.format(i=i), row.aligned_ffhq),
                      (FACE_MASK.format(i=i), row.mask)]
+            if row.photo not in published:
+                files.append((PHOTO, row.photo))
+                published.add(row.photo)
             if row.person_mask:
                 files += [(f"m{i}_person.png", row.person_mask), (f"m{i}_matted.png", row.matted)]
             for name, rel in files:

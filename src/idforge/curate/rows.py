@@ -43,6 +43,7 @@ class ManifestRow:
     matted: str = ""
     embedding_row: int = -1
     caption: str = ""  # the photo's own caption (captions.csv / sidecar .txt), "" when none
+    photo: str = ""  # an accepted face's upright photo (as the detector saw it), for prepare's photo target
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +88,11 @@ def crop_paths(stem: str, ffhq_size: int) -> dict[str, str]:
     }
 
 
+def photo_path(sha256: str) -> str:
+    """Dataset-relative path of a file's upright photo (one per file, shared by its faces)."""
+    return f"photos/{sha256[:16]}.jpg"
+
+
 def file_rows(summary: dict[str, Any], record: dict[str, Any], label: str, ffhq_size: int,
               entry: Path | None = None) -> tuple[list[ManifestRow], list[AcceptedFace]]:
     """The rows of one file (its file row when rejected, else one per detected face) and its accepted faces.
@@ -117,6 +123,7 @@ def file_rows(summary: dict[str, Any], record: dict[str, Any], label: str, ffhq_
             stem = f"{summary['sha256'][:16]}_{i}"
             paths = crop_paths(stem, ffhq_size)
             row.aligned, row.aligned_ffhq, row.mask = paths["aligned"], paths["aligned_ffhq"], paths["mask"]
+            row.photo = photo_path(summary["sha256"])
             accepted.append(AcceptedFace(row=row, key=summary["key"], stem=stem, phash=int(f["phash"], 16),
                                          emb_index=int(f["emb_index"]), entry=entry))
     return rows, accepted

@@ -8,6 +8,7 @@ Layout of the dataset directory::
     crops/              <sha16>_<face>_112.png (ArcFace) and <sha16>_<face>_<S>.png (FFHQ-style, S = align.ffhq_size)
     masks/              <sha16>_<face>_face.png (face region) and <sha16>_<face>_person.png (person matte), S x S
     matted/             <sha16>_<face>.png: the FFHQ-style crop over neutral grey
+    photos/             <sha16>.jpg: the upright photo of each file with an accepted face (prepare's photo target)
     report.json         counts by status and reason, timings, models
     cache/              per-file results keyed by content sha256 + config digest (what makes re-runs cheap)
 
@@ -175,11 +176,11 @@ def _curate_locked(input: str, output: str, ccfg: CurateConfig, storage_cfg, roo
     cache = partial / "cache"
     for old in final.parent.glob(f".{final.name}.old-*"):  # a run killed inside replace_dir left it
         shutil.rmtree(old, ignore_errors=True)
-    for sub in ("crops", "masks", "matted"):
+    for sub in ("crops", "masks", "matted", "photos"):
         shutil.rmtree(partial / sub, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     reuse = final / "cache" if (final / "cache").is_dir() else None
-    check_free_space(partial, len(rels), curated_file_bytes(ccfg.align.ffhq_size), "curate")
+    check_free_space(partial, len(rels), curated_file_bytes(ccfg.align.ffhq_size, ccfg.decode.max_side), "curate")
     tasks = [FileTask(i, str(root / r) if root.is_dir() else str(root), r, source_of(str(input), root, r))
              for i, r in enumerate(rels)]
     log.info("curating %d files from %s with %s (%d worker(s))", len(tasks), input, ccfg.backend, ccfg.workers)

@@ -68,10 +68,10 @@ def label_of(label_map: dict[str, str], source: str, rel: str) -> str:
 def collect(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dict[str, str]) -> Collected:
     """Read each file's cache entry (sorted by relative path) into rows; link the accepted faces' crops and face
     masks from their cache entries into ``out``."""
-    from idforge.curate.process import CROP112, CROP_FFHQ, FACE_MASK
+    from idforge.curate.process import CROP112, CROP_FFHQ, FACE_MASK, PHOTO
 
     cache = out / "cache"
-    for sub in ("crops", "masks", "matted"):
+    for sub in ("crops", "masks", "matted", "photos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     got = Collected(cached_files=sum(1 for r in results if r["cached"]))
     emb_parts: list[np.ndarray] = []
@@ -88,6 +88,7 @@ def collect(out: Path, results: list[dict], ccfg: CurateConfig, label_map: dict[
             link(entry / CROP112.format(i=i), out / face.row.aligned)
             link(entry / CROP_FFHQ.format(i=i), out / face.row.aligned_ffhq)
             link(entry / FACE_MASK.format(i=i), out / face.row.mask)
+            link(entry / PHOTO, out / face.row.photo)
             face.row.embedding_row = len(got.faces)
             got.faces.append(face)
             emb_parts.append(emb[face.emb_index])

@@ -26,8 +26,18 @@ class GenerateConfig(Section):
                                   "diffusers scheduler class (e.g. DDIMScheduler); None = the base model's")
 
     _scheduler_name = field_validator("scheduler")(classmethod(lambda cls, v: check_scheduler_name(v)))
+    # A photo-target adapter (prepare.target: photo) draws any of its buckets: set both to one (e.g. 576 x 448) to
+    # keep that aspect; None = the protocol's, and a protocol without one = the base model's native square.
     height: int | None = Field(default=None, ge=8, description="image height in pixels; None = the protocol's")
     width: int | None = Field(default=None, ge=8, description="image width in pixels; None = the protocol's")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _latent_grid(cls, value: int | None, info) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"generate.{info.field_name} {value} is not a multiple of 8 (the VAE's pixels per latent):"
+                             f" use {value // 8 * 8} or {value // 8 * 8 + 8}")
+        return value
     # What stands for the identity in the prompt templates' {} (a method with a learned token supplies its own).
     subject: str = "a person"
     class_noun: Literal["person", "man", "woman", "boy", "girl"] = "person"

@@ -56,10 +56,12 @@ def check_free_space(where: str | os.PathLike[str], items: int, bytes_per_item: 
                         "there or choose another output")
 
 
-def curated_file_bytes(ffhq_size: int) -> int:
+def curated_file_bytes(ffhq_size: int, photo_side: int = 0) -> int:
     """Per input file of ``curate``: one face's FFHQ-size crop, two masks and the matte as PNG, bounded by 4 bytes
-    per pixel of the FFHQ-size crop (PNG of photos compresses below that), plus the 112 px ArcFace crop."""
-    return 4 * ffhq_size ** 2 + 3 * 112 ** 2
+    per pixel of the FFHQ-size crop (PNG of photos compresses below that), plus the 112 px ArcFace crop, plus the
+    kept upright photo (JPEG q95 of at most ``photo_side`` = ``decode.max_side``: about half a byte per pixel of the
+    square bound, as a 4:3 photo at q95 takes ~0.7 byte per pixel of its own area)."""
+    return 4 * ffhq_size ** 2 + 3 * 112 ** 2 + photo_side ** 2 // 2
 
 
 def prepared_item_bytes(resolution: int, *, latent_channels: int = 4, vae_scale: int = 8, dtype_bytes: int = 4,

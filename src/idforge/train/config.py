@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from idforge.config_section import Section
 
@@ -53,6 +53,24 @@ class PrepareConfig(Section):
         default=None, description="engine=ray: the cluster to join (ray://head:10001, auto); None = a local Ray")
     workers: int = Field(default=1, ge=1, description="engine=ray: encoder actors (one GPU each where CUDA is used)")
     shard_items: int = Field(default=256, ge=1, description="engine=ray: items per shard file")
+    # What the denoising target is. "aligned": the FFHQ-aligned face crop, square at ``resolution``. "photo": the
+    # original photo around the face (both papers train on photos of people in context: IDAdapter on MM-CelebA-HQ,
+    # Infinite-ID on LAION-Face-style web photos), resized into an aspect-ratio bucket of about ``resolution``^2
+    # pixels. The references (CLIP/ArcFace inputs) are the aligned crops in both cases.
+    target: Literal["aligned", "photo"] = Field(
+        default="aligned", description="denoising target: the aligned face crop, or the photo around the face")
+    # 2.5 x the detector's face box (which spans brow to chin) frames head, hair and shoulders with the face at
+    # about 40 % of the side, close to FFHQ's framing (face ~ 1/3 to 1/2 of the crop) yet with real background;
+    # much larger factors shrink the face below what a 512 px target can draw with identity detail.
+    context_factor: float = Field(
+        default=2.5, ge=1.0, le=10.0, description="photo target: the face box enlarged by this (clamped to the image)")
+    bucket_step: int = Field(
+        default=64, ge=8, description="photo target: bucket sides are multiples of this (64: SD/SDXL latents stay "
+        "divisible by 8 through the UNet's downsampling)")
+    bucket_aspect_range: tuple[float, float] = Field(
+        default=(0.5, 2.0), description="photo target: smallest and largest bucket width/height")
+    bucket_area_tolerance: float = Field(
+        default=0.1, gt=0, lt=1, description="photo target: bucket area within this fraction of resolution^2")
 
     @field_validator("caption_templates")
     @classmethod
@@ -64,10 +82,34 @@ class PrepareConfig(Section):
             raise ValueError(f"each caption template needs exactly one '{{class_noun}}': {bad}")
         return value
 
+    @field_validator("bucket_aspect_range")
+    @classmethod
+    def _aspect_range_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"bucket_aspect_range must satisfy 0 < min <= 1 <= max (width/height), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _photo_has_no_matte(self) -> PrepareConfig:
+        if self.target == "photo" and self.image_source == "matted":
+            raise ValueError("prepare.image_source 'matted' exists only for the aligned crop: with target 'photo' "
+                             "set image_source 'aligned' (or target 'aligned' to train on matted crops)")
+        # The Ray engine's shards and index do not carry the photo target's buckets yet (bucket_h/bucket_w, the
+        # kept photo in the stored input hash): refused rather than written without them.
+        if self.target == "photo" and self.engine == "ray":
+            raise ValueError("prepare.target 'photo' runs on prepare.engine 'local' only for now: set engine 'local' "
+                             "(or target 'aligned' to prepare on Ray)")
+        return self
+
     def item_params(self) -> dict[str, Any]:
         """The settings that change a cached image item (captions do not: they are cached separately)."""
-        return self.model_dump(include={"resolution", "flip", "image_source", "clip_crop", "clip_hidden_layer",
-                                        "storage_dtype"})
+        params = self.model_dump(include={"resolution", "flip", "image_source", "clip_crop", "clip_hidden_layer",
+                                          "storage_dtype"})
+        if self.target == "photo":  # the aligned target's keys stay what they were before the photo target
+            params.update(self.model_dump(include={"target", "context_factor", "bucket_step", "bucket_aspect_range",
+                                                   "bucket_area_tolerance"}, mode="json"))
+        return params
 
 
 class TrainConfig(Section):

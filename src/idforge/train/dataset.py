@@ -139,6 +139,17 @@ class PreparedDataset:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def target_buckets(self) -> list[tuple[int, int]]:
+        """(height, width) in pixels of each target (``ds[i]``): one square for ``prepare.target: aligned`` (and
+        caches prepared before buckets were recorded), the aspect buckets for ``photo``."""
+        if "bucket_h" not in self.all_items:
+            return [(self.resolution, self.resolution)] * len(self.targets)
+        hs, ws = self.all_items["bucket_h"].to_numpy(), self.all_items["bucket_w"].to_numpy()
+        return [(int(hs[r]), int(ws[r])) for r in self.targets]
+
+    def _target_width(self, row: int) -> int:
+        return int(self.all_items.at[row, "bucket_w"]) if "bucket_w" in self.all_items else self.resolution
+
     # -- items ----------------------------------------------------------------------------------------------------
 
     def item(self, row: int) -> dict[str, torch.Tensor]:
@@ -204,7 +215,7 @@ class PreparedDataset:
         if flip:
             from idforge.train.prepare import flip_kps
 
-            kps = flip_kps(kps, self.resolution)
+            kps = flip_kps(kps, self._target_width(row))
             mask = None if mask is None else torch.flip(mask, dims=[-1])
         sample = {
             "latents": latents,
@@ -271,17 +282,40 @@ class ShardedStreamSampler:
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per-sample dicts into a batch dict (every sample has the same keys and shapes)."""
+    """Stack per-sample dicts into a batch dict (every sample has the same keys and shapes).
+
+    Raises DataError naming the field when shapes differ (samples of different aspect buckets: batch them with
+    ``bucket_sampler.BucketBatchSampler``, as ``make_loader`` does)."""
     import torch
 
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    out = {}
+    for k in samples[0]:
+        shapes = {tuple(s[k].shape) for s in samples}
+        if len(shapes) > 1:
+            raise DataError(f"cannot batch samples whose {k!r} shapes differ ({sorted(shapes)}): they come from "
+                            "different aspect buckets (prepare.target: photo); batch each bucket apart "
+                            "(idforge.train.bucket_sampler)")
+        out[k] = torch.stack([s[k] for s in samples])
+    return out
 
 
 def make_loader(dataset: PreparedDataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                 start_sample: int = 0, num_workers: int = 0):
-    """An endless DataLoader of collated batches for one rank (``start_sample``: samples this rank already used)."""
+    """An endless DataLoader of collated batches for one rank (``start_sample``: samples this rank already used).
+
+    With more than one aspect bucket (``prepare.target: photo``) each batch holds one bucket
+    (``BucketBatchSampler``; ``start_sample`` must then be a whole number of batches, as the loop's steps are)."""
     from torch.utils.data import DataLoader
 
+    buckets = dataset.target_buckets()
+    if len(set(buckets)) > 1:
+        from idforge.train.bucket_sampler import BucketBatchSampler
+
+        if start_sample % batch_size:
+            raise ValueError(f"start_sample {start_sample} is not a whole number of batches of {batch_size}")
+        batches = BucketBatchSampler(buckets, batch_size, rank, world_size, seed, start_sample // batch_size)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                          persistent_workers=num_workers > 0, pin_memory=False)
     sampler = ShardedStreamSampler(len(dataset), rank, world_size, seed, start_sample)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=False)

@@ -634,7 +634,9 @@ def validation_batches(data_dir: str, dataset: Any, heldout_keys: list[str], ref
     except ValueError as exc:
         log.warning("no identity-gap validation: %s", exc)
         return None
-    return pair[0].to(device), pair[1].to(device)
+    # one batch each, or one per aspect bucket (prepare.target: photo)
+    to = lambda b: [x.to(device) for x in b] if isinstance(b, list) else b.to(device)  # noqa: E731
+    return to(pair[0]), to(pair[1])
 
 
 def _maybe_inject_fault(spec: LoopSpec, step: int, rank: int) -> None:
@@ -669,8 +671,14 @@ def _sample_grid(method: Method, pipe: Any, dataset: Any, cfg: TrainConfig, refs
     identity = sorted(dataset.members)[0]
     id_refs = dataset.identity_refs(identity, n=refs)
     prompts = [p.format(class_noun=id_refs.class_noun) for p in cfg.sample_prompts]
+    size = {}
+    if dataset.info.get("target") == "photo":  # photo targets: draw the training set's most common bucket
+        from collections import Counter
+
+        (h, w), _ = Counter(dataset.target_buckets()).most_common(1)[0]
+        size = {"height": h, "width": w}
     try:
         cond = method.identity_condition(id_refs.to(pipe.unet.device), pipe)
-        return method.generate(pipe, prompts, cond, seeds=[cfg.seed], num_inference_steps=cfg.sample_steps)
+        return method.generate(pipe, prompts, cond, seeds=[cfg.seed], num_inference_steps=cfg.sample_steps, **size)
     finally:
         method.train()

@@ -5,16 +5,20 @@ crop, ``mask`` face mask in the FFHQ crop's frame, ``matted``, ``embedding_row``
 ``embeddings.npy``) it writes, under ``output_dir``::
 
     items/<k[:2]>/<k>.safetensors   one file per accepted face, named by its content key k (below):
-        latents            (4, h, w)   VAE latents of the aligned crop at the training resolution, x scaling_factor
+        latents            (4, h, w)   VAE latents of the target image, x scaling_factor: the aligned crop at the
+                                       training resolution (``target: aligned``), or the photo around the face in its
+                                       aspect bucket (``target: photo``, ``train/photo_target.py``)
         latents_flip       (4, h, w)   the same for the horizontally flipped crop (when ``flip``)
         face_embed         (Dface,)    float32 identity embedding from curation (L2-normalised)
         clip_image_embed   (Dclip,)    projected pooled CLIP image embedding of the aligned face
         clip_patch_tokens  (P, Dvis)   CLIP vision hidden states (``clip_hidden_layer``), class token first
         ref_pixels         (3,112,112) uint8 ArcFace-aligned crop
-        target_kps         (5, 2)      float32 landmarks in pixels of the training image (ArcFace order)
-        face_mask          (1, h, w)   face region at latent resolution in [0, 1] (when curation wrote masks)
+        target_kps         (5, 2)      float32 landmarks in pixels of the target image (ArcFace order)
+        face_mask          (1, h, w)   face region at latent resolution in [0, 1] (when curation wrote masks), moved
+                                       from the aligned crop's frame into the target's
     text/<t>.safetensors            token ids and encoder states of every caption (template x class noun)
-    index.parquet                   one row per item: key, identity, class noun, source, file
+    index.parquet                   one row per item: key, identity, class noun, source, file, bucket_h/bucket_w
+                                    (the target's pixel size: one square for ``aligned``, the buckets for ``photo``)
     prepared.json                   fingerprints, shapes, captions, counts
 
 An item's key hashes its inputs (the image, crop, mask and embedding bytes), the base model's and CLIP model's
@@ -148,6 +152,9 @@ class _Row:
     landmarks5: np.ndarray | None  # (5, 2) in source pixels
     embedding: np.ndarray  # (D,) float32
     caption: str = ""  # the photo's own caption with its class noun (empty: the templates)
+    bbox: tuple[float, float, float, float] | None = None  # face box in source pixels
+    photo: Path | None = None  # the upright photo curation kept (prepare.target: photo)
+    source_size: tuple[int, int] | None = None  # (width, height) of the upright source image
     input_hash: str = ""
     key: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -175,6 +182,17 @@ def _as_kps(value: Any) -> np.ndarray | None:
     return flat.reshape(5, 2) if flat.size == 10 and np.all(np.isfinite(flat)) else None
 
 
+def _as_box(value: Any) -> tuple[float, float, float, float] | None:
+    """Manifest ``bbox`` (4 numbers) -> (x0, y0, x1, y1), or None when absent/invalid."""
+    if value is None or isinstance(value, float):
+        return None
+    try:
+        box = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    return tuple(float(v) for v in box) if box.size == 4 and np.all(np.isfinite(box)) else None  # type: ignore[return-value]
+
+
 def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> list[_Row]:
     """The accepted faces of a curated dataset, sorted by (identity, sha256, face index).
 
@@ -195,7 +213,8 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
     if missing:
         raise DataError(f"{manifest_path} lacks columns {missing}: re-run `idforge curate` to rewrite it")
     # the accepted rows only, and only the columns this reads
-    wanted = need | {"source", "face_index", "mask", "matted", "landmarks5", "caption"}
+    wanted = need | {"source", "face_index", "mask", "matted", "landmarks5", "caption", "bbox", "photo", "width",
+                     "height"}
     manifest = mf.read_manifest(root, columns=[c for c in have if c in wanted], accepted_only=True)
     emb_path = root / "embeddings.npy"
     if not emb_path.is_file():
@@ -227,6 +246,14 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
                             f"({embeddings.shape[0]} rows): the dataset is inconsistent, re-run `idforge curate`")
         landmarks = _as_kps(rec.get("landmarks5"))
         identity = str(rec["identity"])
+        photo = _existing(_resolve(root, rec.get("photo")))
+        bbox = _as_box(rec.get("bbox"))
+        if cfg.target == "photo" and (photo is None or bbox is None or landmarks is None):
+            what = "photo" if photo is None else ("bbox" if bbox is None else "landmarks5")
+            raise DataError(f"prepare.target 'photo' needs each face's photo, bbox and landmarks5, but {what} of "
+                            f"{rec.get('source')} is missing in {manifest_path}: re-run `idforge curate` (this version "
+                            "keeps the upright photos under photos/) or set prepare.target: aligned")
+        size = (rec.get("width"), rec.get("height"))
         rows.append(_Row(
             identity=identity,
             class_noun=nouns.get(identity, cfg.class_noun),
@@ -240,6 +267,9 @@ def read_curated(dataset_dir: str | os.PathLike[str], cfg: PrepareConfig) -> lis
             landmarks5=landmarks,
             embedding=np.asarray(embeddings[int(row_idx)], dtype=np.float32),
             caption=with_class_noun(rec.get("caption"), nouns.get(identity, cfg.class_noun)),
+            bbox=bbox,
+            photo=photo,
+            source_size=None if any(_missing(v) for v in size) else (int(size[0]), int(size[1])),
         ))
     rows.sort(key=lambda r: (r.identity, r.sha256, r.face_index))
     return rows
@@ -262,6 +292,9 @@ def _input_hash(row: _Row, cfg: PrepareConfig) -> str:
         "embedding": hashlib.sha256(np.ascontiguousarray(row.embedding).tobytes()).hexdigest(),
         "landmarks5": None if row.landmarks5 is None else np.round(row.landmarks5, 4).tolist(),
     }
+    if cfg.target == "photo":  # only then: the aligned target's keys stay what they were
+        parts.update(photo=_sha256_file(row.photo) if row.photo else None, bbox=row.bbox,
+                     source_size=row.source_size)
     return _sha256_json(parts)
 
 
@@ -279,6 +312,7 @@ class _Encoders:
     resolution: int
     scaling_factor: float
     shift_factor: float | None
+    vae_scale: int = 8  # pixels per latent
 
 
 def _load_encoders(model: str, clip_model: str | None, cfg: PrepareConfig, device: str, dtype: str,
@@ -311,6 +345,7 @@ def _load_encoders(model: str, clip_model: str | None, cfg: PrepareConfig, devic
         resolution=cfg.resolution or native,
         scaling_factor=float(pipe.vae.config.scaling_factor),
         shift_factor=getattr(pipe.vae.config, "shift_factor", None),
+        vae_scale=vae_scale,
     )
 
 
@@ -330,13 +365,15 @@ def _item_bytes(enc: _Encoders, cfg: PrepareConfig) -> int:
                                clip_tokens=tokens, clip_dim=dim)
 
 
-def _pixels(images: Sequence[Any], resolution: int) -> torch.Tensor:
-    """PIL RGB images -> (B, 3, R, R) float in [-1, 1] (bicubic resize, as diffusers' training examples do)."""
+def _pixels(images: Sequence[Any], size: int | tuple[int, int]) -> torch.Tensor:
+    """PIL RGB images -> (B, 3, H, W) float in [-1, 1] at ``size`` (a side, or (height, width)); bicubic resize, as
+    diffusers' training examples do (images already at the size pass unchanged)."""
     import torch
     from PIL import Image
 
-    arrs = [np.asarray(im.convert("RGB").resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
-            for im in images]
+    h, w = (size, size) if isinstance(size, int) else size
+    arrs = [np.asarray(im.convert("RGB") if im.size == (w, h) else im.convert("RGB").resize((w, h), Image.BICUBIC),
+                       dtype=np.float32) for im in images]
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
     return x / 127.5 - 1.0
 
@@ -365,16 +402,60 @@ def _encode_clip(enc: _Encoders, images: Sequence[Any], layer: int) -> tuple[tor
     return pooled.float().cpu(), out.hidden_states[layer].float().cpu()
 
 
-def _mask_tensor(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """A mask image -> (1, h, w) float in [0, 1] at latent resolution (area average keeps soft borders)."""
-    import torch
-    import torch.nn.functional as F
+def _read_mask(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        m = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    t = torch.from_numpy(m)[None, None]
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def _mask_tensor(mask: Path | np.ndarray, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A mask (image file or (H, W) array in [0, 1]) -> (1, h, w) float in [0, 1] at latent resolution (area
+    average keeps soft borders)."""
+    import torch
+    import torch.nn.functional as F
+
+    m = _read_mask(mask) if isinstance(mask, Path) else np.asarray(mask, dtype=np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(m))[None, None]
     return F.interpolate(t, size=latent_hw, mode="area")[0].clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class PhotoFrame:
+    """Where one face's photo target comes from: ``box`` (x0, y0, x1, y1) in the kept photo's pixels (continuous),
+    resized to ``bucket`` (height, width); ``target_from_source`` maps source pixels (the manifest's bbox and
+    landmarks) to target pixels."""
+
+    box: tuple[float, float, float, float]
+    bucket: tuple[int, int]
+    target_from_source: np.ndarray
+
+
+def photo_frame(row: _Row, cfg: PrepareConfig, resolution: int) -> PhotoFrame:
+    """The photo target's frame of one face (``train/photo_target.py``), buckets near ``resolution``^2."""
+    from PIL import Image
+
+    from idforge.train import photo_target as pt
+
+    if row.photo is None or row.bbox is None or row.landmarks5 is None:
+        raise DataError(f"{row.source} has no kept photo, bbox or landmarks: re-run `idforge curate`")
+    with Image.open(row.photo) as im:  # the header only
+        pw, ph = im.size
+    sw, sh = row.source_size or (pw, ph)
+    scale = sw / pw  # source pixels per kept-photo pixel (curation keeps it at most decode.max_side)
+    buckets = pt.bucket_sides(resolution, cfg.bucket_step, cfg.bucket_aspect_range, cfg.bucket_area_tolerance)
+    box, bucket, m = pt.photo_frame(row.bbox, row.landmarks5, sw, sh, cfg.context_factor, buckets)
+    return PhotoFrame(tuple(v / scale for v in box), bucket, m)  # type: ignore[arg-type]
+
+
+def target_size(row: _Row, cfg: PrepareConfig, resolution: int) -> tuple[int, int]:
+    """(height, width) in pixels of a row's training target: the square, or its photo bucket."""
+    if cfg.target == "photo":
+        key = ("frame", resolution)  # computed once per row (it reads the photo's header)
+        if key not in row.extra:
+            row.extra[key] = photo_frame(row, cfg, resolution)
+        return row.extra[key].bucket
+    return resolution, resolution
 
 
 def _target_kps(row: _Row, crop_side: int, resolution: int) -> np.ndarray:
@@ -405,31 +486,66 @@ def _encode_items(enc: _Encoders, rows: Sequence[_Row], cfg: PrepareConfig) -> l
         with Image.open(p) as im:
             return im.convert("RGB")
 
-    images = [load(r.matted if (cfg.image_source == "matted" and r.matted is not None) else r.crop512)
-              for r in rows]
+    from idforge.faces.align import alignment_matrix, transform_points
+
+    res = enc.resolution
+    photo = cfg.target == "photo"
+    if photo and cfg.bucket_step % enc.vae_scale:
+        raise DataError(f"prepare.bucket_step {cfg.bucket_step} is not a multiple of the VAE's {enc.vae_scale} "
+                        "pixels per latent: use a multiple (64 for SD/SDXL)")
+    sizes = [target_size(r, cfg, res) for r in rows]
     crops512 = [load(r.crop512) for r in rows]
+    if photo:
+        images = []
+        for r, (h, w) in zip(rows, sizes, strict=True):
+            with Image.open(r.photo) as im:
+                images.append(im.convert("RGB").resize((w, h), Image.BICUBIC, box=r.extra[("frame", res)].box))
+    else:
+        images = [load(r.matted) if (cfg.image_source == "matted" and r.matted is not None) else c
+                  for r, c in zip(rows, crops512, strict=True)]
     crops112 = [load(r.crop112) if r.crop112 else c.resize((112, 112), Image.BICUBIC)
                 for r, c in zip(rows, crops512, strict=True)]
     clip_inputs = crops112 if cfg.clip_crop == "arcface" else crops512
-    res = enc.resolution
-    pixels = _pixels(images, res)
-    latents = _encode_latents(enc, pixels)
-    latents_flip = _encode_latents(enc, torch.flip(pixels, dims=[-1])) if cfg.flip else None
+    latents: list[Any] = [None] * len(rows)
+    latents_flip: list[Any] = [None] * len(rows)
+    # one VAE pass per target size: items of different buckets cannot share a batch tensor
+    for size in sorted(set(sizes)):
+        idx = [i for i, s in enumerate(sizes) if s == size]
+        pixels = _pixels([images[i] for i in idx], size)
+        z = _encode_latents(enc, pixels)
+        zf = _encode_latents(enc, torch.flip(pixels, dims=[-1])) if cfg.flip else None
+        for k, i in enumerate(idx):
+            latents[i] = z[k]
+            latents_flip[i] = None if zf is None else zf[k]
     pooled, patches = _encode_clip(enc, clip_inputs, cfg.clip_hidden_layer)
     out = []
     for i, row in enumerate(rows):
+        if photo:
+            frame = row.extra[("frame", res)]
+            kps = transform_points(row.landmarks5, frame.target_from_source).astype(np.float32)
+        else:
+            kps = _target_kps(row, crops512[i].size[0], res)
         item = {
             "latents": latents[i],
             "face_embed": torch.from_numpy(row.embedding.copy()),
             "clip_image_embed": pooled[i],
             "clip_patch_tokens": patches[i],
             "ref_pixels": torch.from_numpy(np.asarray(crops112[i], dtype=np.uint8).copy()).permute(2, 0, 1),
-            "target_kps": torch.from_numpy(_target_kps(row, crops512[i].size[0], res)),
+            "target_kps": torch.from_numpy(kps),
         }
-        if latents_flip is not None:
+        if latents_flip[i] is not None:
             item["latents_flip"] = latents_flip[i]
         if row.mask is not None:
-            item["face_mask"] = _mask_tensor(row.mask, tuple(latents.shape[-2:]))
+            latent_hw = tuple(latents[i].shape[-2:])
+            if photo:  # the mask is drawn in the aligned crop: crop -> source -> target (``photo_target``)
+                from idforge.train.photo_target import mask_to_target
+
+                m = _read_mask(row.mask)
+                moved = mask_to_target(m, alignment_matrix(row.landmarks5, m.shape[0]), frame.target_from_source,
+                                       sizes[i])
+                item["face_mask"] = _mask_tensor(moved, latent_hw)
+            else:
+                item["face_mask"] = _mask_tensor(row.mask, latent_hw)
         out.append(item)
     return out
 
@@ -608,7 +724,8 @@ def encode_dataset(
                 chunk = todo[start:start + cfg.batch_size]
                 for row, tensors in zip(chunk, _encode_items(enc, chunk, cfg), strict=True):
                     meta = {"identity": row.identity, "source": row.source, "input_hash": row.input_hash,
-                            "resolution": str(enc.resolution)}
+                            "resolution": str(enc.resolution), "target": cfg.target,
+                            "bucket": "x".join(map(str, tensors["latents"].shape[-2:]))}
                     _save(item_path(out, row.key), tensors, cfg.storage_dtype, meta)
                 bar.update(len(chunk))
     if need_text:
@@ -617,6 +734,12 @@ def encode_dataset(
               {"prompts": json.dumps([c["prompt"] for c in captions])})
 
     sample, resolution = _read_shapes(item_path(out, rows[0].key))
+    sizes = [target_size(r, cfg, resolution) for r in rows]
+    index["bucket_h"] = [h for h, _ in sizes]
+    index["bucket_w"] = [w for _, w in sizes]
+    buckets: dict[str, int] = {}
+    for h, w in sizes:
+        buckets[f"{h}x{w}"] = buckets.get(f"{h}x{w}", 0) + 1
     info = {
         "format": FORMAT,
         "fingerprint": fingerprint,
@@ -629,7 +752,9 @@ def encode_dataset(
         "clip_features": clip_record(clip_model, cfg.clip_hidden_layer, cfg.clip_crop) if clip_model else None,
         "config": cfg.model_dump(mode="json"),
         "resolution": resolution,
-        "shapes": sample,
+        "target": cfg.target,
+        "buckets": dict(sorted(buckets.items())),  # "HxW" (target pixels) -> items
+        "shapes": sample,  # of the first item (other buckets differ in latents' and face_mask's h, w)
         "text_file": text_file.relative_to(out).as_posix(),
         "captions": captions,
         "identities": identities,

@@ -92,13 +92,28 @@ def _draw_face(rng: np.random.Generator, palette: dict[str, np.ndarray], size: i
     return np.clip(img + noise, 0, 255).astype(np.uint8), kps.astype(np.float32)
 
 
+def _in_canvas(img: np.ndarray, kps: np.ndarray, aspect: float, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The drawn photo placed at a random offset on a wider (aspect > 1) or taller canvas of its background."""
+    h, w = img.shape[:2]
+    ch, cw = (h, max(w, round(w * aspect))) if aspect >= 1 else (max(h, round(h / aspect)), w)
+    canvas = np.empty((ch, cw, 3), np.float64)
+    canvas[:] = img[:4, :4].reshape(-1, 3).mean(0)
+    canvas = np.clip(canvas + rng.normal(0, 4, canvas.shape), 0, 255).astype(np.uint8)
+    ox, oy = int(rng.integers(0, cw - w + 1)), int(rng.integers(0, ch - h + 1))
+    canvas[oy:oy + h, ox:ox + w] = img
+    return canvas, (kps + np.array([ox, oy], dtype=np.float32)).astype(np.float32)
+
+
 def write_curated_synthetic(out_dir: str | os.PathLike[str], identities: int = 4, images_per_identity: int = 3,
-                            size: int = 512, embedding_dim: int = 512, seed: int = 0) -> Path:
+                            size: int = 512, embedding_dim: int = 512, seed: int = 0,
+                            photo_aspects: list[float] | None = None) -> Path:
     """A synthetic curated dataset: ``identities`` x ``images_per_identity`` drawn faces.
 
     Each identity has its own colours and face proportions (what the images share) and a random unit embedding
     direction; each image adds pose, light and pixel noise, and its embedding is that direction plus noise
-    (cosine ~0.9 within an identity, ~0 across). Deterministic per ``seed``.
+    (cosine ~0.9 within an identity, ~0 across). Deterministic per ``seed``. ``photo_aspects`` (cycled over the
+    images) places each drawn photo on a canvas of that width/height, so photo targets fall into several buckets.
     """
     import cv2
 
@@ -120,6 +135,8 @@ def write_curated_synthetic(out_dir: str | os.PathLike[str], identities: int = 4
         identity = f"id{i:02d}"
         for j in range(images_per_identity):
             img, kps = _draw_face(rng, palette, size)
+            if photo_aspects:
+                img, kps = _in_canvas(img, kps, photo_aspects[(i * images_per_identity + j) % len(photo_aspects)], rng)
             data = _png(img)
             sha = hashlib.sha256(data).hexdigest()
             stem = f"{identity}_{j}"
@@ -142,6 +159,7 @@ def write_curated_synthetic(out_dir: str | os.PathLike[str], identities: int = 4
                 "bbox": [float(v) for v in (*kps.min(0) - 40, *kps.max(0) + 40)], "landmarks5": kps.tolist(),
                 "det_score": 0.99, "identity": identity,
                 "aligned": f"crops/{stem}_112.png", "aligned_ffhq": f"crops/{stem}_512.png",
-                "mask": f"masks/{stem}_face.png", "embedding_row": len(rows),
+                "mask": f"masks/{stem}_face.png", "embedding_row": len(rows), "photo": f"photos/{stem}.png",
+                "width": int(img.shape[1]), "height": int(img.shape[0]),
             })
     return _write_tables(out, rows, np.stack(embeddings))

@@ -60,9 +60,6 @@ def heldout_batches(heldout: PreparedDataset, references: PreparedDataset, refs_
     in ``references``, ``mismatched`` from the other identity of the pair. Both datasets must come from one prepare.
     ``max_pairs`` keeps a seeded subset of the pairs, so a large dataset costs a fixed amount.
     """
-    from idforge.methods.types import TrainBatch
-    from idforge.train.dataset import collate
-
     identities = sorted(references.members)
     rows = [int(r) for r in heldout.targets]
     # Each held-out row whose identity is in the references pairs with every other identity: counted, not listed.
@@ -78,7 +75,23 @@ def heldout_batches(heldout: PreparedDataset, references: PreparedDataset, refs_
     matched = [_sample(heldout, references, row, _refs(references, ident, refs_per_item)) for row, ident, _ in pairs]
     mismatched = [_sample(heldout, references, row, _refs(references, other, refs_per_item))
                   for row, _, other in pairs]
-    return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
+    return pair_batches(matched, mismatched)
+
+
+def pair_batches(matched: list[dict], mismatched: list[dict]) -> tuple[Any, Any]:
+    """(matched, mismatched) as one ``TrainBatch`` each, or, when the targets come from several aspect buckets
+    (``prepare.target: photo``: latents of different shapes), as lists with one batch per bucket, in the same
+    order on both sides; ``identity_gap`` takes either."""
+    from idforge.methods.types import TrainBatch
+    from idforge.train.dataset import collate
+
+    shapes = [tuple(s["latents"].shape) for s in matched]
+    groups = sorted(set(shapes))
+    if len(groups) == 1:
+        return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
+    pick = lambda samples, g: [s for s, sh in zip(samples, shapes, strict=True) if sh == g]  # noqa: E731
+    return ([TrainBatch.from_dict(collate(pick(matched, g))) for g in groups],
+            [TrainBatch.from_dict(collate(pick(mismatched, g))) for g in groups])
 
 
 def sample_pair_indices(counts: list[int], max_items: int | None, seed: int) -> list[tuple[int, int]]:
@@ -115,9 +128,6 @@ def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pa
     reaches the denoiser from a different photo of the person than the one being denoised. ``max_pairs`` keeps a
     seeded subset of the (image, reference, other identity) triples, so a large dataset costs a fixed amount.
     """
-    from idforge.methods.types import TrainBatch
-    from idforge.train.dataset import collate
-
     identities = sorted(dataset.members)
     rows = [int(r) for r in dataset.targets]
     idents = [dataset.all_items.at[row, "identity"] for row in rows]
@@ -135,7 +145,7 @@ def cross_photo_batches(dataset: PreparedDataset, refs_per_item: int = 1, max_pa
         triples.append((row, own_members[k], int(members[k % len(members)])))
     matched = [dataset.compose(row, [ref] * refs_per_item, flip=False) for row, ref, _ in triples]
     mismatched = [dataset.compose(row, [other] * refs_per_item, flip=False) for row, _, other in triples]
-    return TrainBatch.from_dict(collate(matched)), TrainBatch.from_dict(collate(mismatched))
+    return pair_batches(matched, mismatched)
 
 
 def _sample(heldout: PreparedDataset, references: PreparedDataset, row: int, ref_rows: list[int]) -> dict:
@@ -202,15 +212,24 @@ def held_out_loss(method: Method, pipe: Any, batch: TrainBatch, chunk: int = 16)
     return total / batch.batch_size
 
 
-def identity_gap(method: Method, pipe: Any, batch_match: TrainBatch, batch_mismatch: TrainBatch | None = None,
+def identity_gap(method: Method, pipe: Any, batch_match: TrainBatch | list[TrainBatch],
+                 batch_mismatch: TrainBatch | list[TrainBatch] | None = None,
                  repeats: int = 4, seed: int = 0, t_min: int = 0, t_max: int | None = None) -> IdentityGap:
     """Held-out loss of ``batch_match`` with its own identity vs with ``batch_mismatch``'s identity features.
 
     ``batch_mismatch`` only lends its identity fields (``TrainBatch.with_identity_of``); None = ``batch_match``'s
     identities rolled by one (sample i gets sample i+1's features; needs samples of different identities).
     Each repeat draws one fixed noise/timestep set shared by both conditions, so the gap measures identity alone.
+    Lists of batches (one per aspect bucket, ``pair_batches``) give the per-sample mean over all of them.
     """
     import torch
+
+    if isinstance(batch_match, list):
+        others = batch_mismatch if batch_mismatch is not None else [None] * len(batch_match)
+        gaps = [(identity_gap(method, pipe, a, b, repeats, seed, t_min, t_max), a.batch_size)
+                for a, b in zip(batch_match, others, strict=True)]
+        n = sum(size for _, size in gaps)
+        return IdentityGap(sum(g.match * size for g, size in gaps) / n, sum(g.mismatch * size for g, size in gaps) / n)
 
     from idforge.methods.objective import training_scheduler
 
