@@ -14,6 +14,12 @@ Output directory::
 
 Resumable: an image whose PNG and sidecar exist with the same recipe hash is skipped; a changed recipe (other
 artifact, sampling, prompt) regenerates it.
+
+Engines (``generate.engine``): the work is cut into units (an identity's prompts for some of its seeds, with its
+reference photo paths) that an :class:`IdentityGenerator` draws, loading the pipeline, face model and CLIP once.
+``local`` runs one in this process; ``ray`` runs one per Ray actor (``idforge.evaluate.generate_ray``). Both write
+the same files, byte for byte; an identity's references are aligned when its unit runs, so memory holds one
+identity's faces at a time.
 """
 
 from __future__ import annotations

@@ -5,10 +5,14 @@
     metrics.parquet      one row per generated image: its recipe columns + every metric
     aggregates.parquet   level (method | identity | category), key, metric columns
     summary.json         the run-level numbers (what the registry gates read), MLflow run id
-    report.html          self-contained page (see idforge.evaluate.report)
+    report.html          the index page; identities/<id>.html pages and thumbs/ beside it (idforge.evaluate.report)
 
-and logs the summary metrics, per-category metrics, the tables, one image grid per identity and the report to an
-MLflow run. ``compare_runs(run_ids)`` puts the metrics of several evaluation runs side by side with deltas.
+Scoring streams identity by identity (``_score_streaming``): the models load once, then each identity's generated
+images and references are read, scored and dropped, so memory is one identity's images plus O(rows) metric
+columns, however many identities there are. It logs the summary metrics, per-category metrics, a capped per-image
+table (``evaluate.mlflow_table_rows``: lowest and highest id_sim rows; the full table is the metrics.parquet
+artifact), image grids of the first ``evaluate.mlflow_grids`` identities and the report pages to an MLflow run.
+``compare_runs(run_ids)`` puts the metrics of several evaluation runs side by side with deltas.
 """
 
 from __future__ import annotations
