@@ -5,6 +5,7 @@ engine.
     python bench/scale.py curation [--images 48]
     python bench/scale.py training-input [--items 10000 100000]
     python bench/scale.py fanout [--identities 6] [--method textual-inversion] [--base DIR] [--device cpu]
+    python bench/scale.py evaluation [--identities 50 500] [--images-per-identity 8] [--size 256]
 
 grouping: per N, a child process builds N synthetic faces (``idforge.curate.synthetic``: 20 photos per person,
 within-person cosine 0.5-0.8, strangers 0 +/- 0.044 at D = 512), the FAISS similarity graph and the average-linkage
@@ -30,6 +31,12 @@ one-Ray-task-per-identity fan-out paid), same dataset, same run. Shared: base lo
 child's wall time minus its identity's own timings, plus its base load. Prints the per-process / shared ratio.
 ``--base`` defaults to a tiny random SD1.5-shaped model built here (then the load is small and the ratio is mostly
 interpreter start-up); pass a real-sized model directory for the load that dominates at scale.
+
+evaluation: per N, a synthetic generation run (N identities x images per identity of random RGB PNGs at --size px,
+two 256 px pre-aligned reference crops per identity, the index generate writes) is evaluated in a child process
+(identity metrics with the OpenCV backend, the paged report, no MLflow); it reports seconds and the child's peak RSS,
+the bytes the decoded images would take held all at once, and the largest-vs-smallest N peak RSS ratio (goal: flat
+within 20 %: evaluation streams one identity at a time).
 """
 
 from __future__ import annotations
@@ -341,6 +348,82 @@ def fanout(identities: int, method: str, base: str | None, device: str) -> dict:
         return res
 
 
+
+
+def make_generated(root: Path, identities: int, per_identity: int, size: int) -> Path:
+    """A generation run's layout (images/, refs/ with the pre-aligned marker, index.parquet, generate.json) of
+    random images; returns its directory."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gen = root / f"gen-{identities}"
+    rows = []
+    for i in range(identities):
+        ident = f"id{i:05d}"
+        for k in range(2):
+            ref = gen / "refs" / ident / f"{k}.png"
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(ref, compress_level=1)
+        for j in range(per_identity):
+            rel = f"images/{ident}/plain/p{j // 2:02d}_s{j % 2}.png"
+            (gen / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(gen / rel, compress_level=1)
+            rows.append({"image": rel, "identity": ident, "category": "plain", "prompt_index": j // 2,
+                         "seed": j % 2, "prompt": f"a photo of a person, take {j // 2}",
+                         "prompt_template": f"a photo of {{}}, take {j // 2}", "method": "synthetic"})
+    (gen / "refs" / ".prealigned").touch()
+    pd.DataFrame(rows).to_parquet(gen / "index.parquet", index=False)
+    (gen / "generate.json").write_text(json.dumps({"conditioning_backend": "insightface", "base_model": "none"}))
+    return gen
+
+
+def evaluation_child(gen: str, out: str) -> dict:
+    import yaml
+
+    from idforge.config import IdforgeConfig
+    from idforge.evaluate.run import evaluate_generated
+
+    repo = Path(__file__).resolve().parents[1]
+    proto = yaml.safe_load((repo / "configs/protocols/smoke.yaml").read_text())
+    proto.update(prompt_set=str(repo / "data/prompts/smoke.yaml"), face_backends=["opencv"],
+                 metrics={"identity": True, "clip_t": False, "clip_i": False, "lpips": False, "diversity": False})
+    proto_path = Path(out).parent / f"{Path(out).name}-protocol.yaml"
+    proto_path.write_text(yaml.safe_dump(proto))
+    cfg = IdforgeConfig.model_validate({"tracking": {"enabled": False},
+                                        "evaluate": {"protocol": str(proto_path), "device": "cpu"}})
+    t = time.perf_counter()
+    res = evaluate_generated(gen, None, out, cfg)
+    report = Path(out) / "report.html"
+    return {"images": len(res.metrics), "seconds": round(time.perf_counter() - t, 1),
+            "peak_rss_gb": round(_peak_rss_gb(), 3), "report_html_kb": round(report.stat().st_size / 1024, 1)}
+
+
+def evaluation(identities: list[int], per_identity: int, size: int) -> list[dict]:
+    results = []
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        for n in identities:
+            t = time.perf_counter()
+            gen = make_generated(tmp, n, per_identity, size)
+            made = time.perf_counter() - t
+            cmd = [sys.executable, __file__, "_evaluation_child", str(gen), str(tmp / f"eval-{n}")]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"evaluation child N={n} failed: {proc.stderr[-2000:]}")
+            res = {"identities": n, "make_s": round(made, 1), **json.loads(proc.stdout.strip().splitlines()[-1]),
+                   "all_images_decoded_gb": round(n * per_identity * size * size * 3 / 1024**3, 3)}
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    lo, hi = results[0], results[-1]
+    print(f"peak RSS {hi['identities']} vs {lo['identities']} identities: {hi['peak_rss_gb']} / {lo['peak_rss_gb']} GB "
+          f"= {hi['peak_rss_gb'] / lo['peak_rss_gb']:.3f}x (goal <= 1.20); report.html {lo['report_html_kb']} -> "
+          f"{hi['report_html_kb']} KB", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -372,6 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     fchild = sub.add_parser("_fanout_child")
     for name in ("method", "identity", "dataset", "base", "out", "cfg_json"):
         fchild.add_argument(name)
+    e = sub.add_parser("evaluation")
+    e.add_argument("--identities", type=int, nargs="+", default=[50, 500])
+    e.add_argument("--images-per-identity", type=int, default=8)
+    e.add_argument("--size", type=int, default=256)
+    ec = sub.add_parser("_evaluation_child")
+    ec.add_argument("gen")
+    ec.add_argument("out")
     child = sub.add_parser("_grouping_child")
     child.add_argument("n", type=int)
     child.add_argument("--dense", action="store_true")
@@ -389,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "_fanout_child":
         print(json.dumps(fanout_child(args.method, args.identity, args.dataset, args.base, args.out, args.cfg_json)))
         return 0
+    if args.what == "_evaluation_child":
+        print(json.dumps(evaluation_child(args.gen, args.out)))
+        return 0
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (other jobs share these cores)",
           flush=True)
     if args.what == "grouping":
@@ -397,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         training_input(args.items, args.samples, args.batch, args.cache_mb, args.step_rate)
     elif args.what == "fanout":
         fanout(args.identities, args.method, args.base, args.device)
+    elif args.what == "evaluation":
+        evaluation(args.identities, args.images_per_identity, args.size)
     else:
         curation(args.images)
     print(f"load average {os.getloadavg()[0]:.2f} at end", flush=True)

@@ -3,9 +3,7 @@ registry (the pyfunc model generates in a fresh process; a failing gate leaves t
 
 from __future__ import annotations
 
-import base64
 import html.parser
-import io
 import json
 import os
 import shutil
@@ -156,32 +154,43 @@ class _Page(html.parser.HTMLParser):
 
 
 def test_report_html_has_tables_and_every_image(e2e):
-    text = (e2e["root"] / "eval" / "report.html").read_text()
+    ev_dir = e2e["root"] / "eval"
+    text = (ev_dir / "report.html").read_text()
     page = _Page()
     page.feed(text)
     assert page.tables["metrics-summary"] > 5  # header + one row per metric
     assert page.tables["metrics-category"] == 4 and page.tables["metrics-identity"] == 3
-    gen = [i for i in page.imgs if i.get("class") == "gen"]
-    refs = [i for i in page.imgs if i.get("class") == "ref"]
-    assert sorted(i["alt"] for i in gen) == sorted(e2e["gen"].index["image"])
-    n_refs = sum(len(list((e2e["samples"] / ident).glob("*.*"))) for ident in IDENTITIES)
-    assert len(refs) == n_refs
-    for img in gen + refs:  # self-contained: every image is an embedded, decodable file
-        assert img["src"].startswith("data:image/")
-        Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))).verify()
+    assert page.imgs == [] and "base64" not in text  # the index page embeds nothing: it stays small
+    assert {f"identities/{i}.html" for i in IDENTITIES} <= set(page.links)
     assert "<svg" in text and text.count('class="bar"') >= 3
     assert any(e2e["eval"].run_id in link for link in page.links)
     assert "http://" not in text.replace("http://127.0.0.1:5000", "").replace("http://www.w3.org/2000/svg", "")
+    gen, refs = [], []
+    for ident in IDENTITIES:
+        sub = _Page()
+        sub.feed((ev_dir / "identities" / f"{ident}.html").read_text())
+        gen += [i for i in sub.imgs if i.get("class") == "gen"]
+        refs += [i for i in sub.imgs if i.get("class") == "ref"]
+        full = [link for link in sub.links if link.endswith(".png")]
+        assert len(full) == 6 and all((ev_dir / "identities" / link).resolve().is_file() for link in full)
+    assert sorted(i["alt"] for i in gen) == sorted(e2e["gen"].index["image"])
+    n_refs = sum(len(list((e2e["samples"] / ident).glob("*.*"))) for ident in IDENTITIES)
+    assert len(refs) == n_refs
+    for img in gen + refs:  # every thumbnail is a decodable file beside the pages
+        Image.open(ev_dir / "identities" / img["src"]).verify()
 
 
 def test_report_renders_in_chromium(e2e, tmp_path):
     from idforge.evaluate.browser import check_images, screenshot
 
-    report = e2e["root"] / "eval" / "report.html"
-    check = check_images(report)
-    assert check.total == 12 + sum(len(list((e2e["samples"] / i).glob("*.*"))) for i in IDENTITIES)
-    assert check.broken == []
-    shot = screenshot(report, tmp_path / "report.png")
+    ev_dir = e2e["root"] / "eval"
+    total = 0
+    for ident in IDENTITIES:
+        check = check_images(ev_dir / "identities" / f"{ident}.html")
+        assert check.broken == []
+        total += check.total
+    assert total == 12 + sum(len(list((e2e["samples"] / i).glob("*.*"))) for i in IDENTITIES)
+    shot = screenshot(ev_dir / "report.html", tmp_path / "report.png")
     im = np.asarray(Image.open(shot).convert("RGB"))
     assert im.shape[:2] == (2400, 1400) and im.std() > 10  # something rendered, not a blank page
 
@@ -197,7 +206,10 @@ def test_mlflow_run_has_metrics_table_grids_and_report(e2e):
     assert "cat.clothing.clip_t" in run.data.metrics
     assert run.data.params["method"] == "test-no-identity"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"report.html", "metrics.parquet", "metrics_table.json", "generate.json", "summary.json"} <= names
+    assert {"report.html", "metrics.parquet", "metrics_table.json", "generate.json", "summary.json",
+            "identities", "thumbs"} <= names
+    pages = {a.path for a in client.list_artifacts(run.info.run_id, "identities")}
+    assert pages == {"identities/obama.html", "identities/macron.html"}
     grids = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
     assert grids == {"grids/obama.png", "grids/macron.png"}
 

@@ -1,4 +1,5 @@
-"""report.html pieces, and the headless-Chromium check that catches a broken image (so the e2e check can fail)."""
+"""Report pieces: the small index page, the identity pages with thumbnail files linking the full images, and the
+headless-Chromium check that catches a broken image (so the e2e check can fail)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from idforge.evaluate import report as R
 
 
 def _data(tmp_path, n_ids=2, seeds=(0, 1)):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
     for ident in [f"id{i}" for i in range(n_ids)]:
@@ -51,27 +53,70 @@ def test_bars_svg_scales_and_marks_missing():
     assert "–" in svg and svg.startswith("<svg") and svg.endswith("</svg>")
 
 
-def test_report_has_every_image_and_table(tmp_path):
+def test_report_pages_link_thumbnails_to_full_images(tmp_path):
+    import html.parser
+
     data = _data(tmp_path)
-    text = R.render_report(data)
-    assert text.count('class="gen"') == len(data.images) == 8
-    assert text.count('class="ref"') == 2
-    assert 'id="metrics-summary"' in text and 'id="grid-id0"' in text and 'id="grid-id1"' in text
-    assert 'id="mlflow-link"' in text
-    assert "<script" not in text  # nothing to execute, nothing fetched
     path = R.write_report(tmp_path / "report.html", data)
-    assert path.read_text() == text
+    text = path.read_text()
+    assert path.read_text() == R.render_report(data)
+    assert 'id="metrics-summary"' in text and 'id="mlflow-link"' in text and "<img" not in text
+    assert "base64" not in text and "<script" not in text  # nothing embedded, nothing to execute or fetch
+    for ident in ("id0", "id1"):
+        assert f'href="identities/{ident}.html"' in text
+
+    class Page(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.imgs, self.links, self._href = [], {}, None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "a":
+                self._href = a["href"]
+            if tag == "img":
+                self.imgs.append(a)
+                if self._href:
+                    self.links[a["src"]] = self._href
+
+        def handle_endtag(self, tag):
+            if tag == "a":
+                self._href = None
+
+    seen = []
+    for ident in ("id0", "id1"):
+        page = Page()
+        page.feed((tmp_path / "identities" / f"{ident}.html").read_text())
+        gen = [i for i in page.imgs if i["class"] == "gen"]
+        assert len([i for i in page.imgs if i["class"] == "ref"]) == 1 and len(gen) == 4
+        for img in gen:  # a thumbnail file (long side thumb_px) linking to the full image file
+            thumb = tmp_path / "identities" / img["src"]
+            assert thumb.is_file() and max(Image.open(thumb).size) <= 64 and thumb.suffix == ".jpg"
+            full = (tmp_path / "identities" / page.links[img["src"]]).resolve()
+            assert full == (tmp_path / img["alt"]).resolve() and full.is_file()
+            seen.append(img["alt"])
+    assert sorted(seen) == sorted(data.images["image"])
+
+
+def test_index_page_does_not_grow_with_the_image_count(tmp_path):
+    """8 vs 48 images of the same identities: report.html stays the same size up to the numbers in its tables;
+    2 vs 6 identities: it grows by about one table row per identity."""
+    small = R.write_report(tmp_path / "a" / "report.html", _data(tmp_path / "a", seeds=(0, 1))).stat().st_size
+    big = R.write_report(tmp_path / "b" / "report.html", _data(tmp_path / "b", seeds=tuple(range(12)))).stat().st_size
+    assert abs(big - small) < 64, (small, big)
+    more = R.write_report(tmp_path / "c" / "report.html", _data(tmp_path / "c", n_ids=6)).stat().st_size
+    assert 0 < more - small < 4 * 400, (small, more)
+    assert len(list((tmp_path / "b" / "thumbs").rglob("*.jpg"))) == 2 * 2 * 12 + 2  # every image + the references
 
 
 def test_chromium_check_catches_a_broken_image(tmp_path):
-    """The control for the e2e Chromium test: a corrupt data URI must be reported as broken."""
+    """The control for the e2e Chromium test: a missing thumbnail must be reported as broken."""
     from idforge.evaluate.browser import check_images
 
-    path = R.write_report(tmp_path / "report.html", _data(tmp_path, n_ids=1, seeds=(0,)))
-    ok = check_images(path)
+    R.write_report(tmp_path / "report.html", _data(tmp_path, n_ids=1, seeds=(0,)))
+    page = tmp_path / "identities" / "id0.html"
+    ok = check_images(page)
     assert (ok.total, ok.broken) == (3, [])
-    text = path.read_text()
-    bad = tmp_path / "bad.html"
-    bad.write_text(text.replace('src="data:image/png;base64,', 'src="data:image/png;base64,AAAA', 1))
-    check = check_images(bad)
+    next((tmp_path / "thumbs" / "id0").glob("images-*.jpg")).write_bytes(b"not a jpeg")
+    check = check_images(page)
     assert check.total == 3 and len(check.broken) == 1

@@ -49,6 +49,14 @@ class GenerateConfig(Section):
     clip_features: Literal["auto", "on", "off"] = "auto"
     clip_crop: Literal["ffhq", "arcface"] = "ffhq"
     clip_hidden_layer: int = -2
+    # local: one process, one pipeline. ray: (identity, seeds) work units spread over Ray actors, each loading the
+    # pipeline and face/CLIP models once: one actor per GPU of the cluster, or `workers` CPU actors where it has none.
+    # Both write the same files (same bytes) and index, and resume the same way (the per-image recipe hash).
+    engine: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=1, description="engine=ray without GPUs: CPU actors (and local Ray's CPUs)")
+    threads_per_worker: int = Field(default=1, ge=1, description="engine=ray: torch threads per CPU actor")
+    ray_address: str | None = Field(default=None, description="engine=ray: the cluster to join (ray://head:10001, "
+                                    "auto); None = start a local Ray for this run")
 
 
 class EvaluateConfig(Section):
@@ -62,5 +70,10 @@ class EvaluateConfig(Section):
     clip_model: str | None = Field(default=None, description="override the protocol's CLIP id or directory")
     lpips_backend: Literal["auto", "lpips", "stlpips"] | None = None
     log_to_mlflow: bool = True
-    # Long side of the report's embedded thumbnails (every generated image is in the report).
-    report_thumb_px: int = Field(default=256, ge=16)
+    # Long side of the report's thumbnails (files beside the identity pages; the full images are linked).
+    report_thumb_px: int = Field(default=128, ge=16)
+    # MLflow's browsable per-image table keeps the `mlflow_table_rows` lowest and highest id_sim rows (half each);
+    # the whole table is logged as metrics.parquet beside it. 0 = log no table.
+    mlflow_table_rows: int = Field(default=200, ge=0)
+    # Per-identity image grids logged to MLflow (identities in sorted order; 0 = none): the report pages hold all.
+    mlflow_grids: int = Field(default=20, ge=0)

@@ -14,6 +14,12 @@ Output directory::
 
 Resumable: an image whose PNG and sidecar exist with the same recipe hash is skipped; a changed recipe (other
 artifact, sampling, prompt) regenerates it.
+
+Engines (``generate.engine``): the work is cut into units (an identity's prompts for some of its seeds, with its
+reference photo paths) that an :class:`IdentityGenerator` draws, loading the pipeline, face model and CLIP once.
+``local`` runs one in this process; ``ray`` runs one per Ray actor (``idforge.evaluate.generate_ray``). Both write
+the same files, byte for byte; an identity's references are aligned when its unit runs, so memory holds one
+identity's faces at a time.
 """
 
 from __future__ import annotations
@@ -215,6 +221,144 @@ class _MethodCache:
         return method
 
 
+@dataclass(frozen=True)
+class WorkUnit:
+    """One identity's images for some of the seeds: the engines' unit of work. Within it the driver's batching is
+    the local engine's (the prompts still to do of one seed, in ``batch_size`` chunks), so a unit's PNGs are the same
+    bytes whichever engine or worker draws them."""
+
+    identity: str
+    references: tuple[str, ...]  # the identity's reference photo files
+    seeds: tuple[int, ...]
+
+
+@dataclass
+class UnitOutcome:
+    identity: str
+    artifact: dict[str, Any]  # {"path", "sha256", "method"} as generate.json records it
+    generated: int
+    skipped: int
+
+
+@dataclass
+class GenerationPlan:
+    """What every worker needs to draw any unit (small and picklable: no images, no models)."""
+
+    cfg: Any  # the root IdforgeConfig
+    method_name: str | None
+    artifact: str | None
+    base_model: str
+    output_dir: str
+    pset_path: str
+    categories: list[str]
+    prompts_per_category: int | None
+    sampling: dict[str, Any]
+    overrides: dict[str, Any]
+    prealigned: bool
+
+    @property
+    def gcfg(self) -> "GenerateConfig":
+        return _configs(self.cfg)[1]
+
+
+class IdentityGenerator:
+    """A worker: loads the conditioning face model, CLIP and the pipeline once, then draws unit after unit (the
+    local engine runs one in-process; the Ray engine one per actor). ``close`` hands the pipeline back clean."""
+
+    def __init__(self, plan: GenerationPlan, pipe: Any = None) -> None:
+        from idforge.diffusion.loading import load_pipeline
+        from idforge.faces import load_analyzer
+        from idforge.io.prompts import load_prompt_set
+
+        self.plan = plan
+        cfg, gcfg = plan.cfg, plan.gcfg
+        self.pset = load_prompt_set(plan.pset_path)
+        self.analyzer = load_analyzer(gcfg.conditioning_backend, model_dir=gcfg.face_model_dir)
+        self.clip_id = gcfg.clip_model or cfg.model.clip
+        self.clip = _load_clip_for_refs(self.clip_id, gcfg.clip_features, cfg.model.local_files_only)
+        if pipe is None:
+            pipe = load_pipeline(plan.base_model, kind=cfg.model.kind, dtype=cfg.model.dtype,
+                                 device=device_of(gcfg.device), local_files_only=cfg.model.local_files_only,
+                                 revision=cfg.model.revision)
+        self.pipe = pipe
+        self.methods = _MethodCache(plan.method_name, pipe, plan.overrides)
+
+    def close(self) -> None:
+        if self.methods.method is not None:
+            self.methods.method.detach(self.pipe)
+            self.methods.method = self.methods.path = None
+
+    def run(self, unit: WorkUnit, progress: Any = None) -> UnitOutcome:
+        """Draw the unit's images that are not already there (same recipe hash); ``progress(n)`` per image."""
+        from idforge.evaluate.refs import PREALIGNED_MARKER, align_references, identity_refs, read_rgb
+        from idforge.train.clip_features import check_clip_features, read_beside
+
+        plan, gcfg, pipe = self.plan, self.plan.gcfg, self.pipe
+        tick = progress or (lambda n: None)
+        out = Path(plan.output_dir)
+        ident = unit.identity
+        # one identity's faces at a time: memory stays one identity's references, however many identities
+        ref = align_references(ident, [read_rgb(p) for p in unit.references], self.analyzer, list(unit.references),
+                               plan.prealigned)
+        art_path = resolve_artifact(plan.artifact, ident)
+        if self.clip is not None:
+            check_clip_features(read_beside(art_path), self.clip_id, gcfg.clip_hidden_layer, gcfg.clip_crop,
+                                f"method artifact {art_path}")
+        method = self.methods.get(art_path)
+        art = {"path": str(art_path) if art_path else None,
+               "sha256": file_sha256(art_path) if art_path else None, "method": method.name}
+        for k, crop in enumerate(ref.crops512):
+            p = out / "refs" / _slug(ident) / f"{k}.png"
+            if not p.exists():
+                save_png(p, crop)
+        (out / "refs" / PREALIGNED_MARKER).touch()
+        subject = _subject(method, gcfg.subject, artifact_record(art_path).get("class_noun", gcfg.class_noun))
+        prompts = [
+            rp for rp in self.pset.items(subject)
+            if rp.category in plan.categories and (plan.prompts_per_category is None
+                                                   or rp.index < plan.prompts_per_category)
+        ]
+        generated = skipped = 0
+        cond = None
+        for seed in unit.seeds:
+            todo = []
+            for rp in prompts:
+                recipe = _recipe(method.name, art, plan.base_model, plan.overrides, plan.sampling, rp, seed, ident,
+                                 ref.sources, subject, gcfg.subject)
+                png = out / "images" / _slug(ident) / _slug(rp.category) / f"p{rp.index:02d}_s{seed}.png"
+                if _is_done(png, recipe["recipe_hash"]):
+                    skipped += 1
+                    tick(1)
+                    continue
+                todo.append((rp, png, recipe))
+            if not todo:
+                continue
+            if cond is None:
+                refs_obj = identity_refs(ref, self.analyzer, self.clip, clip_crop=gcfg.clip_crop,
+                                         clip_hidden_layer=gcfg.clip_hidden_layer, class_noun=gcfg.class_noun)
+                cond = method.identity_condition(refs_obj.to(pipe.device), pipe)
+            for i in range(0, len(todo), gcfg.batch_size):
+                chunk = todo[i : i + gcfg.batch_size]
+                images = method.generate(pipe, [rp.text for rp, _, _ in chunk], cond, seeds=[seed],
+                                         batch_size=gcfg.batch_size, **plan.sampling)
+                if len(images) != len(chunk):
+                    raise RuntimeError(f"method {method.name!r} returned {len(images)} images for {len(chunk)} "
+                                       "prompts x 1 seed; Method.generate must return one per (prompt, seed)")
+                for (_rp, png, recipe), img in zip(chunk, images, strict=True):
+                    save_png(png, img)
+                    recipe["image"] = png.relative_to(out).as_posix()
+                    recipe["width"], recipe["height"] = img.size
+                    atomic_write_text(png.with_suffix(".json"), json.dumps(recipe, indent=1, sort_keys=True))
+                    generated += 1
+                    tick(1)
+        return UnitOutcome(ident, art, generated, skipped)
+
+
+def images_per_identity(plan: GenerationPlan, seeds: Sequence[int], pset: Any) -> int:
+    per_seed = sum(min(len(pset.categories[c]), plan.prompts_per_category or 10**9) for c in plan.categories)
+    return per_seed * len(seeds)
+
+
 @holds_output_lock("generate")
 def generate_images(
     method_name: str | None,
@@ -240,24 +384,15 @@ def generate_images(
         seeds: seeds, one image per seed per prompt; None = the protocol's.
         base_model: base pipeline id or directory; None = ``cfg.model.base``.
         output_dir: where the images, sidecars and index go (see module docstring).
-        cfg: the root ``IdforgeConfig`` (its ``generate``, ``model`` and ``curate`` sections are read).
+        cfg: the root ``IdforgeConfig`` (its ``generate``, ``model`` and ``curate`` sections are read);
+            ``generate.engine`` picks where the images are drawn (this process, or Ray actors).
         identities: subset of the references' identities.
         method_overrides: inference-time method config (e.g. Infinite-ID switches), recorded per image.
-        pipe: an already loaded pipeline to reuse (must be ``base_model``'s).
+        pipe: an already loaded pipeline to reuse (must be ``base_model``'s; local engine only).
     """
-
-    from idforge.diffusion.loading import load_pipeline
     from idforge.evaluate.protocol import load_protocol
-    from idforge.evaluate.refs import (
-        PREALIGNED_MARKER,
-        discover_references,
-        identity_refs,
-        load_reference_faces,
-        references_prealigned,
-    )
-    from idforge.faces import load_analyzer
+    from idforge.evaluate.refs import discover_references, references_prealigned
     from idforge.io.prompts import load_prompt_set
-    from idforge.train.clip_features import check_clip_features, read_beside
 
     t0 = time.perf_counter()
     cfg, gcfg = _configs(cfg)
@@ -288,82 +423,21 @@ def generate_images(
     if identities is None:
         identities = artifact_identities(artifact)
     ref_paths = discover_references(refs, identities)
-    analyzer = load_analyzer(gcfg.conditioning_backend, model_dir=gcfg.face_model_dir)
-    faces = load_reference_faces(ref_paths, analyzer, prealigned=references_prealigned(refs))
-    clip_id = gcfg.clip_model or cfg.model.clip
-    clip = _load_clip_for_refs(clip_id, gcfg.clip_features, cfg.model.local_files_only)
-    device = device_of(gcfg.device)
-    if pipe is None:
-        pipe = load_pipeline(base_model, kind=cfg.model.kind, dtype=cfg.model.dtype, device=device,
-                             local_files_only=cfg.model.local_files_only, revision=cfg.model.revision)
-    methods = _MethodCache(method_name, pipe, overrides)
-
-    generated = skipped = 0
-    artifacts: dict[str, dict[str, Any]] = {}
-    try:
-        from tqdm.auto import tqdm
-
-        total = len(faces) * len(seeds) * sum(min(len(pset.categories[c]), protocol.prompts_per_category or 10**9)
-                                              for c in categories)
-        check_free_space(out, max(total - count_files(out / "images", "*.png"), 0),  # what a resumed run still writes
-                         png_bytes(sampling["height"] or 1024, sampling["width"] or 1024), "generate", unit="images")
-        bar = tqdm(total=total, desc="generate", unit="img", disable=None)
-        for ident, ref in faces.items():
-            art_path = resolve_artifact(artifact, ident)
-            if clip is not None:
-                check_clip_features(read_beside(art_path), clip_id, gcfg.clip_hidden_layer, gcfg.clip_crop,
-                                    f"method artifact {art_path}")
-            method = methods.get(art_path)
-            art = {"path": str(art_path) if art_path else None,
-                   "sha256": file_sha256(art_path) if art_path else None, "method": method.name}
-            artifacts[ident] = art
-            for k, crop in enumerate(ref.crops512):
-                p = out / "refs" / _slug(ident) / f"{k}.png"
-                if not p.exists():
-                    save_png(p, crop)
-            (out / "refs" / PREALIGNED_MARKER).touch()
-            subject = _subject(method, gcfg.subject, artifact_record(art_path).get("class_noun", gcfg.class_noun))
-            prompts = [
-                rp for rp in pset.items(subject)
-                if rp.category in categories and (protocol.prompts_per_category is None
-                                                  or rp.index < protocol.prompts_per_category)
-            ]
-            cond = None
-            for seed in seeds:
-                todo = []
-                for rp in prompts:
-                    recipe = _recipe(method.name, art, base_model, overrides, sampling, rp, seed, ident, ref.sources,
-                                     subject, gcfg.subject)
-                    png = out / "images" / _slug(ident) / _slug(rp.category) / f"p{rp.index:02d}_s{seed}.png"
-                    if _is_done(png, recipe["recipe_hash"]):
-                        skipped += 1
-                        bar.update(1)
-                        continue
-                    todo.append((rp, png, recipe))
-                if not todo:
-                    continue
-                if cond is None:
-                    refs_obj = identity_refs(ref, analyzer, clip, clip_crop=gcfg.clip_crop,
-                                             clip_hidden_layer=gcfg.clip_hidden_layer, class_noun=gcfg.class_noun)
-                    cond = method.identity_condition(refs_obj.to(pipe.device), pipe)
-                for i in range(0, len(todo), gcfg.batch_size):
-                    chunk = todo[i : i + gcfg.batch_size]
-                    images = method.generate(pipe, [rp.text for rp, _, _ in chunk], cond, seeds=[seed],
-                                             batch_size=gcfg.batch_size, **sampling)
-                    if len(images) != len(chunk):
-                        raise RuntimeError(f"method {method.name!r} returned {len(images)} images for {len(chunk)} "
-                                           "prompts x 1 seed; Method.generate must return one per (prompt, seed)")
-                    for (_rp, png, recipe), img in zip(chunk, images, strict=True):
-                        save_png(png, img)
-                        recipe["image"] = png.relative_to(out).as_posix()
-                        recipe["width"], recipe["height"] = img.size
-                        atomic_write_text(png.with_suffix(".json"), json.dumps(recipe, indent=1, sort_keys=True))
-                        generated += 1
-                        bar.update(1)
-        bar.close()
-    finally:
-        if methods.method is not None:
-            methods.method.detach(pipe)
+    plan = GenerationPlan(
+        cfg=cfg, method_name=method_name, artifact=str(artifact) if artifact is not None else None,
+        base_model=str(base_model), output_dir=str(out), pset_path=str(pset_path), categories=list(categories),
+        prompts_per_category=protocol.prompts_per_category, sampling=sampling, overrides=overrides,
+        prealigned=references_prealigned(refs),
+    )
+    units = [WorkUnit(ident, tuple(str(p) for p in paths), tuple(seeds)) for ident, paths in ref_paths.items()]
+    total = images_per_identity(plan, seeds, pset) * len(units)
+    check_free_space(out, max(total - count_files(out / "images", "*.png"), 0),  # what a resumed run still writes
+                     png_bytes(sampling["height"] or 1024, sampling["width"] or 1024), "generate", unit="images")
+    outcomes = _run_units(plan, units, total, pipe)
+    artifacts = {u.identity: u.artifact for u in sorted(outcomes, key=lambda o: o.identity)}
+    artifacts = {ident: artifacts[ident] for ident in ref_paths if ident in artifacts}  # the references' order
+    generated = sum(o.generated for o in outcomes)
+    skipped = sum(o.skipped for o in outcomes)
 
     index = collect_index(out)
     run = {
@@ -371,7 +445,7 @@ def generate_images(
         "artifacts": artifacts,
         "base_model": str(base_model),
         "refs": str(refs),
-        "identities": list(faces),
+        "identities": list(ref_paths),
         "prompt_set": str(pset_path),
         "prompt_set_name": pset.name,
         "seeds": seeds,
@@ -385,6 +459,27 @@ def generate_images(
     result = GenerationResult(out, index, generated, skipped, time.perf_counter() - t0)
     log.info("%s", result.summary())
     return result
+
+
+def _run_units(plan: GenerationPlan, units: list[WorkUnit], total: int, pipe: Any) -> list[UnitOutcome]:
+    """Draw every unit on the configured engine; the outcomes in any order."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="generate", unit="img", disable=None)
+    try:
+        if plan.gcfg.engine == "ray":
+            from idforge.evaluate.generate_ray import run_units_on_ray
+
+            if pipe is not None:
+                log.info("generate.engine=ray: the given pipeline is not used; each actor loads %s", plan.base_model)
+            return run_units_on_ray(plan, units, progress=bar.update)
+        worker = IdentityGenerator(plan, pipe=pipe)
+        try:
+            return [worker.run(u, progress=bar.update) for u in units]
+        finally:
+            worker.close()
+    finally:
+        bar.close()
 
 
 def _configs(cfg: Any) -> tuple[Any, "GenerateConfig"]:

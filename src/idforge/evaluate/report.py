@@ -1,9 +1,16 @@
-"""A self-contained ``report.html``: one file, every image embedded as a data URI, no scripts or fonts fetched.
+"""The evaluation report: a small index page and one page per identity, thumbnails as files beside them.
 
-Sections: run information (with the MLflow run link), the summary metrics table, per-category bars (inline SVG),
-per-identity table, the reference faces, and one image grid per identity (rows = prompts, columns = seeds).
-Elements carry stable ids/classes (``metrics-summary``, ``grid-<identity>``, ``ref``/``gen`` image classes) so tests
-and scripts can check the page.
+Layout (in the evaluation's output directory)::
+
+    report.html                 run information (with the MLflow run link), the summary metrics table,
+                                per-category bars (inline SVG), the per-identity table linking each identity's page
+    identities/<identity>.html  the identity's metrics, its reference faces and its image grid (rows = prompts,
+                                columns = seeds): thumbnails, each linking to the full generated image file
+    thumbs/<identity>/*.jpg     the thumbnails (``evaluate.report_thumb_px`` on the long side)
+
+``report.html`` embeds no image, so it grows with the identity table's rows only, never with the image count; no
+page runs a script or fetches anything. Elements carry stable ids/classes (``metrics-summary``,
+``metrics-identity``, ``grid-<identity>``, ``ref``/``gen`` image classes) so tests and scripts can check the pages.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import html
 import io
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from idforge.io.atomic import atomic_write_text
+from idforge.io.atomic import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -54,10 +62,15 @@ METRIC_HELP = {
 }
 
 
+PAGES_DIR = "identities"
+THUMBS_DIR = "thumbs"
+
+
 @dataclass
 class ReportData:
-    """Everything the page shows. ``images`` holds the per-image rows (identity, category, prompt, seed, the image
-    path relative to ``images_root``, metric columns)."""
+    """Everything the pages show. ``images`` holds the per-image rows (identity, category, prompt, seed, the image
+    path relative to ``images_root``, metric columns). ``references``: per identity, its reference faces as uint8
+    RGB arrays or image files (thumbnails already under ``thumbs/<identity>/`` are used as they are)."""
 
     title: str
     summary: "pd.DataFrame"  # one row per method (index: method), metric columns
@@ -65,11 +78,32 @@ class ReportData:
     per_identity: "pd.DataFrame"  # index: identity
     images: "pd.DataFrame"
     images_root: Path
-    references: Mapping[str, Sequence[np.ndarray]]  # identity -> reference face crops (uint8 RGB)
+    references: Mapping[str, Sequence[np.ndarray | Path]]  # identity -> reference faces
     info: dict[str, Any] = field(default_factory=dict)  # shown as a key/value table
     mlflow_url: str | None = None
     bar_metrics: Sequence[str] = ()
-    thumb_px: int = 256
+    thumb_px: int = 128
+
+
+def thumbnail_dir(report_dir: str | os.PathLike[str], identity: str) -> Path:
+    """Where an identity's thumbnails go: ``<report_dir>/thumbs/<identity>/``."""
+    return Path(report_dir) / THUMBS_DIR / _slug(identity)
+
+
+def save_thumbnail(img: np.ndarray | Any, path: str | os.PathLike[str], max_px: int = 128) -> Path:
+    """Write a JPEG thumbnail (``max_px`` on the long side) of an RGB array, PIL image or image file, atomically."""
+    from PIL import Image
+
+    if isinstance(img, (str, os.PathLike)):
+        with Image.open(img) as im:
+            return save_thumbnail(im.convert("RGB"), path, max_px)
+    im = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
+    im = im.convert("RGB")
+    if max(im.size) > max_px:
+        im.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="JPEG", quality=88)
+    return Path(path)
 
 
 def data_uri(img: np.ndarray | Any, max_px: int = 256, fmt: str = "PNG") -> str:
@@ -99,7 +133,9 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def table_html(df: "pd.DataFrame", table_id: str, index_name: str | None = None) -> str:
+def table_html(df: "pd.DataFrame", table_id: str, index_name: str | None = None,
+               links: Mapping[str, str] | None = None) -> str:
+    """A metrics table; ``links`` maps an index value to the page its first cell links to."""
     cols = list(df.columns)
     head = f'<th class="l">{html.escape(index_name or str(df.index.name or ""))}</th>' + "".join(
         f'<th title="{html.escape(METRIC_HELP.get(_base_metric(c), ""))}">{html.escape(str(c))}</th>' for c in cols
@@ -107,7 +143,10 @@ def table_html(df: "pd.DataFrame", table_id: str, index_name: str | None = None)
     rows = []
     for idx, row in df.iterrows():
         cells = "".join(f"<td>{_fmt(row[c])}</td>" for c in cols)
-        rows.append(f'<tr><td class="l">{html.escape(str(idx))}</td>{cells}</tr>')
+        label = html.escape(str(idx))
+        if links and str(idx) in links:
+            label = f'<a href="{html.escape(links[str(idx)])}">{label}</a>'
+        rows.append(f'<tr><td class="l">{label}</td>{cells}</tr>')
     return (f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
 
@@ -155,10 +194,27 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in str(s))
 
 
-def render_report(data: ReportData) -> str:
-    """The page as one HTML string."""
-    from PIL import Image
+def _href(path: str | os.PathLike[str], start: str | os.PathLike[str]) -> str:
+    """A relative link from a page in ``start`` to ``path`` (URL-quoted)."""
+    return urllib.parse.quote(Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix())
 
+
+def page_name(identity: str) -> str:
+    return f"{PAGES_DIR}/{_slug(identity)}.html"
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def render_report(data: ReportData) -> str:
+    """The index page (``report.html``) as one HTML string: no images, one link per identity."""
     info_rows = "".join(
         f'<tr><td class="l">{html.escape(str(k))}</td><td class="l">{html.escape(str(v))}</td></tr>'
         for k, v in data.info.items()
@@ -179,53 +235,8 @@ def render_report(data: ReportData) -> str:
         for m in data.bar_metrics
         if m in data.per_category.columns
     )
-
-    refs_html = []
-    for ident, crops in data.references.items():
-        figs = "".join(
-            f'<img class="ref" alt="reference {html.escape(ident)} #{i}" src="{data_uri(c, data.thumb_px, "JPEG")}">'
-            for i, c in enumerate(crops)
-        )
-        cap = f"<figcaption>{html.escape(ident)}</figcaption>"
-        refs_html.append(f'<figure id="refs-{_slug(ident)}">{cap}{figs}</figure>')
-
-    grids = []
-    for ident, grp in data.images.groupby("identity", sort=True):
-        seeds = sorted(grp["seed"].unique().tolist())
-        head = '<th class="l">prompt</th>' + "".join(f"<th>seed {s}</th>" for s in seeds)
-        rows = []
-        for (_, _, prompt), pgrp in grp.groupby(["category", "prompt_index", "prompt"], sort=True):
-            cat = pgrp["category"].iloc[0]
-            cells = []
-            for s in seeds:
-                hit = pgrp[pgrp["seed"] == s]
-                if hit.empty:
-                    cells.append("<td></td>")
-                    continue
-                r = hit.iloc[0]
-                with Image.open(data.images_root / r["image"]) as im:
-                    uri = data_uri(im, data.thumb_px)
-                tip = "; ".join(
-                    f"{c}={_fmt(r[c])}" for c in r.index if c.startswith(("id_sim", "clip_", "lpips")) and c in r
-                )
-                cells.append(
-                    f'<td><img class="gen" alt="{html.escape(str(r["image"]))}" title="{html.escape(tip)}" '
-                    f'src="{uri}"></td>'
-                )
-            rows.append(
-                f'<tr><td class="prompt"><b>{html.escape(str(cat))}</b><br>{html.escape(str(prompt))}</td>'
-                f"{''.join(cells)}</tr>"
-            )
-        grids.append(
-            f'<h3>{html.escape(str(ident))}</h3><table class="grid" id="grid-{_slug(ident)}">'
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-        )
-
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(data.title)}</title>
-<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>
-<body>
-<h1>{html.escape(data.title)}</h1>
+    links = {str(i): page_name(str(i)) for i in data.per_identity.index}
+    return _page(data.title, f"""<h1>{html.escape(data.title)}</h1>
 {link}
 <table id="run-info"><tbody>{info_rows}</tbody></table>
 <h2>Metrics</h2>
@@ -235,15 +246,67 @@ def render_report(data: ReportData) -> str:
 <div class="bars">{bars}</div>
 {table_html(data.per_category, "metrics-category", "category")}
 <h2>Per identity</h2>
-{table_html(data.per_identity, "metrics-identity", "identity")}
+<p class="muted">each identity's page shows its reference faces and every generated image</p>
+{table_html(data.per_identity, "metrics-identity", "identity", links)}""")
+
+
+def render_identity_page(data: ReportData, identity: str, grp: "pd.DataFrame", report_dir: Path) -> str:
+    """One identity's page; writes its thumbnails under ``report_dir/thumbs/<identity>/`` (one image decoded at a
+    time) and links each to the full image file."""
+    pages = report_dir / PAGES_DIR
+    thumbs = thumbnail_dir(report_dir, identity)
+    figs = []
+    for k, src in enumerate(data.references.get(identity, ())):
+        if isinstance(src, Path) and src.parent.resolve() == thumbs.resolve():
+            thumb = src
+        else:
+            thumb = save_thumbnail(src, thumbs / f"ref{k}.jpg", data.thumb_px)
+        figs.append(f'<img class="ref" alt="reference {html.escape(identity)} #{k}" src="{_href(thumb, pages)}">')
+    refs_html = (f'<figure id="refs-{_slug(identity)}"><figcaption>{html.escape(identity)}</figcaption>'
+                 f'{"".join(figs)}</figure>')
+
+    seeds = sorted(grp["seed"].unique().tolist())
+    head = '<th class="l">prompt</th>' + "".join(f"<th>seed {s}</th>" for s in seeds)
+    rows = []
+    for (_, _, prompt), pgrp in grp.groupby(["category", "prompt_index", "prompt"], sort=True):
+        cat = pgrp["category"].iloc[0]
+        cells = []
+        for s in seeds:
+            hit = pgrp[pgrp["seed"] == s]
+            if hit.empty:
+                cells.append("<td></td>")
+                continue
+            r = hit.iloc[0]
+            full = data.images_root / r["image"]
+            thumb = save_thumbnail(full, thumbs / (_slug(Path(str(r["image"])).with_suffix("").as_posix()) + ".jpg"),
+                                   data.thumb_px)
+            tip = "; ".join(
+                f"{c}={_fmt(r[c])}" for c in r.index if c.startswith(("id_sim", "clip_", "lpips")) and c in r
+            )
+            cells.append(
+                f'<td><a href="{_href(full, pages)}"><img class="gen" alt="{html.escape(str(r["image"]))}" '
+                f'title="{html.escape(tip)}" src="{_href(thumb, pages)}"></a></td>'
+            )
+        rows.append(
+            f'<tr><td class="prompt"><b>{html.escape(str(cat))}</b><br>{html.escape(str(prompt))}</td>'
+            f"{''.join(cells)}</tr>"
+        )
+    metrics = (table_html(data.per_identity.loc[[identity]], "metrics-identity", "identity")
+               if identity in data.per_identity.index else "")
+    return _page(f"{data.title}: {identity}", f"""<p><a id="back" href="../report.html">&larr; report</a></p>
+<h1>{html.escape(identity)}</h1>
+{metrics}
 <h2>Reference faces</h2>
-<div class="refs">{''.join(refs_html)}</div>
-<h2>Generated images (identity x prompt)</h2>
-{''.join(grids)}
-</body></html>
-"""
+<div class="refs">{refs_html}</div>
+<h2>Generated images (prompt x seed)</h2>
+<table class="grid" id="grid-{_slug(identity)}"><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>""")
 
 
 def write_report(path: str | os.PathLike[str], data: ReportData) -> Path:
-    """Render and write the page atomically; returns its path."""
-    return atomic_write_text(path, render_report(data))
+    """Write the identity pages (with their thumbnails), then the index page, each atomically; returns the index
+    page's path. Identities are written one at a time, so memory does not grow with the number of images."""
+    index = Path(path)
+    report_dir = index.parent
+    for ident, grp in data.images.groupby(data.images["identity"].astype(str), sort=True):
+        atomic_write_text(report_dir / page_name(ident), render_identity_page(data, ident, grp, report_dir))
+    return atomic_write_text(index, render_report(data))

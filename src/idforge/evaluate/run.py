@@ -5,10 +5,14 @@
     metrics.parquet      one row per generated image: its recipe columns + every metric
     aggregates.parquet   level (method | identity | category), key, metric columns
     summary.json         the run-level numbers (what the registry gates read), MLflow run id
-    report.html          self-contained page (see idforge.evaluate.report)
+    report.html          the index page; identities/<id>.html pages and thumbs/ beside it (idforge.evaluate.report)
 
-and logs the summary metrics, per-category metrics, the tables, one image grid per identity and the report to an
-MLflow run. ``compare_runs(run_ids)`` puts the metrics of several evaluation runs side by side with deltas.
+Scoring streams identity by identity (``_score_streaming``): the models load once, then each identity's generated
+images and references are read, scored and dropped, so memory is one identity's images plus O(rows) metric
+columns, however many identities there are. It logs the summary metrics, per-category metrics, a capped per-image
+table (``evaluate.mlflow_table_rows``: lowest and highest id_sim rows; the full table is the metrics.parquet
+artifact), image grids of the first ``evaluate.mlflow_grids`` identities and the report pages to an MLflow run.
+``compare_runs(run_ids)`` puts the metrics of several evaluation runs side by side with deltas.
 """
 
 from __future__ import annotations
@@ -74,6 +78,162 @@ def _read_images(root: Path, rel_paths: Sequence[str]) -> list[np.ndarray]:
     return [read_rgb(root / p) for p in rel_paths]
 
 
+def _image_sizes(root: Path, rel_paths: Sequence[str]) -> list[tuple[int, int]]:
+    """(width, height) of each image from its header alone (no pixels decoded)."""
+    from PIL import Image
+
+    from idforge.evaluate.refs import read_rgb
+
+    out = []
+    for p in rel_paths:
+        try:
+            with Image.open(root / p) as im:
+                out.append(im.size)
+        except (OSError, ValueError):
+            read_rgb(root / p)  # raises the DataError that names the file
+            raise
+    return out
+
+
+def _score_streaming(index: "pd.DataFrame", gen_dir: Path, dataset_dir: Any, ref_paths: dict[str, list[Path]],
+                     protocol: Any, primary: str, ecfg: "EvaluateConfig",
+                     out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[Path]], str | None]:
+    """Every per-image metric column, computed identity by identity: only one identity's generated images and
+    references are in memory at a time (the models are loaded once). Returns the columns (full length, index
+    order, in the order the metrics define them), the report's reference thumbnails (files written under ``out``)
+    and the perceptual metric's label (None when off).
+
+    Each metric compares an image with its own identity's references, or with other images of its identity (the
+    diversity metrics), so scoring identity by identity gives the same values as scoring all at once.
+    """
+    import pandas as pd
+
+    from idforge.evaluate.refs import read_rgb
+
+    m = protocol.metrics
+    n = len(index)
+    ident_col = index["identity"].astype(str)
+    groups = ident_col.groupby(ident_col).indices  # identity -> row positions, sorted by identity
+    cols: dict[str, np.ndarray] = {}
+    device = _device(ecfg.device)
+    backends = list(dict.fromkeys([primary, *protocol.face_backends])) if (m.identity or m.diversity or m.clip_i) \
+        else []
+    analyzers = {}
+    if backends:
+        from idforge.evaluate.metrics import identity_similarity, reference_embedding, scan_faces
+        from idforge.evaluate.refs import align_references, references_prealigned
+        from idforge.faces import load_analyzer
+
+        prealigned = references_prealigned(dataset_dir if dataset_dir is not None else gen_dir / "refs")
+        for backend in backends:
+            model_dir = ecfg.insightface_model_dir if backend == "insightface" else None
+            analyzers[backend] = load_analyzer(backend, model_dir=model_dir)
+            cols[f"face_detected_{backend}"] = np.zeros(n, dtype=bool)
+            cols[f"det_score_{backend}"] = np.full(n, np.nan, np.float32)
+            cols[f"id_sim_{backend}"] = np.full(n, np.nan, np.float32)
+    scorer = None
+    if m.clip_t or m.clip_i:
+        from idforge.evaluate.metrics import ClipScorer, clip_i, clip_t
+
+        scorer = ClipScorer(ecfg.clip_model or protocol.clip_model, device=device, batch_size=ecfg.batch_size)
+        if m.clip_t:
+            cols["clip_t"] = np.full(n, np.nan, np.float32)
+        if m.clip_i:
+            cols["clip_i"] = np.full(n, np.nan, np.float32)
+            cols["clip_i_on_face"] = np.zeros(n, dtype=bool)
+    lp = None
+    lpips_label = None
+    if m.lpips or m.diversity:
+        from idforge.evaluate.lpips import load_lpips
+        from idforge.evaluate.metrics import lpips_to_references, pairwise_embedding_distance, pairwise_lpips, to_tensor
+
+        lp = load_lpips(ecfg.lpips_backend or protocol.lpips_backend, device=device)
+        lpips_label = lp.label
+        # one resize for the whole run (the smallest image side, at most 256): read from the headers
+        size = int(min(256, min(min(wh) for wh in _image_sizes(gen_dir, index["image"].tolist()))))
+        ref_lp = np.full(n, np.nan, np.float32)
+        div_lp = np.full(n, np.nan, np.float32)
+        div_id = np.full(n, np.nan, np.float32)
+    prompt_col = index["prompt_template"] if "prompt_template" in index else index["prompt"]
+    eval_prompts = (index["prompt_eval"] if "prompt_eval" in index else index["prompt"]).astype(str)
+    image_col = index["image"].tolist()
+    ref_thumbs: dict[str, list[Path]] = {}
+    any_ref_faces = False
+
+    from tqdm.auto import tqdm
+
+    for ident, idx in tqdm(groups.items(), desc="evaluate", unit="identity", disable=None):
+        images = _read_images(gen_dir, [image_col[i] for i in idx])
+        faces = None  # the primary backend's aligned references of this identity
+        emb = kps = None
+        if backends:
+            ref_images = [read_rgb(p) for p in ref_paths[ident]]
+            for backend in backends:
+                f = align_references(ident, ref_images, analyzers[backend], [str(p) for p in ref_paths[ident]],
+                                     prealigned)
+                ref = reference_embedding(analyzers[backend].embed_aligned(f.crops112))
+                scan = scan_faces(analyzers[backend], images, batch_size=ecfg.batch_size)
+                cols[f"face_detected_{backend}"][idx] = scan.detected
+                cols[f"det_score_{backend}"][idx] = scan.det_score
+                cols[f"id_sim_{backend}"][idx] = identity_similarity(scan, ref)
+                if backend == primary:
+                    faces, emb, kps = f, scan.embeddings, scan.kps
+            del ref_images
+            any_ref_faces = True
+            ref_thumbs[ident] = _save_ref_thumbs(out, ident, faces.crops512, ecfg.report_thumb_px)
+        if scorer is not None:
+            if m.clip_t:
+                cols["clip_t"][idx] = clip_t(scorer, images, eval_prompts.iloc[idx].tolist())
+            if m.clip_i:
+                faces_or_images, on_face = _face_crops(images, kps)
+                if faces is not None:
+                    feats = scorer.image_features(list(faces.crops512))
+                    ref_feat = feats.mean(0) / feats.mean(0).norm()
+                    cols["clip_i"][idx] = clip_i(scorer, faces_or_images, ref_feat)
+                cols["clip_i_on_face"][idx] = on_face
+        if lp is not None:
+            gen_t = to_tensor(images, size=size, device=device)
+            if m.lpips and faces is not None:
+                ref_t = to_tensor(list(faces.crops512[:4]), size=size, device=device)
+                ref_lp[idx] = lpips_to_references(lp, gen_t, ref_t, ecfg.batch_size)
+            if m.diversity:
+                # image diversity within identity x prompt (seeds only differ); identity-embedding spread
+                # (pose/expression) over all of the identity's images
+                for _, sub in pd.Series(np.arange(len(idx))).groupby(prompt_col.iloc[idx].to_numpy()).groups.items():
+                    sub = np.asarray(sub)
+                    div_lp[idx[sub]] = pairwise_lpips(lp, gen_t[sub], ecfg.batch_size)
+                if emb is not None:
+                    div_id[idx] = pairwise_embedding_distance(emb)
+            del gen_t
+        del images, faces
+
+    out_cols: dict[str, np.ndarray] = {}
+    for backend in backends:
+        for c in (f"face_detected_{backend}", f"det_score_{backend}", f"id_sim_{backend}"):
+            out_cols[c] = cols[c]
+    if backends:
+        out_cols["id_sim"] = cols[f"id_sim_{primary}"]
+        out_cols["face_detected"] = cols[f"face_detected_{primary}"]
+    for c in ("clip_t", "clip_i", "clip_i_on_face"):
+        if c in cols:
+            out_cols[c] = cols[c]
+    if lp is not None:
+        if m.lpips and any_ref_faces:
+            out_cols[lp.label] = ref_lp
+        if m.diversity:
+            out_cols[f"div_{lp.label}"] = div_lp
+            if backends:
+                out_cols["div_id"] = div_id
+    return out_cols, ref_thumbs, lpips_label
+
+
+def _save_ref_thumbs(out: Path, ident: str, crops: np.ndarray, px: int) -> list[Path]:
+    from idforge.evaluate.report import save_thumbnail, thumbnail_dir
+
+    folder = thumbnail_dir(out, ident)
+    return [save_thumbnail(c, folder / f"ref{k}.jpg", px) for k, c in enumerate(crops)]
+
+
 @holds_output_lock("evaluate")
 def evaluate_generated(
     generated_dir: str | os.PathLike[str],
@@ -110,91 +270,13 @@ def evaluate_generated(
     conditioning = run_info.get("conditioning_backend") or ecfg.conditioning_backend
     primary = protocol.primary_face_backend(conditioning)
     identities = sorted(index["identity"].astype(str).unique())
-    images = _read_images(gen_dir, index["image"].tolist())
-    rows = index.copy()
-    summary: dict[str, float] = {}
-    m = protocol.metrics
-
     ref_paths = _reference_paths(gen_dir, dataset_dir, identities)
-    ref_faces: dict[str, Any] = {}  # primary backend's aligned references (for CLIP-I / LPIPS / the report)
-    primary_emb = None
-    primary_kps = None
-    if m.identity or m.diversity or m.clip_i:
-        from idforge.evaluate.metrics import identity_similarity, reference_embedding, scan_faces
-        from idforge.evaluate.refs import align_references, read_rgb, references_prealigned
-        from idforge.faces import load_analyzer
-
-        ref_images = {i: [read_rgb(p) for p in ps] for i, ps in ref_paths.items()}
-        prealigned = references_prealigned(dataset_dir if dataset_dir is not None else gen_dir / "refs")
-        backends = list(dict.fromkeys([primary, *protocol.face_backends]))
-        for backend in backends:
-            model_dir = ecfg.insightface_model_dir if backend == "insightface" else None
-            analyzer = load_analyzer(backend, model_dir=model_dir)
-            faces = {i: align_references(i, ref_images[i], analyzer, [str(p) for p in ref_paths[i]], prealigned)
-                     for i in identities}
-            refs = {i: reference_embedding(analyzer.embed_aligned(f.crops112)) for i, f in faces.items()}
-            scan = scan_faces(analyzer, images, batch_size=ecfg.batch_size)
-            ref_rows = np.stack([refs[i] for i in rows["identity"].astype(str)])
-            rows[f"face_detected_{backend}"] = scan.detected
-            rows[f"det_score_{backend}"] = scan.det_score
-            rows[f"id_sim_{backend}"] = identity_similarity(scan, ref_rows)
-            if backend == primary:
-                ref_faces, primary_emb, primary_kps = faces, scan.embeddings, scan.kps
-        rows["id_sim"] = rows[f"id_sim_{primary}"]
-        rows["face_detected"] = rows[f"face_detected_{primary}"]
-
-    device = _device(ecfg.device)
-    if (m.clip_t or m.clip_i):
-        from idforge.evaluate.metrics import ClipScorer, clip_i, clip_t
-
-        scorer = ClipScorer(ecfg.clip_model or protocol.clip_model, device=device, batch_size=ecfg.batch_size)
-        if m.clip_t:
-            prompts = rows["prompt_eval"] if "prompt_eval" in rows else rows["prompt"]
-            rows["clip_t"] = clip_t(scorer, images, prompts.astype(str).tolist())
-        if m.clip_i:
-            faces_or_images, on_face = _face_crops(images, primary_kps)
-            ref_feats = {}
-            for i, f in ref_faces.items():
-                feats = scorer.image_features(list(f.crops512))
-                ref_feats[i] = feats.mean(0) / feats.mean(0).norm()
-            import torch
-
-            ref_rows_t = torch.stack([ref_feats[i] for i in rows["identity"].astype(str)])
-            rows["clip_i"] = clip_i(scorer, faces_or_images, ref_rows_t)
-            rows["clip_i_on_face"] = on_face
-
-    lpips_label = None
-    if m.lpips or m.diversity:
-        from idforge.evaluate.lpips import load_lpips
-        from idforge.evaluate.metrics import lpips_to_references, pairwise_embedding_distance, pairwise_lpips, to_tensor
-
-        lp = load_lpips(ecfg.lpips_backend or protocol.lpips_backend, device=device)
-        lpips_label = lp.label
-        size = int(min(256, min(min(im.shape[:2]) for im in images)))
-        ref_lp = np.full(len(rows), np.nan, np.float32)
-        div_lp = np.full(len(rows), np.nan, np.float32)
-        div_id = np.full(len(rows), np.nan, np.float32)
-        prompt_col = rows["prompt_template"] if "prompt_template" in rows else rows["prompt"]
-        # one identity at a time: both LPIPS uses compare images within an identity, and memory stays bounded
-        for ident, idx in rows.groupby(rows["identity"].astype(str)).indices.items():
-            gen_t = to_tensor([images[i] for i in idx], size=size, device=device)
-            if m.lpips and ident in ref_faces:
-                ref_t = to_tensor(list(ref_faces[ident].crops512[:4]), size=size, device=device)
-                ref_lp[idx] = lpips_to_references(lp, gen_t, ref_t, ecfg.batch_size)
-            if m.diversity:
-                # image diversity within identity x prompt (seeds only differ); identity-embedding spread
-                # (pose/expression) over all of the identity's images
-                for _, sub in pd.Series(np.arange(len(idx))).groupby(prompt_col.iloc[idx].to_numpy()).groups.items():
-                    sub = np.asarray(sub)
-                    div_lp[idx[sub]] = pairwise_lpips(lp, gen_t[sub], ecfg.batch_size)
-                if primary_emb is not None:
-                    div_id[idx] = pairwise_embedding_distance(primary_emb[idx])
-        if m.lpips and ref_faces:
-            rows[lp.label] = ref_lp
-        if m.diversity:
-            rows[f"div_{lp.label}"] = div_lp
-            if primary_emb is not None:
-                rows["div_id"] = div_id
+    scores, ref_thumbs, lpips_label = _score_streaming(index, gen_dir, dataset_dir, ref_paths, protocol, primary,
+                                                       ecfg, out)
+    rows = index.copy()
+    for col, values in scores.items():  # the columns in the order the metrics define them
+        rows[col] = values
+    summary: dict[str, float] = {}
 
     metric_cols = _metric_columns(rows, protocol.face_backends, lpips_label)
     aggregates = {
@@ -231,9 +313,9 @@ def evaluate_generated(
     tcfg = getattr(cfg, "tracking", None)
     if ecfg.log_to_mlflow and (tcfg is None or tcfg.enabled):
         _log_to_mlflow(result, cfg, run_name or f"evaluate-{info['method']}", parent_run_id, info, protocol,
-                       ref_faces, ecfg, gen_dir)
+                       ref_thumbs, ecfg, gen_dir)
     else:
-        result.report = _write_report(result, info, ref_faces, None, ecfg, gen_dir)
+        result.report = _write_report(result, info, ref_thumbs, None, ecfg, gen_dir)
     _write_summary(result, info)
     log.info("%s (%.1f s)", result.summary_text(), time.perf_counter() - t0)
     return result
@@ -313,16 +395,15 @@ def _aggregate(rows: "pd.DataFrame", by: str, metric_cols: list[str]) -> "pd.Dat
     return df
 
 
-def _write_report(result: EvaluationResult, info: dict[str, Any], ref_faces: dict[str, Any], mlflow_url: str | None,
-                  ecfg: "EvaluateConfig", gen_dir: Path) -> Path:
+def _write_report(result: EvaluationResult, info: dict[str, Any], ref_thumbs: dict[str, list[Path]],
+                  mlflow_url: str | None, ecfg: "EvaluateConfig", gen_dir: Path) -> Path:
     from idforge.evaluate.report import ReportData, write_report
 
-    refs = {i: list(f.crops512) for i, f in ref_faces.items()}
-    if not refs:  # identity metrics off: show the crops generate saved
-        from idforge.evaluate.refs import discover_references, read_rgb
+    refs: dict[str, list[Any]] = dict(ref_thumbs)
+    if not refs and (gen_dir / "refs").is_dir():  # identity metrics off: show the crops generate saved
+        from idforge.evaluate.refs import discover_references
 
-        if (gen_dir / "refs").is_dir():
-            refs = {i: [read_rgb(p) for p in ps] for i, ps in discover_references(gen_dir / "refs").items()}
+        refs = {i: list(ps) for i, ps in discover_references(gen_dir / "refs").items()}
     summary = result.aggregates["method"]
     data = ReportData(
         title=f"idforge evaluation: {info['method']}",
@@ -342,6 +423,25 @@ def _write_report(result: EvaluationResult, info: dict[str, Any], ref_faces: dic
     return path
 
 
+def capped_table(metrics: "pd.DataFrame", rows: int, by: str = "id_sim") -> "pd.DataFrame":
+    """At most ``rows`` rows of the per-image table for MLflow's table view: the lowest ``rows // 2`` and the
+    highest ``rows - rows // 2`` by ``by`` (NaN counts as lowest; the first rows when ``by`` is absent), in index
+    order, object columns as text. The whole table is the metrics.parquet artifact."""
+    if len(metrics) > rows:
+        if by in metrics.columns:
+            order = metrics[by].to_numpy(dtype=np.float64)
+            order = np.argsort(np.where(np.isnan(order), -np.inf, order), kind="stable")
+            keep = np.sort(np.concatenate([order[: rows // 2], order[len(order) - (rows - rows // 2):]]))
+            metrics = metrics.iloc[keep]
+        else:
+            metrics = metrics.iloc[:rows]
+    table = metrics.copy()
+    for c in table.columns:
+        if table[c].dtype == object:
+            table[c] = table[c].astype(str)
+    return table
+
+
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Browser link to a run: the server's own URL, or the default ``mlflow ui`` address for a local store."""
     base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
@@ -349,8 +449,8 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def _log_to_mlflow(result: EvaluationResult, cfg: Any, run_name: str, parent_run_id: str | None,
-                   info: dict[str, Any], protocol: Any, ref_faces: dict[str, Any], ecfg: "EvaluateConfig",
-                   gen_dir: Path) -> None:
+                   info: dict[str, Any], protocol: Any, ref_thumbs: dict[str, list[Path]],
+                   ecfg: "EvaluateConfig", gen_dir: Path) -> None:
     import mlflow
 
     from idforge import track
@@ -359,7 +459,7 @@ def _log_to_mlflow(result: EvaluationResult, cfg: Any, run_name: str, parent_run
     with track.start_run(getattr(cfg, "tracking", None), run_name=run_name, parent_run_id=parent_run_id,
                          tags=tags) as run:
         if run is None:
-            _write_report(result, info, ref_faces, None, ecfg, gen_dir)
+            _write_report(result, info, ref_thumbs, None, ecfg, gen_dir)
             return
         result.run_id = run.info.run_id
         track.log_dataset(info["references"], context="evaluation", name="references")
@@ -377,20 +477,21 @@ def _log_to_mlflow(result: EvaluationResult, cfg: Any, run_name: str, parent_run
         track.log_metrics({k: v for k, v in result.summary.items() if np.isfinite(v)})
         for cat, rec in result.aggregates["category"].iterrows():
             track.log_metrics({f"cat.{cat}.{k}": v for k, v in rec.items() if np.isfinite(v)})
-        # the per-image table, browsable in the MLflow UI
-        table = result.metrics.copy()
-        for c in table.columns:
-            if table[c].dtype == object:
-                table[c] = table[c].astype(str)
-        mlflow.log_table(table, artifact_file="metrics_table.json")
-        for ident, grp in result.metrics.groupby("identity", sort=True):
+        # the per-image table, browsable in the MLflow UI: capped (the UI and the store choke on 10^6 rows); the
+        # whole table is the metrics.parquet artifact below
+        if ecfg.mlflow_table_rows:
+            mlflow.log_table(capped_table(result.metrics, ecfg.mlflow_table_rows), artifact_file="metrics_table.json")
+        # image grids of the first identities only: the report pages show every identity
+        for k, (ident, grp) in enumerate(result.metrics.groupby("identity", sort=True)):
+            if k >= ecfg.mlflow_grids:
+                break
             grp = grp.sort_values(["category", "prompt_index", "seed"])
             cols = grp["seed"].nunique()
             rows = int(np.ceil(len(grp) / cols))
             imgs = _read_images(gen_dir, grp["image"].tolist())
             track.log_image_grid(imgs, rows, cols, f"grids/{ident}.png")
         url = run_url(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id)
-        report = _write_report(result, info, ref_faces, url, ecfg, gen_dir)
+        report = _write_report(result, info, ref_thumbs, url, ecfg, gen_dir)
         _write_summary(result, info)
         track.log_artifact(result.output_dir / "metrics.parquet")
         track.log_artifact(result.output_dir / "aggregates.parquet")
@@ -398,6 +499,11 @@ def _log_to_mlflow(result: EvaluationResult, cfg: Any, run_name: str, parent_run
         if (gen_dir / "generate.json").is_file():
             track.log_artifact(gen_dir / "generate.json")  # what `idforge register` rebuilds the model from
         track.log_html(report)
+        from idforge.evaluate.report import PAGES_DIR, THUMBS_DIR
+
+        for sub in (PAGES_DIR, THUMBS_DIR):  # the identity pages and their thumbnails, beside report.html
+            if (result.output_dir / sub).is_dir():
+                track.log_artifacts(result.output_dir / sub, sub)
 
 
 def _write_summary(result: EvaluationResult, info: dict[str, Any]) -> None:
