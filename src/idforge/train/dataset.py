@@ -200,56 +200,73 @@ class PreparedDataset:
         """One sample from explicit choices: target ``row`` (of the full index), its reference rows, flip and
         caption (an index into ``info["captions"]``; None = the photo's own caption, else the identity's first
         template caption)."""
-        import torch
 
         target = self.item(row)
         if caption is None:
             own = int(self.own_caption[row])
             caption = own if own >= 0 else self.caption_rows[self.class_nouns[self.all_items.at[row, "identity"]]][0]
         refs = [self.item(int(r)) for r in ref_rows]
-        flip = flip and "latents_flip" in target
-        latents = target["latents_flip"] if flip else target["latents"]
-        h, w = latents.shape[-2:]
-        kps = target["target_kps"]
-        mask = target.get("face_mask")
-        if flip:
-            from idforge.train.prepare import flip_kps
-
-            kps = flip_kps(kps, self._target_width(row))
-            mask = None if mask is None else torch.flip(mask, dims=[-1])
-        sample = {
-            "latents": latents,
-            "face_embeds": torch.stack([r["face_embed"] for r in refs]),
-            "clip_image_embeds": torch.stack([r["clip_image_embed"] for r in refs]),
-            "clip_patch_tokens": torch.stack([r["clip_patch_tokens"] for r in refs]),
-            "ref_pixels": refs[0]["ref_pixels"].float() / 255.0,
-            "target_kps": kps,
-            "face_mask": mask if mask is not None else torch.ones(1, h, w),
-            "identity": torch.tensor(self.identity_names.index(self.all_items.at[row, "identity"])),
-        }
-        for name in ("input_ids", "input_ids_2", "text_embeds", "pooled_text_embeds"):
-            if name in self.text:
-                sample[name] = self.text[name][caption]
-        return sample
+        return compose_sample(target, refs, flip=flip, width=self._target_width(row), text=self.text,
+                              caption=caption,
+                              identity=self.identity_names.index(self.all_items.at[row, "identity"]))
 
     def identity_refs(self, identity: str, n: int | None = None, rows: Sequence[int] | None = None):
         """``IdentityRefs`` of one identity (its first ``n`` images, or the given rows), for sampling/evaluation."""
-        import torch
 
-        from idforge.methods.types import IdentityRefs
 
         if rows is None:
             if identity not in self.members:
                 raise DataError(f"identity {identity!r} is not in {self.root} (known: {sorted(self.members)[:5]}...)")
             rows = [int(r) for r in self.members[identity][: (n or len(self.members[identity]))]]
-        items = [self.item(int(r)) for r in rows]
-        return IdentityRefs(
-            face_embeds=torch.stack([i["face_embed"] for i in items]),
-            clip_image_embeds=torch.stack([i["clip_image_embed"] for i in items]),
-            clip_patch_tokens=torch.stack([i["clip_patch_tokens"] for i in items]),
-            face_crops=torch.stack([i["ref_pixels"].float() / 255.0 for i in items]),
-            class_noun=self.class_nouns[identity],
-        )
+        return refs_of_items([self.item(int(r)) for r in rows], self.class_nouns[identity])
+
+
+def compose_sample(target: dict[str, torch.Tensor], refs: Sequence[dict[str, torch.Tensor]], *, flip: bool,
+                   width: int, text: dict[str, torch.Tensor], caption: int, identity: int) -> dict[str, torch.Tensor]:
+    """One training sample (``TrainBatch``'s fields, no batch dimension) from a target item, its reference items,
+    whether to mirror it (``width``: the target's width in pixels, for the landmarks) and a caption row of
+    ``text``: the one layout every prepared-data reader produces."""
+    import torch
+
+    flip = flip and "latents_flip" in target
+    latents = target["latents_flip"] if flip else target["latents"]
+    h, w = latents.shape[-2:]
+    kps = target["target_kps"]
+    mask = target.get("face_mask")
+    if flip:
+        from idforge.train.prepare import flip_kps
+
+        kps = flip_kps(kps, width)
+        mask = None if mask is None else torch.flip(mask, dims=[-1])
+    sample = {
+        "latents": latents,
+        "face_embeds": torch.stack([r["face_embed"] for r in refs]),
+        "clip_image_embeds": torch.stack([r["clip_image_embed"] for r in refs]),
+        "clip_patch_tokens": torch.stack([r["clip_patch_tokens"] for r in refs]),
+        "ref_pixels": refs[0]["ref_pixels"].float() / 255.0,
+        "target_kps": kps,
+        "face_mask": mask if mask is not None else torch.ones(1, h, w),
+        "identity": torch.tensor(int(identity)),
+    }
+    for name in ("input_ids", "input_ids_2", "text_embeds", "pooled_text_embeds"):
+        if name in text:
+            sample[name] = text[name][caption]
+    return sample
+
+
+def refs_of_items(items: Sequence[dict[str, torch.Tensor]], class_noun: str) -> Any:
+    """``IdentityRefs`` of an identity's prepared items (for sampling and evaluation)."""
+    import torch
+
+    from idforge.methods.types import IdentityRefs
+
+    return IdentityRefs(
+        face_embeds=torch.stack([i["face_embed"] for i in items]),
+        clip_image_embeds=torch.stack([i["clip_image_embed"] for i in items]),
+        clip_patch_tokens=torch.stack([i["clip_patch_tokens"] for i in items]),
+        face_crops=torch.stack([i["ref_pixels"].float() / 255.0 for i in items]),
+        class_noun=class_noun,
+    )
 
 
 class ShardedStreamSampler:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from idforge.errors import DataError
+from idforge.train.dataset import compose_sample, refs_of_items
 from idforge.train.shards import ShardReader, is_sharded
 
 if TYPE_CHECKING:
@@ -316,57 +317,22 @@ class StreamDataset:
     def compose(self, row: int, ref_rows: Sequence[int], flip: bool = False, caption: int | None = None
                 ) -> dict[str, torch.Tensor]:
         """One sample from explicit choices (``PreparedDataset.compose``'s layout and rules)."""
-        import torch
-
         target = self.item(row)
         noun = self.class_nouns[self.identity_of(row)]
         if caption is None:
             own = int(self.own_caption[row])
             caption = own if own >= 0 else self.caption_rows[noun][0]
         refs = [self.item(int(r)) for r in ref_rows]
-        flip = flip and "latents_flip" in target
-        latents = target["latents_flip"] if flip else target["latents"]
-        h, w = latents.shape[-2:]
-        kps = target["target_kps"]
-        mask = target.get("face_mask")
-        if flip:
-            from idforge.train.prepare import flip_kps
-
-            kps = flip_kps(kps, self.resolution)
-            mask = None if mask is None else torch.flip(mask, dims=[-1])
-        sample = {
-            "latents": latents,
-            "face_embeds": torch.stack([r["face_embed"] for r in refs]),
-            "clip_image_embeds": torch.stack([r["clip_image_embed"] for r in refs]),
-            "clip_patch_tokens": torch.stack([r["clip_patch_tokens"] for r in refs]),
-            "ref_pixels": refs[0]["ref_pixels"].float() / 255.0,
-            "target_kps": kps,
-            "face_mask": mask if mask is not None else torch.ones(1, h, w),
-            "identity": torch.tensor(int(self.identity_ids[row])),
-        }
-        for name in ("input_ids", "input_ids_2", "text_embeds", "pooled_text_embeds"):
-            if name in self.text:
-                sample[name] = self.text[name][caption]
-        return sample
+        return compose_sample(target, refs, flip=flip, width=self.resolution, text=self.text, caption=caption,
+                              identity=int(self.identity_ids[row]))
 
     def identity_refs(self, identity: str, n: int | None = None, rows: Sequence[int] | None = None):
         """``IdentityRefs`` of one of this rank's identities (its first ``n`` images, or the given rows)."""
-        import torch
-
-        from idforge.methods.types import IdentityRefs
-
         if rows is None:
             if identity not in self.members:
                 raise DataError(f"identity {identity!r} is not among this rank's identities")
             rows = [int(r) for r in self.members[identity][: (n or len(self.members[identity]))]]
-        items = [self.item(int(r)) for r in rows]
-        return IdentityRefs(
-            face_embeds=torch.stack([i["face_embed"] for i in items]),
-            clip_image_embeds=torch.stack([i["clip_image_embed"] for i in items]),
-            clip_patch_tokens=torch.stack([i["clip_patch_tokens"] for i in items]),
-            face_crops=torch.stack([i["ref_pixels"].float() / 255.0 for i in items]),
-            class_noun=self.class_nouns[identity],
-        )
+        return refs_of_items([self.item(int(r)) for r in rows], self.class_nouns[identity])
 
 
 class RankStream:
