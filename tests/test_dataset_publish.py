@@ -121,8 +121,10 @@ def test_an_s3_output_is_held_under_its_lease_while_the_stage_writes_it(s3_env, 
     assert storage.list(prefix) == [f"{prefix}/prepared.json"]
 
 
-def test_curate_to_s3_refuses_an_output_prefix_another_run_holds(s3_env, s3_prefix, tmp_path):
-    """curate's s3:// output: the prefix's lease covers the local working copy and the upload."""
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_curate_to_s3_refuses_an_output_prefix_another_run_holds(s3_env, s3_prefix, tmp_path, engine):
+    """curate's s3:// output, on either engine: the prefix's lease covers the local working copy and the upload
+    (refused before Ray starts or any file is read)."""
     from idforge.curate.config import CurateConfig
     from idforge.curate.run import curate_dataset
     from idforge.errors import DataError
@@ -131,8 +133,8 @@ def test_curate_to_s3_refuses_an_output_prefix_another_run_holds(s3_env, s3_pref
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(b"not decoded: refused before any work")
-    cfg = CurateConfig(work_dir=str(tmp_path / "work"), matte={"backend": "landmarks"})
-    out = f"{s3_prefix}/dataset"
+    cfg = CurateConfig(work_dir=str(tmp_path / "work"), matte={"backend": "landmarks"}, engine=engine)
+    out = f"{s3_prefix}/dataset-{engine}"
     with output_lock(out, "curate"):
         with pytest.raises(DataError, match=rf"{out} is being written by another curate .*pid {os.getpid()}"):
             curate_dataset(str(photos), out, cfg=cfg)

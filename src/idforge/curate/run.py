@@ -128,6 +128,7 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
         DataError: the input holds no files, or the output lies inside the input. ConfigError: the matte
         environment is missing for ``matte.backend=mediapipe``. StorageError: an S3 location is unreachable.
     """
+    from idforge.io.lock import output_lock
     from idforge.io.storage import localize, open_storage
     from idforge.io.uri import is_s3_uri
 
@@ -135,7 +136,8 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     if ccfg.engine == "ray":
         from idforge.curate.ray_engine import curate_on_ray
 
-        return curate_on_ray(input, output, ccfg, storage_cfg, labels)
+        with output_lock(output, "curate", storage_cfg):  # a file lock locally, the prefix's lease on s3://
+            return curate_on_ray(input, output, ccfg, storage_cfg, labels)
     t_start = time.perf_counter()
     work = work_dir(ccfg)
     root = localize(input, work / "inputs", storage_cfg, progress=ccfg.progress)
@@ -150,8 +152,6 @@ def curate_dataset(input: str, output: str, cfg=None, labels: str | None = None)
     captions = read_captions(root, rels)
     label_map = read_label_map(labels, work, storage_cfg)
     check_matte(ccfg)
-    from idforge.io.lock import output_lock
-
     # One writer: the .partial sweep and the swap below are this run's alone; for an s3:// output the lease on the
     # prefix covers its local working copy (one per output URI) and the upload, whose manifest goes last.
     with output_lock(output if s3_out else final, "curate", storage_cfg):
