@@ -71,12 +71,14 @@ def evaluate(
         table: metrics.parquet, one row per generated image with every metric of the protocol.
         metrics: The summary over all images (identity similarity, CLIP-T, CLIP-I, LPIPS, diversity,
             face-detect rate); metrics that are NaN (no face found) are left out.
-        report: The HTML report with the image grids and the metrics table.
+        report: The HTML report as one self-contained file (KFP's viewer shows a single file): the metrics
+            tables and each identity's section with its thumbnails inlined; the paged report is in ``table``.
         Output: The evaluation's MLflow run id ("" with tracking off), what register reads.
     """
-    import shutil
+    from pathlib import Path
 
     from idforge.config import load_config_text
+    from idforge.evaluate.report import standalone_report
     from idforge.evaluate.run import evaluate_generated
     from idforge.ops.kfp_metrics import write_metrics
 
@@ -84,7 +86,8 @@ def evaluate(
     result = evaluate_generated(generated.path, dataset.path, table.path, cfg, run_name="evaluate",
                                 parent_run_id=parent_run_id or None)
     write_metrics(metrics, result.summary)
-    shutil.copyfile(result.report, report.path)
+    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report.path).write_text(standalone_report(result.report), encoding="utf-8")
     return result.run_id or ""
 
 

@@ -98,6 +98,24 @@ def test_report_pages_link_thumbnails_to_full_images(tmp_path):
     assert sorted(seen) == sorted(data.images["image"])
 
 
+def test_standalone_copy_inlines_every_page_and_thumbnail_up_to_its_cap(tmp_path):
+    """KFP's HTML viewer shows one file: the standalone copy holds every identity page as a section, every thumbnail
+    as a data URI (the thumbnail's own bytes), in-page links instead of page links, and a cap with a note."""
+    import base64
+    import re
+
+    data = _data(tmp_path)
+    path = R.write_report(tmp_path / "report.html", data)
+    one = R.standalone_report(path)
+    assert "identities/" not in one and 'href="#page-id0"' in one and '<section id="page-id1">' in one
+    uris = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', one)
+    thumbs = sorted((tmp_path / "thumbs").rglob("*.jpg"))
+    assert len(uris) == len(thumbs) == 10  # 2 identities x (1 reference + 4 images)
+    assert sorted(base64.b64decode(u) for u in uris) == sorted(t.read_bytes() for t in thumbs)
+    capped = R.standalone_report(path, max_images=3)
+    assert capped.count("data:image") == 3 and "7 thumbnails left out" in capped
+
+
 def test_index_page_does_not_grow_with_the_image_count(tmp_path):
     """8 vs 48 images of the same identities: report.html stays the same size up to the numbers in its tables;
     2 vs 6 identities: it grows by about one table row per identity."""

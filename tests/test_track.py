@@ -171,6 +171,42 @@ def test_nested_runs_carry_the_parent_tag(mlflow_uri: str) -> None:
     assert client.get_run(child.info.run_id).data.metrics == {"x": 1.0}
 
 
+def test_a_dataset_input_the_store_refuses_at_first_is_retried_and_never_fatal(mlflow_uri: str, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                                 caplog: pytest.LogCaptureFixture
+                                                                                 ) -> None:
+    """Per-identity runs started at once race to insert the same dataset row (the store's unique constraint): the
+    loser retries and links the row; a store that keeps refusing costs a warning, not the run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from idforge.track.datasets import log_dataset
+
+    real, calls = mlflow.log_input, {"n": 0}
+
+    def racing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+        return real(*args, **kwargs)
+
+    (tmp_path / "ds").mkdir()
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with start_run(run_name="identity") as run:
+        log_dataset(tmp_path / "ds", context="training", name="curated")
+    assert calls["n"] == 2
+    assert [i.dataset.name for i in _client(mlflow_uri).get_run(run.info.run_id).inputs.dataset_inputs] == ["curated"]
+
+    def refusing(*args, **kwargs):
+        raise MlflowException("store refuses")
+
+    monkeypatch.setattr(mlflow, "log_input", refusing)
+    with start_run(run_name="identity-2") as run2:
+        log_dataset(tmp_path / "ds", context="training", name="curated")
+    assert "could not log dataset" in caplog.text
+    assert _client(mlflow_uri).get_run(run2.info.run_id).info.status == "FINISHED"
+
+
 def test_exception_marks_the_run_failed(mlflow_uri: str) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         with start_run(run_name="bad") as run:

@@ -310,3 +310,43 @@ def write_report(path: str | os.PathLike[str], data: ReportData) -> Path:
     for ident, grp in data.images.groupby(data.images["identity"].astype(str), sort=True):
         atomic_write_text(report_dir / page_name(ident), render_identity_page(data, ident, grp, report_dir))
     return atomic_write_text(index, render_report(data))
+
+
+def standalone_report(index: str | os.PathLike[str], max_images: int = 400) -> str:
+    """``report.html`` and every identity page it links, as ONE self-contained HTML string: each page becomes a
+    section of the index, each thumbnail a ``data:`` URI (JPEG, ``report_thumb_px``). For viewers that show a single
+    file (KFP's HTML artifact); the paged report beside it stays the one to browse. Past ``max_images`` thumbnails
+    the rest are left out with a note, so the single file stays bounded; links to full images are dropped (they
+    are files the single-file viewer cannot open).
+    """
+    import re
+
+    root = Path(index).parent
+    text = Path(index).read_text(encoding="utf-8")
+    embedded = 0
+    left_out = 0
+    sections = []
+
+    def inline(match: re.Match[str], page_dir: Path) -> str:
+        nonlocal embedded, left_out
+        path = (page_dir / urllib.parse.unquote(match.group(1))).resolve()
+        if embedded >= max_images or not path.is_file():
+            left_out += 1
+            return 'src=""'
+        embedded += 1
+        return f'src="data:image/jpeg;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    for rel in dict.fromkeys(re.findall(r'href="(identities/[^"#]+\.html)"', text)):
+        page = root / urllib.parse.unquote(rel)
+        if not page.is_file():
+            continue
+        body = page.read_text(encoding="utf-8").split("<body>", 1)[-1].rsplit("</body>", 1)[0]
+        body = re.sub(r'<p><a id="back"[^<]*</a></p>', "", body)
+        body = re.sub(r'<a href="[^"]*">(<img [^>]*>)</a>', r"\1", body)  # the full images are not in this file
+        body = re.sub(r'src="([^"]+)"', lambda m, d=page.parent: inline(m, d), body)
+        anchor = "page-" + _slug(Path(rel).stem)
+        text = text.replace(f'href="{rel}"', f'href="#{anchor}"')
+        sections.append(f'<section id="{anchor}">{body}</section>')
+    note = (f'<p class="muted" id="left-out">{left_out} thumbnails left out of this single-file copy; the paged '
+            "report beside the evaluation's outputs has them all</p>" if left_out else "")
+    return text.replace("\n</body>", "\n" + "\n".join(sections) + note + "\n</body>", 1)

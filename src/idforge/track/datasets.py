@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -58,5 +59,15 @@ def log_dataset(location: str | os.PathLike[str], context: str, name: str | None
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(uri)
     dataset = MetaDataset(source, name=name or Path(uri.rstrip("/")).name, digest=digest)
-    mlflow.log_input(dataset, context=context)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            break
+        except mlflow.exceptions.MlflowException as exc:
+            # Runs started at once (per-identity workers) insert the same dataset row: the losers hit the store's
+            # unique constraint, and a retry finds the row and links it. Never fatal: it is an input annotation.
+            if attempt == 2:
+                log.warning("could not log dataset %s as an input of the run: %s", uri, exc)
+                return
+            time.sleep(0.2 * (attempt + 1))
     log.debug("logged dataset %s (%s) as %s input", uri, digest, context)
