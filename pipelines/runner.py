@@ -237,8 +237,9 @@ def status(run_id: str, host: str, wait: bool = False, timeout_s: float = 3600.0
 
 
 def find_outputs(pipeline_root: str | os.PathLike[str]) -> dict[str, Path]:
-    """The newest evaluation outputs under a local pipeline root: ``report`` (report.html) and ``table``
-    (the directory with metrics.parquet).
+    """The newest evaluation outputs under a local pipeline root: ``report`` (the paged report.html), ``table``
+    (the directory with metrics.parquet) and ``report_single`` (the KFP HTML artifact: the report as one
+    self-contained file).
 
     Cached steps point at the outputs of the run that computed them, so "newest on disk" is also right when the
     whole pipeline came from the cache.
@@ -251,4 +252,6 @@ def find_outputs(pipeline_root: str | os.PathLike[str]) -> dict[str, Path]:
     found = {"table": table}
     if (table / "report.html").is_file():
         found["report"] = table / "report.html"
+    if (table.parent / "report").is_file():
+        found["report_single"] = table.parent / "report"
     return found

@@ -57,8 +57,12 @@ def test_end_to_end_population_method(tmp_path, repo_root, samples_dir, tiny_sd1
     metrics = pd.read_parquet(outputs["table"] / "metrics.parquet")
     # smoke protocol: 3 prompts x the curated identities (obama, macron, ardern) x its seeds
     assert len(metrics) >= 3 * 3 and metrics["identity"].nunique() == 3
-    html = outputs["report"].read_text()
-    assert "<table" in html and html.count("data:image") >= len(metrics)
+    # the paged report links one page per identity; KFP's HTML artifact is the same report in one file, every
+    # image's thumbnail inlined (its viewer opens no other file)
+    assert all(f'href="identities/{i}.html"' in outputs["report"].read_text() for i in metrics["identity"].unique())
+    html = outputs["report_single"].read_text()
+    assert "<table" in html and html.count('<img class="gen"') >= len(metrics)
+    assert html.count("data:image") >= len(metrics) and "identities/" not in html
 
     client, runs = _runs(uri)
     parents = [r for r in runs if r.data.tags.get("idforge.pipeline") == "end-to-end"]
