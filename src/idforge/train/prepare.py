@@ -740,7 +740,28 @@ def encode_dataset(
     buckets: dict[str, int] = {}
     for h, w in sizes:
         buckets[f"{h}x{w}"] = buckets.get(f"{h}x{w}", 0) + 1
+    # shapes: of the first item (other buckets differ in latents' and face_mask's h, w)
     info = {
+        **prepared_info(fingerprint, dataset_dir, model, model_fp, clip_model, clip_fp, cfg, resolution, sample,
+                        text_file.relative_to(out).as_posix(), captions, identities, len(rows)),
+        "target": cfg.target,
+        "buckets": dict(sorted(buckets.items())),  # "HxW" (target pixels) -> items
+    }
+    with atomic_path(out / "index.parquet") as tmp:
+        index.to_parquet(tmp, index=False)
+    atomic_write_text(info_path, json.dumps(info, indent=2, sort_keys=True))
+    pruned = _prune(out, set(index["key"]), text_file) if cfg.prune else 0
+    log.info("prepare: %d items (%d encoded), captions %s", len(rows), len(todo), "encoded" if need_text else "cached")
+    return PreparedIndex(out, index, info, computed=len(todo), reused=len(rows) - len(todo),
+                         text_computed=need_text, pruned=pruned)
+
+
+def prepared_info(fingerprint: str, dataset_dir: Any, model: Any, model_fp: str, clip_model: str | None,
+                  clip_fp: str | None, cfg: PrepareConfig, resolution: int, shapes: dict[str, list[int]],
+                  text_file: str, captions: list[dict[str, str]], identities: list[str], num_items: int
+                  ) -> dict[str, Any]:
+    """The fields of ``prepared.json`` every prepare engine writes (each adds its own layout's)."""
+    return {
         "format": FORMAT,
         "fingerprint": fingerprint,
         "dataset": str(Path(dataset_dir)),
@@ -752,22 +773,13 @@ def encode_dataset(
         "clip_features": clip_record(clip_model, cfg.clip_hidden_layer, cfg.clip_crop) if clip_model else None,
         "config": cfg.model_dump(mode="json"),
         "resolution": resolution,
-        "target": cfg.target,
-        "buckets": dict(sorted(buckets.items())),  # "HxW" (target pixels) -> items
-        "shapes": sample,  # of the first item (other buckets differ in latents' and face_mask's h, w)
-        "text_file": text_file.relative_to(out).as_posix(),
+        "shapes": shapes,
+        "text_file": text_file,
         "captions": captions,
         "identities": identities,
-        "num_items": len(rows),
+        "num_items": num_items,
         "num_identities": len(identities),
     }
-    with atomic_path(out / "index.parquet") as tmp:
-        index.to_parquet(tmp, index=False)
-    atomic_write_text(info_path, json.dumps(info, indent=2, sort_keys=True))
-    pruned = _prune(out, set(index["key"]), text_file) if cfg.prune else 0
-    log.info("prepare: %d items (%d encoded), captions %s", len(rows), len(todo), "encoded" if need_text else "cached")
-    return PreparedIndex(out, index, info, computed=len(todo), reused=len(rows) - len(todo),
-                         text_computed=need_text, pruned=pruned)
 
 
 def _read_shapes(path: Path) -> tuple[dict[str, list[int]], int]:

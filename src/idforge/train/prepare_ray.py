@@ -262,9 +262,7 @@ def prepare_on_ray(
 
     from idforge.io.storage import open_storage
     from idforge.io.uri import is_s3_uri, join_uri
-    from idforge.train.clip_features import clip_record
     from idforge.train.prepare import (
-        FORMAT,
         ITEM_VERSION,
         TEXT_VERSION,
         PreparedIndex,
@@ -274,6 +272,7 @@ def prepare_on_ray(
         _load_encoders,
         _sha256_json,
         model_fingerprint,
+        prepared_info,
         read_curated,
     )
 
@@ -347,24 +346,10 @@ def prepare_on_ray(
     })
     live = set(index["file"])
     info = {
-        "format": FORMAT,
+        **prepared_info(fingerprint, dataset_dir, model, model_fp, clip_model, clip_fp, cfg, resolution, shapes,
+                        text_rel, captions, identities, len(rows)),
         "layout": shards.LAYOUT,
         "engine": ENGINE,
-        "fingerprint": fingerprint,
-        "dataset": str(Path(dataset_dir)),
-        "model": str(model),
-        "model_fingerprint": model_fp,
-        "clip_model": clip_model,
-        "clip_fingerprint": clip_fp,
-        "clip_features": clip_record(clip_model, cfg.clip_hidden_layer, cfg.clip_crop) if clip_model else None,
-        "config": cfg.model_dump(mode="json"),
-        "resolution": resolution,
-        "shapes": shapes,
-        "text_file": text_rel,
-        "captions": captions,
-        "identities": identities,
-        "num_items": len(rows),
-        "num_identities": len(identities),
         "num_shards": len(live),
         "input_hashes": "stored" if digest else "files",
     }
