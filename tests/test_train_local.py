@@ -11,6 +11,7 @@ import pytest
 from idforge.errors import ConfigError, DataError
 from idforge.train.config import TrainConfig
 from tests.fixtures.dataset import prepare_synthetic
+from tests.fixtures.resume import assert_same_end, killed_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -153,29 +154,15 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_exactly(target, prepared_di
     """Killed after step 3, restarted from the step-2 checkpoint: the same weights, EMA and metrics at the end as a
     run never interrupted (the data stream, the noise generator, the optimizer and the EMA all resume). The photo
     target's stream is the bucket sampler's (one bucket per batch), with the identity-gap check over its buckets."""
-    import torch
-    from safetensors.torch import load_file
-
-    from idforge.train.population import train_local
-
     extra = {}
     if target == "photo":
         prepared_dir = request.getfixturevalue("prepared_photos").output_dir
         extra = {"validate_every": 4}  # once, at the end: both runs measure the same weights
     cfg = TrainConfig(method="infinite-id", steps=4, batch_size=2, lr=1e-2, checkpoint_every=2, report_every=2,
                       ema=True, ema_decay=0.5, **extra)
-    whole = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "whole")
-    marker = tmp_path / "fault"
-    with pytest.raises(RuntimeError, match="injected fault at step 3"):
-        train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "killed", fault_step=3,
-                    fault_marker=marker)
-    resumed = train_local(cfg, prepared_dir, str(tiny_sd15_dir), output_dir=tmp_path / "killed", fault_step=3,
-                          fault_marker=marker)
+    whole, resumed = killed_and_resumed(cfg, prepared_dir, str(tiny_sd15_dir), tmp_path)
     assert resumed.metrics["resumed_from"] == 2 and whole.metrics["resumed_from"] == 0
-    assert resumed.metrics["weight_checksum"] == whole.metrics["weight_checksum"]  # the live weights
-    a, b = load_file(whole.method_path), load_file(resumed.method_path)  # the exported EMA weights
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.metrics["loss"] == whole.metrics["loss"]
+    assert_same_end(whole, resumed)
     if target == "photo":
         assert resumed.metrics["val_identity_gap"] == whole.metrics["val_identity_gap"]
 

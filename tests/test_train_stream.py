@@ -14,6 +14,7 @@ import torch
 from idforge.errors import DataError
 from idforge.train.config import TrainConfig
 from tests.fixtures.dataset import prepare_synthetic
+from tests.fixtures.resume import assert_same_end, killed_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -123,25 +124,14 @@ def test_stream_refuses_the_per_item_layout(per_item, tmp_path):
 
 def test_streamed_training_killed_after_a_checkpoint_resumes_bit_exactly(sharded, tiny_sd15_dir, tmp_path,
                                                                           monkeypatch):
-    from safetensors.torch import load_file
-
     from idforge.train.population import train_local
 
     monkeypatch.setenv("IDFORGE_CACHE", str(tmp_path / "cache"))
     cfg = TrainConfig(method="infinite-id", steps=4, batch_size=2, lr=1e-2, checkpoint_every=2, report_every=2,
                       input="stream", stream_window_shards=2)
-    whole = train_local(cfg, sharded, str(tiny_sd15_dir), output_dir=tmp_path / "whole")
-    marker = tmp_path / "fault"
-    with pytest.raises(RuntimeError, match="injected fault at step 3"):
-        train_local(cfg, sharded, str(tiny_sd15_dir), output_dir=tmp_path / "killed", fault_step=3,
-                    fault_marker=marker)
-    resumed = train_local(cfg, sharded, str(tiny_sd15_dir), output_dir=tmp_path / "killed", fault_step=3,
-                          fault_marker=marker)
+    whole, resumed = killed_and_resumed(cfg, sharded, str(tiny_sd15_dir), tmp_path)
     assert resumed.metrics["resumed_from"] == 2
-    assert resumed.metrics["weight_checksum"] == whole.metrics["weight_checksum"]
-    a, b = load_file(whole.method_path), load_file(resumed.method_path)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.metrics["loss"] == whole.metrics["loss"]
+    assert_same_end(whole, resumed)
     # the streamed order is its own: not the local input's run
     local = train_local(cfg.model_copy(update={"input": "local"}), sharded, str(tiny_sd15_dir),
                         output_dir=tmp_path / "local")
